@@ -1,0 +1,70 @@
+"""The stateless dispatcher: pick a worker and enqueue a job in one atomic step.
+
+Any number of gateways and batch runners may dispatch at once; the pick, the
+load increment and the XADD happen inside one Lua script, so two dispatchers
+never both see the same worker as idle.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from broker.errors import Busy, NoWorker, UnknownModel
+from broker.keys import Keys
+from broker.protocol import Job
+from broker.scripts import Scripts
+from broker.settings import DispatchMethod
+
+_ERRORS = {"UNKNOWN_MODEL": UnknownModel, "NO_WORKER": NoWorker, "BUSY": Busy}
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatched:
+    worker_id: str
+    entry_id: str
+    #: The worker's queue length including this job.
+    queue: int
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        method: DispatchMethod = "shortest_queue",
+        scripts: Scripts | None = None,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.method = method
+        self.scripts = scripts or Scripts.register(redis)
+        self._rng = random.Random()
+
+    async def dispatch(self, job: Job, method: DispatchMethod | None = None) -> Dispatched:
+        """Enqueue ``job`` on the chosen worker's stream; raises UnknownModel, NoWorker or Busy."""
+        k = self.keys
+        wpre, jsuf = k.worker_parts()
+        mpre, msuf = k.model_workers_parts()
+        fields = [x for kv in job.to_fields().items() for x in kv]
+        try:
+            wid, entry, queue = await self.scripts.dispatch(
+                keys=[k.model_workers(job.model), k.models()],
+                args=[method or self.method, self._rng.random(), wpre, jsuf, mpre, msuf, job.model, *fields],
+            )
+        except ResponseError as exc:
+            word, _, message = str(exc).partition(" ")
+            if word in _ERRORS:
+                raise _ERRORS[word](
+                    f"The model `{job.model}` does not exist." if word == "UNKNOWN_MODEL" else message,
+                    param="model",
+                ) from None
+            raise
+        return Dispatched(worker_id=_s(wid), entry_id=_s(entry), queue=int(queue))
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v

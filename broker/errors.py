@@ -1,0 +1,38 @@
+"""Errors the broker raises, each carrying the HTTP status a gateway answers with."""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class UnknownModel(BrokerError):
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class NoWorker(BrokerError):
+    status, type, code = 503, "service_unavailable", "no_worker"
+
+
+class Busy(BrokerError):
+    """Every worker of the model is at its queue limit: come back later."""
+
+    status, type, code = 429, "rate_limit_error", "queue_full"
+
+
+class WorkerTimeout(BrokerError):
+    status, type, code = 504, "timeout", "worker_timeout"
+
+
+class ReplyLost(BrokerError):
+    """The reply channel broke (Redis went away) while the request was in flight."""
+
+    status, type, code = 503, "service_unavailable", "reply_lost"

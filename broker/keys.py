@@ -1,0 +1,61 @@
+"""Every Redis key and channel name redserve uses, built in this one module.
+
+``docs/redis.md`` documents each of them with the ``redis-cli`` commands that
+inspect it. Names read naturally in ``redis-cli --scan``: ``redserve:worker:<id>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: The consumer group every worker stream carries (the consumer is the worker id).
+WORKER_GROUP = "workers"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builder bound to one namespace prefix (so test runs and stacks can share a server)."""
+
+    prefix: str = "redserve"
+
+    # --- workers -------------------------------------------------------------
+    def worker(self, worker_id: str) -> str:
+        """Hash with a TTL: the worker's record; its existence *is* liveness."""
+        return f"{self.prefix}:worker:{worker_id}"
+
+    def worker_jobs(self, worker_id: str) -> str:
+        """Stream of jobs for one worker, read through the consumer group ``workers``."""
+        return f"{self.prefix}:worker:{worker_id}:jobs"
+
+    def worker_control(self, worker_id: str) -> str:
+        """Pub/sub channel a worker listens on for cancellations."""
+        return f"{self.prefix}:worker:{worker_id}:control"
+
+    def workers(self) -> str:
+        """Set of worker ids that have registered; dead ids are pruned by readers."""
+        return f"{self.prefix}:workers"
+
+    # --- models --------------------------------------------------------------
+    def model_workers(self, model: str) -> str:
+        """Sorted set: member = worker id serving ``model``, score = its queue length."""
+        return f"{self.prefix}:model:{model}:workers"
+
+    def models(self) -> str:
+        """Sorted set: member = model name, score = last time (ms) a worker announced it."""
+        return f"{self.prefix}:models"
+
+    # --- replies -------------------------------------------------------------
+    def replies(self, gateway_id: str) -> str:
+        """Pub/sub channel carrying token deltas back to one gateway process."""
+        return f"{self.prefix}:replies:{gateway_id}"
+
+    # --- pieces for Lua -----------------------------------------------------
+    # A worker's models (and a chosen worker's id) are only known inside the
+    # Lua scripts, so they build those names from these pieces.
+    def model_workers_parts(self) -> tuple[str, str]:
+        """(prefix, suffix) such that prefix + model + suffix == model_workers(model)."""
+        return f"{self.prefix}:model:", ":workers"
+
+    def worker_parts(self) -> tuple[str, str]:
+        """(prefix, jobs suffix): prefix + id == worker(id), and + suffix == worker_jobs(id)."""
+        return f"{self.prefix}:worker:", ":jobs"

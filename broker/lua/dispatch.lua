@@ -1,0 +1,71 @@
+-- Pick a worker for one job and hand it the job, atomically.
+--
+-- KEYS[1]  sorted set of the model's workers (score = queue length)
+-- KEYS[2]  sorted set of known models (to tell "unknown model" from "no worker")
+-- ARGV     method, random in [0,1), worker key prefix, jobs suffix,
+--          model key prefix, model key suffix, model name, then the job's
+--          stream fields as name/value pairs.
+--
+-- Workers whose record has expired are pruned from the set; draining workers
+-- and workers whose queue is at their max_queue are skipped.
+-- Returns {worker_id, entry_id, queue_length} or an error reply whose first
+-- word is UNKNOWN_MODEL, NO_WORKER or BUSY.
+local method, r = ARGV[1], tonumber(ARGV[2])
+local wpre, jsuf, mpre, msuf, model = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+
+local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local ids, queues, speeds = {}, {}, {}
+local ready = 0
+for i = 1, #members, 2 do
+  local wid = members[i]
+  local rec = redis.call('HMGET', wpre .. wid, 'status', 'speed', 'max_queue')
+  if not rec[1] then
+    redis.call('ZREM', KEYS[1], wid)
+  elseif rec[1] == 'ready' then
+    ready = ready + 1
+    local q = tonumber(members[i + 1])
+    local cap = tonumber(rec[3]) or 0
+    if cap <= 0 or q < cap then
+      ids[#ids + 1] = wid
+      queues[#queues + 1] = q
+      speeds[#speeds + 1] = tonumber(rec[2]) or 1
+    end
+  end
+end
+
+if #ids == 0 then
+  if ready > 0 then return redis.error_reply('BUSY every worker of ' .. model .. ' is at its queue limit') end
+  if #members == 0 and not redis.call('ZSCORE', KEYS[2], model) then
+    return redis.error_reply('UNKNOWN_MODEL ' .. model)
+  end
+  return redis.error_reply('NO_WORKER no live worker serves ' .. model)
+end
+
+local pick
+if method == 'lottery' then
+  local total = 0
+  for i = 1, #speeds do total = total + speeds[i] end
+  local x = r * total
+  pick = #ids
+  for i = 1, #speeds do
+    x = x - speeds[i]
+    if x < 0 then pick = i break end
+  end
+else
+  local best = math.huge
+  for i = 1, #queues do if queues[i] < best then best = queues[i] end end
+  local ties = {}
+  for i = 1, #queues do if queues[i] == best then ties[#ties + 1] = i end end
+  pick = ties[math.min(#ties, math.floor(r * #ties) + 1)]
+end
+
+local wid = ids[pick]
+local models = redis.call('HGET', wpre .. wid, 'models')
+for m in string.gmatch(models, '[^,]+') do
+  redis.call('ZADD', mpre .. m .. msuf, 'XX', 'INCR', 1, wid)
+end
+redis.call('HINCRBY', wpre .. wid, 'queue', 1)
+local fields = {}
+for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+local entry = redis.call('XADD', wpre .. wid .. jsuf, '*', unpack(fields))
+return {wid, entry, tostring(queues[pick] + 1)}

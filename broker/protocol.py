@@ -1,0 +1,136 @@
+"""The wire format between gateways and workers (msgpack payloads).
+
+A **job** is one stream entry. Its routing fields are plain strings so a person
+can read them with ``XRANGE``; the request body travels msgpack-encoded in
+``payload``.
+
+A **reply** is one pub/sub message on the requesting gateway's channel:
+``{"rid": request_id, "seq": n, "ev": [event, ...]}``. ``seq`` counts messages
+per request from 0, so a gap or a duplicate is detectable. One message may
+carry several events: a worker that produces tokens faster than it can ship
+them coalesces the waiting deltas into one message.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Mapping
+
+import msgpack
+
+
+class JobKind(StrEnum):
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+
+
+@dataclass(slots=True)
+class Job:
+    request_id: str
+    model: str
+    kind: JobKind
+    reply_to: str
+    params: dict[str, Any]
+    #: Epoch seconds after which nobody waits for the answer (0 = no deadline).
+    deadline: float = 0.0
+    #: Stream entry id, set once the job was read from a worker's stream.
+    entry_id: str = ""
+
+    def to_fields(self) -> dict[str, str | bytes]:
+        return {
+            "request_id": self.request_id,
+            "model": self.model,
+            "kind": str(self.kind),
+            "reply_to": self.reply_to,
+            "deadline": f"{self.deadline:.3f}",
+            "payload": pack(self.params),
+        }
+
+    @classmethod
+    def from_fields(cls, entry_id: str, fields: Mapping[bytes | str, bytes | str]) -> "Job":
+        f = {_s(k): v for k, v in fields.items()}
+        return cls(
+            request_id=_s(f["request_id"]),
+            model=_s(f["model"]),
+            kind=JobKind(_s(f["kind"])),
+            reply_to=_s(f["reply_to"]),
+            params=unpack(f["payload"]),
+            deadline=float(_s(f.get("deadline", "0"))),
+            entry_id=entry_id,
+        )
+
+    def expired(self, now: float | None = None) -> bool:
+        return bool(self.deadline) and (now or time.time()) > self.deadline
+
+
+# --- reply events ------------------------------------------------------------
+# Events are small dicts keyed by "t" (type). Constructors below are the only
+# place that spells their shape.
+
+
+def delta(index: int, text: str, tokens: int = 1, logprobs: list[Any] | None = None) -> dict[str, Any]:
+    """New text for choice ``index`` (a delta, never cumulative text)."""
+    ev: dict[str, Any] = {"t": "d", "i": index, "x": text, "k": tokens}
+    if logprobs is not None:
+        ev["lp"] = logprobs
+    return ev
+
+
+def choice_end(index: int, finish_reason: str) -> dict[str, Any]:
+    return {"t": "end", "i": index, "fr": finish_reason}
+
+
+def done(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """Terminal event: the request succeeded."""
+    return {"t": "done", "u": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}}
+
+
+def embeddings(vectors: list[list[float]], prompt_tokens: int) -> dict[str, Any]:
+    """Terminal event of an embedding job."""
+    return {"t": "emb", "v": vectors, "u": {"prompt_tokens": prompt_tokens}}
+
+
+def error(
+    message: str, *, status: int = 500, type: str = "server_error", code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """Terminal event: the request failed; carries an HTTP status for the gateway."""
+    return {"t": "err", "status": status, "message": message, "type": type, "code": code, "param": param}
+
+
+TERMINAL_EVENTS = frozenset({"done", "emb", "err"})
+
+
+@dataclass(slots=True)
+class Reply:
+    rid: str
+    seq: int
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        return pack({"rid": self.rid, "seq": self.seq, "ev": self.events})
+
+    @classmethod
+    def decode(cls, data: bytes) -> "Reply":
+        m = unpack(data)
+        return cls(rid=m["rid"], seq=m["seq"], events=m["ev"])
+
+    @property
+    def terminal(self) -> bool:
+        return any(ev["t"] in TERMINAL_EVENTS for ev in self.events)
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes | str) -> Any:
+    if isinstance(data, str):
+        data = data.encode()
+    return msgpack.unpackb(data, raw=False)
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v

@@ -1,0 +1,147 @@
+"""The worker registry: TTL'd worker records and per-model load sorted sets.
+
+A worker is alive exactly as long as its record key exists; nothing has to
+notice a dead worker, its key just expires and the dispatcher prunes it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from redis.asyncio import Redis
+
+from broker import __version__
+from broker.keys import WORKER_GROUP, Keys
+from broker.scripts import Scripts
+
+
+@dataclass
+class WorkerRecord:
+    """What a worker says about itself; every field is a plain string in Redis."""
+
+    id: str
+    models: list[str]
+    engine: str
+    speed: float = 1.0
+    max_concurrency: int = 1
+    #: Jobs (running + waiting) beyond which dispatch skips this worker; 0 = unbounded.
+    max_queue: int = 0
+    status: str = "ready"
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    started_at: float = field(default_factory=time.time)
+    version: str = __version__
+    #: Longest prompt + completion the model takes, in tokens (0 = unknown).
+    context_length: int = 0
+    #: Only filled when read back from Redis.
+    queue: int = 0
+    last_heartbeat: float = 0.0
+
+    def to_fields(self) -> dict[str, str]:
+        return {
+            "id": self.id,
+            "models": ",".join(self.models),
+            "engine": self.engine,
+            "speed": repr(self.speed),
+            "max_concurrency": str(self.max_concurrency),
+            "max_queue": str(self.max_queue),
+            "status": self.status,
+            "host": self.host,
+            "pid": str(self.pid),
+            "started_at": f"{self.started_at:.3f}",
+            "version": self.version,
+            "context_length": str(self.context_length),
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> "WorkerRecord":
+        return cls(
+            id=fields["id"],
+            models=[m for m in fields.get("models", "").split(",") if m],
+            engine=fields.get("engine", ""),
+            speed=float(fields.get("speed", 1)),
+            max_concurrency=int(fields.get("max_concurrency", 1)),
+            max_queue=int(fields.get("max_queue", 0)),
+            status=fields.get("status", "ready"),
+            host=fields.get("host", ""),
+            pid=int(fields.get("pid", 0)),
+            started_at=float(fields.get("started_at", 0)),
+            version=fields.get("version", ""),
+            context_length=int(fields.get("context_length", 0)),
+            queue=int(fields.get("queue", 0)),
+            last_heartbeat=float(fields.get("last_heartbeat", 0)) / 1000,
+        )
+
+
+class Registry:
+    """Reads and writes worker records. ``redis`` must decode responses."""
+
+    def __init__(self, redis: Redis, keys: Keys, scripts: Scripts | None = None) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.scripts = scripts or Scripts.register(redis)
+
+    # --- the worker's side -------------------------------------------------
+    async def heartbeat(self, record: WorkerRecord, ttl: float) -> int:
+        """Create or refresh the record and its consumer group; returns the queue length."""
+        k = self.keys
+        mpre, msuf = k.model_workers_parts()
+        fields = [x for kv in record.to_fields().items() for x in kv]
+        return int(
+            await self.scripts.heartbeat(
+                keys=[k.worker(record.id), k.workers(), k.models(), k.worker_jobs(record.id)],
+                args=[int(ttl * 1000), int(time.time() * 1000), record.id, WORKER_GROUP, mpre, msuf,
+                      len(record.models), *record.models, *fields],
+            )
+        )
+
+    async def set_status(self, worker_id: str, status: str) -> None:
+        await self.redis.hset(self.keys.worker(worker_id), "status", status)
+
+    async def finish(self, record: WorkerRecord, entry_id: str) -> int:
+        """Ack and delete one finished job; returns the queue length left."""
+        k = self.keys
+        return int(
+            await self.scripts.finish(
+                keys=[k.worker_jobs(record.id), k.worker(record.id), *(k.model_workers(m) for m in record.models)],
+                args=[WORKER_GROUP, entry_id, record.id],
+            )
+        )
+
+    async def deregister(self, record: WorkerRecord) -> None:
+        """Leave cleanly: record, load entries and the (now empty) stream go."""
+        k = self.keys
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(k.worker(record.id), k.worker_jobs(record.id))
+            pipe.srem(k.workers(), record.id)
+            for m in record.models:
+                pipe.zrem(k.model_workers(m), record.id)
+            await pipe.execute()
+
+    # --- readers' side -----------------------------------------------------
+    async def live_workers(self) -> list[WorkerRecord]:
+        """Every worker whose record still exists; prunes ids whose record expired."""
+        ids = sorted(await self.redis.smembers(self.keys.workers()))
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid in ids:
+                pipe.hgetall(self.keys.worker(wid))
+            records = await pipe.execute()
+        dead = [wid for wid, rec in zip(ids, records) if not rec]
+        if dead:
+            await self.redis.srem(self.keys.workers(), *dead)
+        return [WorkerRecord.from_fields(rec) for rec in records if rec]
+
+    async def known_models(self, since: float = 0.0) -> dict[str, float]:
+        """Models any worker ever announced, with the last time one did (epoch s)."""
+        rows = await self.redis.zrangebyscore(self.keys.models(), since * 1000, "+inf", withscores=True)
+        return {m: score / 1000 for m, score in rows}
+
+
+def serving(workers: Iterable[WorkerRecord], model: str) -> list[WorkerRecord]:
+    return [w for w in workers if model in w.models]

@@ -1,0 +1,52 @@
+"""One typed settings object for every redserve process.
+
+Values come from (highest first) explicit keyword arguments (the CLI passes
+its flags this way), environment variables prefixed ``REDSERVE_`` and the
+defaults below. ``REDIS_URL`` is honoured as well, since that is the name
+everyone already exports.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DispatchMethod = Literal["shortest_queue", "lottery"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REDSERVE_", extra="ignore")
+
+    # --- Redis -------------------------------------------------------------
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDSERVE_REDIS_URL", "REDIS_URL", "redis_url"),
+        description="Redis to meet in; unset means `redserve up` starts a private one.",
+    )
+    key_prefix: str = Field(default="redserve", description="Namespace of every key and channel.")
+
+    # --- workers -------------------------------------------------------------
+    worker_ttl: float = Field(default=10.0, gt=0, description="Seconds a worker record lives without a heartbeat.")
+    heartbeat_interval: float = Field(default=3.0, gt=0, description="Seconds between heartbeats.")
+    max_concurrency: int = Field(default=8, ge=1, description="Jobs a worker runs at once.")
+    max_queue: int = Field(
+        default=0, ge=0, description="Jobs (running + waiting) a worker accepts before dispatch skips it; 0 = no limit."
+    )
+    speed: float = Field(default=1.0, gt=0, description="Relative speed, the weight of lottery dispatch.")
+    drain_timeout: float = Field(default=60.0, ge=0, description="Seconds a draining worker waits for in-flight jobs.")
+    echo_tokens: int = Field(default=16, ge=1, description="Tokens an echo worker produces when max_tokens allows.")
+    echo_delay: float = Field(default=0.0, ge=0, description="Seconds between echo tokens.")
+
+    # --- dispatch and gateway ----------------------------------------------
+    dispatch_method: DispatchMethod = "shortest_queue"
+    reply_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds of worker silence before a request fails (504 / error event)."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as environment variables, for child processes."""
+        return {f"REDSERVE_{k.upper()}": str(v) for k, v in self.model_dump().items() if v is not None}

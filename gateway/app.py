@@ -1,0 +1,38 @@
+"""The gateway application factory: OpenAI API + UI over one BrokerClient per process."""
+
+from __future__ import annotations
+
+import contextlib
+from importlib import resources
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from broker import __version__
+from broker.client import BrokerClient
+from broker.settings import Settings
+from gateway import errors
+from gateway.routes import router
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build a gateway. Its Redis connections open in the lifespan, not at import."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        broker = BrokerClient(settings)
+        await broker.start()
+        app.state.broker = broker
+        try:
+            yield
+        finally:
+            await broker.close()
+
+    app = FastAPI(title="redserve", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    errors.install(app)
+    app.include_router(router)
+    ui_dir = resources.files("ui")
+    app.mount("/", StaticFiles(directory=str(ui_dir), html=True), name="ui")
+    return app

@@ -1,0 +1,74 @@
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the right status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from broker.errors import BrokerError
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+          429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+
+
+class APIError(Exception):
+    """An error the gateway answers with directly."""
+
+    def __init__(self, status: int, message: str, *, type: str | None = None,
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = error_body(message, type or _TYPES.get(status, "server_error"), param, code)
+        self.headers = headers
+
+    @classmethod
+    def from_event(cls, ev: dict[str, Any]) -> "APIError":
+        """From a worker's in-band error event."""
+        return cls(ev.get("status") or 500, ev.get("message") or "error", type=ev.get("type"),
+                   param=ev.get("param"), code=ev.get("code"))
+
+    @classmethod
+    def from_broker(cls, exc: BrokerError) -> "APIError":
+        headers = {"Retry-After": "1"} if exc.status == 429 else None
+        return cls(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, headers=headers)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status, headers=self.headers)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def install(app: FastAPI) -> None:
+    """Route every error the app can raise into OpenAI's shape."""
+
+    @app.exception_handler(APIError)
+    async def _api(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(BrokerError)
+    async def _broker(_: Request, exc: BrokerError) -> JSONResponse:
+        return APIError.from_broker(exc).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        msg = first.get("msg", "Invalid request body.")
+        if first.get("type") == "extra_forbidden":
+            msg = f"Unrecognized request argument supplied: {param}"
+        elif first.get("type") == "json_invalid":
+            msg = "The request body is not valid JSON."
+        elif param:
+            msg = f"Invalid value for '{param}': {msg}"
+        return APIError(400, msg, param=param, code="invalid_value").response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)).response()

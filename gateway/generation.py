@@ -1,0 +1,113 @@
+"""Running one generation request through the broker and answering it, streamed or whole."""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+import anyio
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+from starlette.responses import Response
+
+from broker.client import BrokerClient
+from broker.errors import BrokerError, WorkerTimeout
+from broker.protocol import JobKind, error
+from broker.replies import ReplyStream
+from gateway.errors import APIError
+from gateway.render import Shape, dumps
+from gateway.schemas import _Sampling
+
+
+async def generate(broker: BrokerClient, body: _Sampling, kind: JobKind, *, prefix: str = "") -> Response:
+    """Dispatch, wait for the first reply, then answer.
+
+    Waiting for the first message before sending headers means an error the
+    worker reports up front (a bad parameter, a prompt too long) becomes a
+    proper HTTP status even for a streaming request.
+    """
+    stream = await broker.submit(body.model, kind, body.engine_params())
+    try:
+        try:
+            first = await stream.next_events()
+        except WorkerTimeout as exc:
+            if not body.stream:
+                raise
+            first = [_error_event(exc)]
+        if first and first[0]["t"] == "err":
+            raise APIError.from_event(first[0])
+    except BaseException:
+        await _release(broker, stream)
+        raise
+
+    shape = Shape(chat=kind is JobKind.CHAT, model=body.model)
+    if body.stream:
+        events = _sse(broker, stream, first, shape, body.n, body.include_usage, prefix)
+        return EventSourceResponse(events, ping=15, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        return JSONResponse(await _collect(stream, first, shape, prefix))
+    finally:
+        await _release(broker, stream)
+
+
+async def _collect(stream: ReplyStream, first: list[dict[str, Any]], shape: Shape, prefix: str) -> dict[str, Any]:
+    texts: dict[int, list[str]] = {}
+    finish: dict[int, str] = {}
+    events = first
+    while True:
+        for ev in events:
+            t = ev["t"]
+            if t == "d":
+                texts.setdefault(ev["i"], [prefix] if prefix else []).append(ev["x"])
+            elif t == "end":
+                finish[ev["i"]] = ev["fr"]
+            elif t == "err":
+                raise APIError.from_event(ev)
+            elif t == "done":
+                return shape.whole({i: "".join(parts) for i, parts in texts.items()}, finish, ev["u"])
+        events = await stream.next_events()
+
+
+async def _sse(
+    broker: BrokerClient, stream: ReplyStream, first: list[dict[str, Any]], shape: Shape,
+    n: int, include_usage: bool, prefix: str,
+) -> AsyncIterator[str]:
+    try:
+        for i in range(n):
+            if shape.chat:
+                yield shape.chunk(i, role=True, include_usage=include_usage)
+            if prefix:
+                yield shape.chunk(i, prefix, include_usage=include_usage)
+        events = first
+        while True:
+            for ev in events:
+                t = ev["t"]
+                if t == "d":
+                    yield shape.chunk(ev["i"], ev["x"], include_usage=include_usage)
+                elif t == "end":
+                    yield shape.chunk(ev["i"], None, ev["fr"], include_usage=include_usage)
+                elif t == "done":
+                    if include_usage:
+                        yield shape.usage_chunk(ev["u"])
+                    yield "[DONE]"
+                    return
+                elif t == "err":
+                    yield dumps(APIError.from_event(ev).body)
+                    yield "[DONE]"
+                    return
+            events = await stream.next_events()
+    except BrokerError as exc:
+        yield dumps(APIError.from_broker(exc).body)
+        yield "[DONE]"
+    finally:
+        await _release(broker, stream)
+
+
+def _error_event(exc: BrokerError) -> dict[str, Any]:
+    return error(exc.message, status=exc.status, type=exc.type, code=exc.code, param=exc.param)
+
+
+async def _release(broker: BrokerClient, stream: ReplyStream) -> None:
+    # Shielded: this runs while a disconnected client's task is being cancelled,
+    # and the worker must still hear that nobody is listening any more.
+    with anyio.CancelScope(shield=True):
+        await broker.release(stream)

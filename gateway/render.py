@@ -1,0 +1,65 @@
+"""Rendering reply events as OpenAI objects: chunks while streaming, one object when not.
+
+Chat and text completions differ only in a few names and in where the text
+sits in a choice; ``Shape`` captures exactly that difference.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def usage(u: dict[str, int]) -> dict[str, int]:
+    p, c = u.get("prompt_tokens", 0), u.get("completion_tokens", 0)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+@dataclass
+class Shape:
+    """One response's identity and the chat/completion naming differences."""
+
+    chat: bool
+    model: str
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+    def _obj(self, object_: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": object_, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    # --- streaming -----------------------------------------------------------
+    def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None,
+              *, role: bool = False, include_usage: bool = False) -> str:
+        if self.chat:
+            d: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if text:
+                d["content"] = text
+            choice = {"index": index, "delta": d, "logprobs": None, "finish_reason": finish_reason}
+            extra = {"usage": None} if include_usage else {}
+            return dumps(self._obj("chat.completion.chunk", [choice], **extra))
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        extra = {"usage": None} if include_usage else {}
+        return dumps(self._obj("text_completion", [choice], **extra))
+
+    def usage_chunk(self, u: dict[str, int]) -> str:
+        return dumps(self._obj("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage(u)))
+
+    # --- whole ---------------------------------------------------------------
+    def whole(self, texts: dict[int, str], finish: dict[int, str], u: dict[str, int]) -> dict[str, Any]:
+        choices = []
+        for i in sorted(texts.keys() | finish.keys()):
+            text = texts.get(i, "")
+            body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+            choices.append({"index": i, **body, "logprobs": None, "finish_reason": finish.get(i, "stop")})
+        return self._obj("chat.completion" if self.chat else "text_completion", choices, usage=usage(u))

@@ -1,0 +1,102 @@
+"""The OpenAI-compatible routes."""
+
+from __future__ import annotations
+
+import base64
+import struct
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import Field
+from starlette.responses import Response
+
+from broker.client import BrokerClient
+from broker.protocol import JobKind
+from gateway.errors import APIError
+from gateway.generation import generate
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, _Strict
+
+router = APIRouter()
+
+
+def _broker(request: Request) -> BrokerClient:
+    return request.app.state.broker
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    broker = _broker(request)
+    try:
+        workers = await broker.registry.live_workers()
+    except Exception as exc:  # Redis unreachable: this gateway cannot serve
+        raise APIError(503, f"Redis is unreachable: {exc}", code="redis_unavailable") from None
+    return {"status": "ok", "workers": len(workers), "gateway_id": broker.router.gateway_id}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    """Models with at least one live worker."""
+    workers = await _broker(request).registry.live_workers()
+    models: dict[str, dict[str, Any]] = {}
+    for w in workers:
+        for m in w.models:
+            entry = models.setdefault(m, {"id": m, "object": "model", "created": int(w.started_at),
+                                          "owned_by": "redserve", "workers": 0, "context_length": None})
+            entry["created"] = min(entry["created"], int(w.started_at))
+            entry["workers"] += 1
+            if w.context_length:
+                entry["context_length"] = w.context_length
+    return {"object": "list", "data": sorted(models.values(), key=lambda m: m["id"])}
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(model: str, request: Request) -> dict[str, Any]:
+    for entry in (await list_models(request))["data"]:
+        if entry["id"] == model:
+            return entry
+    raise APIError(404, f"The model `{model}` does not exist or has no live worker.", param="model",
+                   code="model_not_found")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    return await generate(_broker(request), body, JobKind.CHAT)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    prefix = body.prompt if body.echo else ""
+    return await generate(_broker(request), body, JobKind.COMPLETION, prefix=prefix)  # type: ignore[arg-type]
+
+
+class EmbeddingRequest(_Strict):
+    model: str = Field(min_length=1)
+    input: str | list[str] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: None = None
+    user: str | None = None
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+    inputs = [body.input] if isinstance(body.input, str) else body.input
+    broker = _broker(request)
+    stream = await broker.submit(body.model, JobKind.EMBEDDING, {"input": inputs})
+    try:
+        events = await stream.next_events()
+    finally:
+        await broker.release(stream)
+    ev = events[-1]
+    if ev["t"] == "err":
+        raise APIError.from_event(ev)
+    data = [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
+            for i, v in enumerate(ev["v"])]
+    p = ev["u"]["prompt_tokens"]
+    return {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": p, "total_tokens": p}}
+
+
+def _encode(vector: list[float], fmt: str) -> list[float] | str:
+    if fmt == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+

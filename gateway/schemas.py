@@ -1,0 +1,132 @@
+"""OpenAI request bodies. Unknown arguments are rejected (400), never silently ignored."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            bad = [p.type for p in v if p.type != "text"]
+            if bad:
+                raise ValueError(f"only text content parts are supported, got {bad[0]!r}")
+        return v
+
+
+class _Sampling(_Strict):
+    """Parameters shared by chat and completions; their meaning is the engine's to honour."""
+
+    #: Fields the gateway handles itself; they do not travel to the worker.
+    gateway_fields: ClassVar[set[str]] = {"model", "stream", "stream_options", "user"}
+
+    model: str = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1, description="Extension: sample from the k most likely tokens.")
+    n: int = Field(default=1, ge=1, le=16)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str] | None:
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None:
+            if len(stops) > 4:
+                raise ValueError("at most 4 stop sequences are allowed")
+            if any(not s for s in stops):
+                raise ValueError("stop sequences must not be empty")
+        return stops or None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v: dict[str, float] | None) -> None:
+        if v:
+            raise ValueError("logit_bias is not supported")
+        return None
+
+    def engine_params(self) -> dict[str, Any]:
+        """What travels to the worker: sampling parameters and the prompt, not transport options."""
+        return self.model_dump(exclude_none=True, exclude=self.gateway_fields)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ChatCompletionRequest":
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens if self.max_tokens is None else min(
+                self.max_tokens, self.max_completion_tokens)
+            self.max_completion_tokens = None
+        if self.response_format and self.response_format.get("type") != "text":
+            raise ValueError("response_format: only {'type': 'text'} is supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs=true")
+        return self
+
+
+class CompletionRequest(_Sampling):
+    gateway_fields: ClassVar[set[str]] = _Sampling.gateway_fields | {"echo", "suffix", "best_of"}
+
+    prompt: str | list[str] = Field(description="One prompt (a string or a list holding one string).")
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1, le=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str:
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("send one prompt per request (a string or a list of one string)")
+            v = v[0]
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> None:
+        if v:
+            raise ValueError("suffix is not supported")
+        return None

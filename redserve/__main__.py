@@ -1,0 +1,3 @@
+from redserve.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""``redserve``: the command line. Every flag maps onto one field of ``broker.Settings``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import typing
+from typing import Any, Sequence
+
+from broker.settings import Settings
+
+REDIS_FLAGS = ["redis_url", "key_prefix"]
+WORKER_FLAGS = ["worker_ttl", "heartbeat_interval", "max_concurrency", "max_queue", "speed", "drain_timeout",
+                "echo_tokens", "echo_delay"]
+GATEWAY_FLAGS = ["host", "port", "dispatch_method", "reply_timeout"]
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:
+    """One flag per settings field, with the field's description, env name and default as help."""
+    for name in names:
+        field = Settings.model_fields[name]
+        ann = field.annotation
+        kwargs: dict[str, Any] = {}
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if typing.get_origin(ann) is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(ann))
+        elif ann in (int, float):
+            kwargs["type"] = ann
+        elif args and all(isinstance(a, str) for a in args):
+            kwargs["choices"] = args
+        env = "REDIS_URL or REDSERVE_REDIS_URL" if name == "redis_url" else f"REDSERVE_{name.upper()}"
+        desc = (field.description or name.replace("_", " ")).rstrip(".")
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
+                            help=f"{desc} [env {env}; default {field.default!r}]", **kwargs)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Environment and defaults, overridden by the flags that were given."""
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**given)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="redserve", description="LLM serving where gateways and workers meet in Redis (OpenAI-compatible).")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="Run the whole stack here: private Redis (unless REDIS_URL), gateway and workers.")
+    up.add_argument("--workers", type=int, default=1, help="Worker processes to start [default 1].")
+    up.add_argument("--engine", default="echo", help="Engine of those workers [default echo].")
+    up.add_argument("--model", default=None, help="Model they serve [default: the engine's name].")
+    _add_settings_flags(up, REDIS_FLAGS + GATEWAY_FLAGS + WORKER_FLAGS)
+
+    gw = sub.add_parser("gateway", help="Run one OpenAI-compatible gateway process.")
+    _add_settings_flags(gw, REDIS_FLAGS + GATEWAY_FLAGS)
+
+    wk = sub.add_parser("worker", help="Run one model worker process.")
+    wk.add_argument("--engine", required=True, help="echo (more with extras: see README).")
+    wk.add_argument("--model", action="append", required=True, dest="models",
+                    help="Model name to serve; repeat to serve several under one worker.")
+    wk.add_argument("--worker-id", default=None, help="Stable id instead of a random one.")
+    _add_settings_flags(wk, REDIS_FLAGS + WORKER_FLAGS)
+
+    st = sub.add_parser("status", help="Print the live workers, like `docker ps`.")
+    _add_settings_flags(st, REDIS_FLAGS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_from(args)
+    if args.command == "up":
+        from redserve.stack import run_stack
+
+        return run_stack(settings, workers=args.workers, engine=args.engine, model=args.model or args.engine,
+                         log_level=args.log_level)
+    if args.command == "gateway":
+        _need_redis(settings)
+        from redserve.serve import run_gateway
+
+        return asyncio.run(run_gateway(settings, log_level=args.log_level))
+    if args.command == "worker":
+        _need_redis(settings)
+        return asyncio.run(run_worker(settings, args.engine, args.models, args.worker_id))
+    if args.command == "status":
+        _need_redis(settings)
+        from redserve.status import print_status
+
+        return asyncio.run(print_status(settings))
+    return 2
+
+
+def _need_redis(settings: Settings) -> None:
+    if not settings.redis_url:
+        sys.exit("redserve: set --redis-url or REDIS_URL (only `redserve up` starts a private Redis)")
+
+
+async def run_worker(settings: Settings, engine: str, models: list[str], worker_id: str | None) -> int:
+    from workers import engine_class
+
+    worker = engine_class(engine)(settings, models, worker_id=worker_id)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.drain)
+    await worker.serve()
+    return 0

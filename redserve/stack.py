@@ -1,0 +1,64 @@
+"""``redserve up``: the whole system on one machine, for trying it and for demos.
+
+A private Redis (unless REDIS_URL is set), N worker processes and a gateway in
+this process. Ctrl-C drains the workers, then stops Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+from broker.settings import Settings
+from redserve.redis_server import RedisServer
+from redserve.serve import gateway_server
+
+
+def run_stack(settings: Settings, *, workers: int, engine: str, model: str, log_level: str = "info") -> int:
+    redis: RedisServer | None = None
+    if not settings.redis_url:
+        redis = RedisServer().start()
+        settings = settings.model_copy(update={"redis_url": redis.url})
+    env = os.environ | settings.to_env()
+    cmd = [sys.executable, "-m", "redserve", "--log-level", log_level, "worker", "--engine", engine, "--model", model]
+    # Own sessions: a terminal's Ctrl-C reaches only this process, which then
+    # stops things in order (gateway, then draining workers, then Redis).
+    procs = [subprocess.Popen(cmd, env=env, start_new_session=True) for _ in range(workers)]
+    try:
+        return asyncio.run(_serve(settings, model, redis, log_level))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(settings.drain_timeout + 5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if redis:
+            redis.close()
+
+
+async def _serve(settings: Settings, model: str, redis: RedisServer | None, log_level: str) -> int:
+    server = gateway_server(settings, log_level=log_level)
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        base = f"http://{settings.host}:{server.servers[0].sockets[0].getsockname()[1]}"
+        where = f"private Redis at {redis.url} (data in {redis.dir})" if redis else f"Redis at {settings.redis_url}"
+        print(
+            f"\nredserve is up: {base}\n"
+            f"  web UI         {base}/\n"
+            f"  OpenAI API     {base}/v1   (model: {model})\n"
+            f"  {where}\n"
+            f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hello there\"}}]}}'\n"
+            f"  Ctrl-C stops everything.\n",
+            flush=True,
+        )
+    await task
+    return 0 if server.started else 1

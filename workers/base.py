@@ -1,0 +1,230 @@
+"""BaseModelWorker: the whole worker protocol, so an engine implements only generation.
+
+Life of a worker:
+
+1. **register**: the heartbeat script writes the TTL'd record, creates the
+   job stream's consumer group and reports the queue length per model;
+2. **serve**: read up to ``max_concurrency`` jobs with XREADGROUP, run each as
+   a task, publish its events on the job's reply channel, XACK + XDEL it and
+   report the new queue length when it ends; cancellations arrive on the
+   worker's control channel;
+3. **drain** (SIGTERM): status ``draining`` (dispatch skips the worker), run
+   what is already queued, deregister, exit 0.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, ClassVar
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from broker.connection import connect
+from broker.keys import WORKER_GROUP, Keys
+from broker.protocol import Job, JobKind, error, unpack
+from broker.registry import Registry, WorkerRecord
+from broker.settings import Settings
+from workers.publish import ReplyPublisher
+
+log = logging.getLogger(__name__)
+
+
+class JobError(Exception):
+    """A failure the user caused or should hear about, with its HTTP status."""
+
+    def __init__(
+        self, message: str, *, status: int = 400, type: str = "invalid_request_error",
+        code: str | None = None, param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.event = error(message, status=status, type=type, code=code, param=param)
+
+
+class BaseModelWorker(abc.ABC):
+    #: The name ``redserve worker --engine`` knows this engine by.
+    engine: ClassVar[str]
+
+    def __init__(self, settings: Settings, models: list[str], *, worker_id: str | None = None) -> None:
+        if not settings.redis_url:
+            raise ValueError("a worker needs settings.redis_url")
+        if not models:
+            raise ValueError("a worker serves at least one model")
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.record = WorkerRecord(
+            id=worker_id or f"{self.engine}-{uuid.uuid4().hex[:8]}",
+            models=list(models),
+            engine=self.engine,
+            speed=settings.speed,
+            max_concurrency=settings.max_concurrency,
+            max_queue=settings.max_queue,
+        )
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._draining = asyncio.Event()
+        self._registered = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._text: Redis | None = None
+        self._raw: Redis | None = None
+
+    # --- what an engine implements ------------------------------------------
+    async def setup(self) -> None:
+        """Load the model (off the event loop). Called once before registering."""
+
+    @abc.abstractmethod
+    def generate(self, job: Job) -> AsyncIterator[dict[str, Any]]:
+        """Yield protocol events (``delta``, ``choice_end``) and finish with ``done``.
+
+        Raise ``JobError`` for a bad request. Compute must not block the event
+        loop: run it in a thread or process and await it.
+        """
+
+    async def embed(self, job: Job) -> dict[str, Any]:
+        """Return an ``embeddings`` event. Engines without embeddings keep this."""
+        raise JobError(f"The model `{job.model}` does not support embeddings.", code="unsupported")
+
+    # --- lifecycle -------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    async def serve(self) -> None:
+        """Run until drained. Returns normally after a clean drain."""
+        await self.setup()
+        self._text = connect(self.settings.redis_url, decode=True)  # type: ignore[arg-type]
+        self._raw = connect(self.settings.redis_url, decode=False)  # type: ignore[arg-type]
+        self.registry = Registry(self._text, self.keys)
+        try:
+            await self.registry.heartbeat(self.record, self.settings.worker_ttl)
+            self._registered.set()
+            log.info("worker %s serving %s", self.id, ",".join(self.record.models))
+            async with asyncio.TaskGroup() as tg:
+                beat = tg.create_task(self._heartbeat_loop())
+                control = tg.create_task(self._control_loop())
+                await self._read_loop()
+                beat.cancel()
+                control.cancel()
+            await self.registry.deregister(self.record)
+        finally:
+            await self._text.aclose()
+            await self._raw.aclose()
+
+    def drain(self) -> None:
+        """Stop taking jobs; ``serve`` returns once the queued ones are done."""
+        self._draining.set()
+
+    async def wait_registered(self) -> None:
+        await self._registered.wait()
+
+    # --- loops -----------------------------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            try:
+                await self.registry.heartbeat(self.record, self.settings.worker_ttl)
+            except (RedisConnectionError, OSError) as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    async def _control_loop(self) -> None:
+        assert self._raw is not None
+        while True:
+            pubsub = self._raw.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.keys.worker_control(self.id))
+                async for msg in pubsub.listen():
+                    self._on_control(unpack(msg["data"]))
+            except (RedisConnectionError, OSError) as exc:
+                log.warning("control channel lost: %s", exc)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def _on_control(self, msg: dict[str, Any]) -> None:
+        rid = msg.get("cancel")
+        task = self.tasks.get(rid) if rid else None
+        if task is not None:
+            task.cancel()
+
+    async def _read_loop(self) -> None:
+        """Read jobs while there are free slots; when draining, stop once the stream is empty."""
+        assert self._raw is not None
+        stream = self.keys.worker_jobs(self.id)
+        deadline: float | None = None
+        while True:
+            if self._draining.is_set():
+                if deadline is None:
+                    deadline = time.monotonic() + self.settings.drain_timeout
+                    self.record.status = "draining"
+                    await self.registry.heartbeat(self.record, self.settings.worker_ttl)
+                if (not self.tasks and await self._raw.xlen(stream) == 0) or time.monotonic() > deadline:
+                    break
+            free = self.settings.max_concurrency - len(self.tasks)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            try:
+                entries = await self._raw.xreadgroup(WORKER_GROUP, self.id, {stream: ">"}, count=free, block=250)
+            except (ResponseError, RedisConnectionError, OSError) as exc:
+                # NOGROUP after Redis lost our stream: the next heartbeat recreates it.
+                log.warning("reading jobs failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for _, batch in entries or []:
+                for eid, fields in batch:
+                    self._start(Job.from_fields(eid.decode(), fields))
+        if self.tasks:
+            log.warning("drain timeout: cancelling %d jobs", len(self.tasks))
+            for task in self.tasks.values():
+                task.cancel()
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+    def _start(self, job: Job) -> None:
+        task = asyncio.create_task(self._run_job(job), name=f"job-{job.request_id}")
+        self.tasks[job.request_id] = task
+        task.add_done_callback(lambda _t: self._job_done(job.request_id))
+
+    def _job_done(self, request_id: str) -> None:
+        self.tasks.pop(request_id, None)
+        self._slot_freed.set()
+
+    # --- one job ---------------------------------------------------------------
+    async def _run_job(self, job: Job) -> None:
+        assert self._raw is not None
+        publisher = ReplyPublisher(self._raw, job.reply_to, job.request_id)
+        try:
+            if job.expired():
+                log.info("job %s dropped: deadline passed before it started", job.request_id)
+                return
+            await publisher.pump(self._events(job))
+        except asyncio.CancelledError:
+            # Cancelled by the client (or drain timeout): say so in-band, then retire the job.
+            with contextlib.suppress(Exception):
+                await publisher.send([error("The request was cancelled.", status=499, type="cancelled")])
+        except Exception:
+            log.exception("job %s failed", job.request_id)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.registry.finish(self.record, job.entry_id)
+
+    async def _events(self, job: Job) -> AsyncIterator[dict[str, Any]]:
+        """The engine's events, with errors turned into a terminal error event."""
+        try:
+            if job.kind is JobKind.EMBEDDING:
+                yield await self.embed(job)
+                return
+            async for ev in self.generate(job):
+                yield ev
+        except JobError as exc:
+            yield exc.event
+        except Exception as exc:  # an engine bug must still end the stream
+            log.exception("engine failed on job %s", job.request_id)
+            yield error(f"The worker failed: {type(exc).__name__}: {exc}", status=500)
+

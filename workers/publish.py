@@ -1,0 +1,80 @@
+"""Publishing one job's events, coalescing deltas that pile up behind a slow publish.
+
+While one PUBLISH is in flight the engine keeps producing; whatever it
+produced meanwhile goes out as *one* message (consecutive deltas of a choice
+merged), so a fast engine costs fewer Redis commands than tokens and a slow
+one costs exactly one per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, AsyncIterator
+
+from redis.asyncio import Redis
+
+from broker.protocol import TERMINAL_EVENTS, Reply, error
+
+
+class ReplyPublisher:
+    def __init__(self, redis: Redis, channel: str, rid: str) -> None:
+        self.redis = redis
+        self.channel = channel
+        self.rid = rid
+        self.seq = 0
+        self.messages = 0
+
+    async def send(self, events: list[dict[str, Any]]) -> None:
+        reply = Reply(self.rid, self.seq, events)
+        self.seq += 1
+        self.messages += 1
+        await self.redis.publish(self.channel, reply.encode())
+
+    async def pump(self, events: AsyncIterator[dict[str, Any]]) -> None:
+        """Publish ``events`` until a terminal one; guarantees the stream ends."""
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        async def produce() -> None:
+            try:
+                async for ev in events:
+                    queue.put_nowait(ev)
+                    if ev["t"] in TERMINAL_EVENTS:
+                        return
+                queue.put_nowait(error("The engine ended without finishing the request.", status=500))
+            finally:
+                queue.put_nowait(None)
+
+        producer = asyncio.create_task(produce())
+        try:
+            finished = False
+            while not finished:
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                if batch[-1] is None:
+                    batch.pop()
+                    finished = True
+                if batch:
+                    finished = finished or any(ev["t"] in TERMINAL_EVENTS for ev in batch)  # type: ignore[index]
+                    await self.send(coalesce(batch))  # type: ignore[arg-type]
+        finally:
+            producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await producer
+
+
+def coalesce(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge runs of deltas of the same choice into one delta."""
+    out: list[dict[str, Any]] = []
+    for ev in events:
+        prev = out[-1] if out else None
+        if prev is not None and ev["t"] == "d" == prev["t"] and ev["i"] == prev["i"]:
+            merged = {**prev, "x": prev["x"] + ev["x"], "k": prev["k"] + ev["k"]}
+            if "lp" in prev or "lp" in ev:
+                merged["lp"] = prev.get("lp", []) + ev.get("lp", [])
+            out[-1] = merged
+        else:
+            out.append(ev)
+    return out
+
