@@ -37,6 +37,9 @@ class WorkerRecord:
     version: str = __version__
     #: Longest prompt + completion the model takes, in tokens (0 = unknown).
     context_length: int = 0
+    #: Counters since start: jobs finished and tokens produced.
+    jobs_done: int = 0
+    tokens_out: int = 0
     #: Only filled when read back from Redis.
     queue: int = 0
     last_heartbeat: float = 0.0
@@ -55,6 +58,8 @@ class WorkerRecord:
             "started_at": f"{self.started_at:.3f}",
             "version": self.version,
             "context_length": str(self.context_length),
+            "jobs_done": str(self.jobs_done),
+            "tokens_out": str(self.tokens_out),
         }
 
     @classmethod
@@ -72,6 +77,8 @@ class WorkerRecord:
             started_at=float(fields.get("started_at", 0)),
             version=fields.get("version", ""),
             context_length=int(fields.get("context_length", 0)),
+            jobs_done=int(fields.get("jobs_done", 0)),
+            tokens_out=int(fields.get("tokens_out", 0)),
             queue=int(fields.get("queue", 0)),
             last_heartbeat=float(fields.get("last_heartbeat", 0)) / 1000,
         )

@@ -32,9 +32,10 @@ async def generate(broker: BrokerClient, body: _Sampling, kind: JobKind, *, pref
         except WorkerTimeout as exc:
             if not body.stream:
                 raise
-            first = [_error_event(exc)]
-        if first and first[0]["t"] == "err":
-            raise APIError.from_event(first[0])
+            first = [_error_event(exc)]  # streamed, as the client asked for a stream
+        else:
+            if first and first[0]["t"] == "err":
+                raise APIError.from_event(first[0])
     except BaseException:
         await _release(broker, stream)
         raise

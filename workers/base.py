@@ -211,6 +211,7 @@ class BaseModelWorker(abc.ABC):
         except Exception:
             log.exception("job %s failed", job.request_id)
         finally:
+            self.record.jobs_done += 1
             with contextlib.suppress(Exception):
                 await self.registry.finish(self.record, job.entry_id)
 
@@ -221,6 +222,8 @@ class BaseModelWorker(abc.ABC):
                 yield await self.embed(job)
                 return
             async for ev in self.generate(job):
+                if ev["t"] == "d":
+                    self.record.tokens_out += ev["k"]
                 yield ev
         except JobError as exc:
             yield exc.event

@@ -1,0 +1,108 @@
+"""The official openai client against a real gateway, echo worker and Redis."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.echo import echo_tokens
+
+PROMPT = "the quick brown fox"
+
+
+def expected(n: int) -> str:
+    return "".join(echo_tokens(PROMPT, n))
+
+
+async def test_models_lists_live_models(stack):
+    await stack.worker(["echo", "echo-2"])
+    gw = await stack.gateway()
+    models = await gw.client().models.list()
+    assert sorted(m.id for m in models.data) == ["echo", "echo-2"]
+    assert all(m.object == "model" and m.owned_by == "redserve" for m in models.data)
+    assert (await gw.client().models.retrieve("echo-2")).id == "echo-2"
+
+
+async def test_chat_non_streaming(stack):
+    await stack.worker()
+    gw = await stack.gateway()
+    r = await gw.client().chat.completions.create(
+        model="echo", messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}]
+    )
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected(8)
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+
+
+async def test_chat_streaming_token_deltas_and_usage(stack):
+    await stack.worker(echo_delay=0.01)
+    gw = await stack.gateway()
+    stream = await gw.client().chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": PROMPT}], max_tokens=5, stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [c async for c in stream]
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    # Deltas, not cumulative text: with a 10 ms inter-token delay each token is its own chunk.
+    assert contents == echo_tokens(PROMPT, 5)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    assert len({c.id for c in chunks}) == 1
+
+
+async def test_chat_n_choices(stack):
+    await stack.worker()
+    gw = await stack.gateway()
+    r = await gw.client().chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": PROMPT}], n=3, max_tokens=4)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert {c.message.content for c in r.choices} == {expected(4)}
+    assert r.usage.completion_tokens == 12
+
+
+async def test_completions_streaming_and_not(stack):
+    await stack.worker()
+    gw = await stack.gateway()
+    r = await gw.client().completions.create(model="echo", prompt=PROMPT, max_tokens=3)
+    assert r.object == "text_completion"
+    assert r.choices[0].text == expected(3)
+    assert r.choices[0].finish_reason == "length"
+    stream = await gw.client().completions.create(model="echo", prompt=PROMPT, max_tokens=3, stream=True, echo=True)
+    text = "".join([c.choices[0].text async for c in stream if c.choices])
+    assert text == PROMPT + expected(3)
+
+
+async def test_health(stack):
+    await stack.worker()
+    gw = await stack.gateway()
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        r = await http.get(f"{gw.url}/health")
+    assert r.status_code == 200 and r.json()["workers"] == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_many_concurrent_requests_all_complete(stack, stream):
+    await stack.worker(max_concurrency=16, echo_delay=0.002)
+    await stack.worker(max_concurrency=16, echo_delay=0.002)
+    gw = await stack.gateway()
+    client = gw.client()
+    import asyncio
+
+    async def one(i: int) -> str:
+        prompt = f"request number {i}"
+        if not stream:
+            r = await client.chat.completions.create(model="echo", messages=[{"role": "user", "content": prompt}])
+            return r.choices[0].message.content
+        s = await client.chat.completions.create(model="echo", messages=[{"role": "user", "content": prompt}],
+                                                 stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in s if c.choices])
+
+    results = await asyncio.gather(*(one(i) for i in range(64)))
+    assert results == ["".join(echo_tokens(f"request number {i}", 8)) for i in range(64)]

@@ -1,0 +1,122 @@
+"""Worker lifecycle with real processes and signals: death, drain, shared pools, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import httpx
+
+from conftest import wait_for
+from workers.echo import echo_tokens
+
+
+async def chat(client, content: str = "hello world", **kw) -> str:
+    r = await client.chat.completions.create(model="echo", messages=[{"role": "user", "content": content}], **kw)
+    return r.choices[0].message.content
+
+
+async def test_killed_worker_leaves_dispatch_within_its_ttl(stack, redis, keys, settings):
+    victim = stack.spawn_worker("victim")
+    await stack.worker(worker_id="survivor")
+    await wait_for(lambda: redis.exists(keys.worker("victim")))
+    gw = await stack.gateway()
+
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed = time.monotonic()
+    await wait_for(lambda: not_(redis.exists(keys.worker("victim"))), timeout=settings.worker_ttl + 2)
+    assert time.monotonic() - killed <= settings.worker_ttl + 0.5
+
+    # From now on every request lands on the survivor and succeeds.
+    results = await asyncio.gather(*(chat(gw.client()) for _ in range(20)))
+    assert results == ["".join(echo_tokens("hello world", 8))] * 20
+    assert await redis.zscore(keys.model_workers("echo"), "victim") is None
+    assert int(await redis.hget(keys.worker("survivor"), "jobs_done") or 0) >= 0
+    survivor = stack.workers[0][0]
+    assert survivor.record.jobs_done == 20
+
+
+async def not_(awaitable):
+    return not await awaitable
+
+
+async def test_sigterm_drains_without_failing_a_request(stack, redis, keys):
+    # Slow tokens, so requests are in flight (and queued) when the signal lands.
+    drained = stack.spawn_worker("drained", echo_delay=0.05, max_concurrency=4)
+    await wait_for(lambda: redis.exists(keys.worker("drained")))
+    gw = await stack.gateway()
+    client = gw.client()
+
+    async def stream_one(i: int) -> str:
+        s = await client.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": f"drain test {i}"}], stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in s if c.choices])
+
+    tasks = [asyncio.create_task(stream_one(i)) for i in range(8)]  # 4 running, 4 waiting in the stream
+    await wait_for(lambda: redis.xlen(keys.worker_jobs("drained")), timeout=5)
+    await asyncio.sleep(0.1)
+    await stack.worker(worker_id="fresh")  # somewhere for new traffic to go
+    drained.send_signal(signal.SIGTERM)
+    await wait_for(lambda: redis_status_is(redis, keys.worker("drained"), "draining"), timeout=5)
+
+    # While draining, new requests go elsewhere.
+    assert await chat(client) == "".join(echo_tokens("hello world", 8))
+    results = await asyncio.gather(*tasks)
+    assert results == ["".join(echo_tokens(f"drain test {i}", 8)) for i in range(8)]
+    assert await asyncio.to_thread(drained.wait, 15) == 0
+    assert not await redis.exists(keys.worker("drained"))
+    assert await redis.zscore(keys.model_workers("echo"), "drained") is None
+    assert "drained" not in await redis.smembers(keys.workers())
+
+
+async def redis_status_is(redis, key: str, status: str) -> bool:
+    return await redis.hget(key, "status") == status
+
+
+async def test_two_gateways_share_one_pool_of_workers(stack, redis, keys):
+    a = await stack.worker(worker_id="a", echo_delay=0.01)
+    b = await stack.worker(worker_id="b", echo_delay=0.01)
+    gw1, gw2 = await stack.gateway(), await stack.gateway()
+    assert gw1.url != gw2.url
+    results = await asyncio.gather(*(chat(gw.client(), f"from {i}") for i, gw in enumerate([gw1, gw2] * 10)))
+    assert results == ["".join(echo_tokens(f"from {i}", 8)) for i in range(20)]
+    # Shortest-queue dispatch across both gateways used both workers.
+    assert a.record.jobs_done + b.record.jobs_done == 20
+    assert a.record.jobs_done >= 5 and b.record.jobs_done >= 5
+    # Each gateway has its own reply channel; both are subscribed once.
+    channels = await redis.pubsub_channels(keys.replies("*"))
+    assert len(channels) == 2
+
+
+async def test_client_disconnect_cancels_the_job_on_the_worker(stack, redis, keys):
+    w = await stack.worker(worker_id="w", echo_delay=0.2, echo_tokens=100)
+    gw = await stack.gateway()
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        async with http.stream("POST", "/v1/chat/completions", json={
+            "model": "echo", "messages": [{"role": "user", "content": "long one"}], "stream": True}) as r:
+            got = 0
+            async for line in r.aiter_lines():
+                got += line.startswith("data:")
+                if got == 3:
+                    break
+    assert w.tasks  # still generating at the moment we hang up
+    hung_up = time.monotonic()
+    await wait_for(lambda: not w.tasks, timeout=3)
+    assert time.monotonic() - hung_up < 1.0  # well before the 20 s the reply would have taken
+    assert await redis.zscore(keys.model_workers("echo"), "w") == 0
+    assert await redis.xlen(keys.worker_jobs("w")) == 0
+    assert w.record.tokens_out < 10
+
+
+async def test_heartbeat_refreshes_the_record_and_reports_load(stack, redis, keys, settings):
+    await stack.worker(worker_id="hb")
+    first = await redis.hget(keys.worker("hb"), "last_heartbeat")
+    ttl = await redis.pttl(keys.worker("hb"))
+    assert 0 < ttl <= settings.worker_ttl * 1000
+    await asyncio.sleep(settings.heartbeat_interval * 2.5)
+    assert await redis.hget(keys.worker("hb"), "last_heartbeat") != first
+    rec = await redis.hgetall(keys.worker("hb"))
+    assert rec["status"] == "ready" and rec["models"] == "echo" and rec["engine"] == "echo"
+    assert {"id", "speed", "max_concurrency", "host", "pid", "started_at", "version"} <= rec.keys()
