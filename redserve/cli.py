@@ -46,26 +46,28 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="redserve", description="LLM serving where gateways and workers meet in Redis (OpenAI-compatible).")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="Logging threshold [default info].")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="Run the whole stack here: private Redis (unless REDIS_URL), gateway and workers.")
+    up = sub.add_parser("up", parents=[common], help="Run the whole stack here: private Redis (unless REDIS_URL), gateway and workers.")
     up.add_argument("--workers", type=int, default=1, help="Worker processes to start [default 1].")
     up.add_argument("--engine", default="echo", help="Engine of those workers [default echo].")
     up.add_argument("--model", default=None, help="Model they serve [default: the engine's name].")
     _add_settings_flags(up, REDIS_FLAGS + GATEWAY_FLAGS + WORKER_FLAGS)
 
-    gw = sub.add_parser("gateway", help="Run one OpenAI-compatible gateway process.")
+    gw = sub.add_parser("gateway", parents=[common], help="Run one OpenAI-compatible gateway process.")
     _add_settings_flags(gw, REDIS_FLAGS + GATEWAY_FLAGS)
 
-    wk = sub.add_parser("worker", help="Run one model worker process.")
+    wk = sub.add_parser("worker", parents=[common], help="Run one model worker process.")
     wk.add_argument("--engine", required=True, help="echo (more with extras: see README).")
     wk.add_argument("--model", action="append", required=True, dest="models",
                     help="Model name to serve; repeat to serve several under one worker.")
     wk.add_argument("--worker-id", default=None, help="Stable id instead of a random one.")
     _add_settings_flags(wk, REDIS_FLAGS + WORKER_FLAGS)
 
-    st = sub.add_parser("status", help="Print the live workers, like `docker ps`.")
+    st = sub.add_parser("status", parents=[common], help="Print the live workers, like `docker ps`.")
     _add_settings_flags(st, REDIS_FLAGS)
     return parser
 

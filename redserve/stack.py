@@ -23,7 +23,7 @@ def run_stack(settings: Settings, *, workers: int, engine: str, model: str, log_
         redis = RedisServer().start()
         settings = settings.model_copy(update={"redis_url": redis.url})
     env = os.environ | settings.to_env()
-    cmd = [sys.executable, "-m", "redserve", "--log-level", log_level, "worker", "--engine", engine, "--model", model]
+    cmd = [sys.executable, "-m", "redserve", "worker", "--log-level", log_level, "--engine", engine, "--model", model]
     # Own sessions: a terminal's Ctrl-C reaches only this process, which then
     # stops things in order (gateway, then draining workers, then Redis).
     procs = [subprocess.Popen(cmd, env=env, start_new_session=True) for _ in range(workers)]

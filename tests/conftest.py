@@ -109,7 +109,7 @@ class Stack:
     def spawn_worker(self, worker_id: str, models: list[str] | None = None, **overrides: object) -> subprocess.Popen[bytes]:
         """A real worker process, for signals and kills."""
         s = self.settings.model_copy(update=overrides)
-        cmd = [sys.executable, "-m", "redserve", "--log-level", "warning", "worker", "--engine", "echo",
+        cmd = [sys.executable, "-m", "redserve", "worker", "--log-level", "warning", "--engine", "echo",
                "--worker-id", worker_id]
         for m in models or ["echo"]:
             cmd += ["--model", m]

@@ -1,0 +1,80 @@
+"""The commands a user types: `redserve up`, `redserve status`, `--help`, as real processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+from openai import OpenAI
+
+from redserve.redis_server import free_port
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "redserve", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env or os.environ.copy())
+
+
+def test_every_command_explains_its_flags():
+    for cmd in ["up", "gateway", "worker", "status"]:
+        out = run(cmd, "--help").stdout
+        flags = set(re.findall(r"(--[a-z][a-z-]+)", out)) - {"--help"}
+        assert flags, cmd
+        for flag in flags:  # each flag has help text after it somewhere in the listing
+            assert re.search(rf"{flag}(?: [A-Z_{{}},]+)?\s+\S", out), (cmd, flag)
+
+
+def test_gateway_and_worker_refuse_to_start_without_redis():
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "REDSERVE_REDIS_URL")}
+    r = run("worker", "--engine", "echo", "--model", "m", env=env)
+    assert r.returncode != 0 and "REDIS_URL" in r.stderr
+
+
+def test_up_starts_private_redis_gateway_and_worker_then_stops_cleanly(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "REDSERVE_REDIS_URL")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "redserve", "up", "--port", str(port), "--workers", "2", "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        models: list[str] = []
+        while time.monotonic() < deadline and len(models) < 1:
+            try:
+                data = httpx.get(f"{base}/v1/models", timeout=1).json()["data"]
+                models = [m["id"] for m in data if m["workers"] == 2]
+            except (httpx.HTTPError, KeyError):
+                pass
+            time.sleep(0.2)
+        assert models == ["echo"]
+        client = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        stream = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi there"}],
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).startswith("hi there")
+        assert httpx.get(f"{base}/", timeout=2).status_code == 200  # the UI is served
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "redserve is up" in out and "private Redis at redis://127.0.0.1:" in out
+    redis_port = int(re.search(r"private Redis at redis://127.0.0.1:(\d+)", out).group(1))
+    # Everything it started is gone: the private Redis no longer answers.
+    import socket
+
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", redis_port)) != 0
+
+
+async def test_status_prints_live_workers(stack, redis_url):
+    await stack.worker(["echo", "other"], worker_id="w-status")
+    r = run("status", "--redis-url", redis_url)
+    assert r.returncode == 0, r.stderr
+    header, *rows = r.stdout.strip().splitlines()
+    assert header.split()[:3] == ["WORKER", "ID", "MODELS"]
+    assert len(rows) == 1 and rows[0].split()[:4] == ["w-status", "echo,other", "echo", "ready"]
