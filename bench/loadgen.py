@@ -1,0 +1,118 @@
+"""A load generator for any OpenAI-compatible server: streamed chat, fixed concurrency, checked replies.
+
+    python -m bench.loadgen --url http://127.0.0.1:8000 --model echo -c 16 -n 400 --max-tokens 64
+
+Reports tokens/s delivered, time to first token and end-to-end latency
+percentiles, and errors. Every reply is checked: it must end with [DONE] and
+carry exactly ``max_tokens`` completion tokens (the echo engine's contract).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass
+class Result:
+    ttft: list[float] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)
+    tokens: int = 0
+    chunks: int = 0
+    errors: list[str] = field(default_factory=list)
+    wall: float = 0.0
+
+    def summary(self) -> dict[str, float]:
+        def pct(xs: list[float], p: float) -> float:
+            return statistics.quantiles(xs, n=100, method="inclusive")[p - 1] * 1000 if len(xs) > 1 else (
+                xs[0] * 1000 if xs else float("nan"))
+
+        return {
+            "requests": len(self.latency),
+            "errors": len(self.errors),
+            "tokens_per_s": self.tokens / self.wall if self.wall else 0.0,
+            "chunks_per_s": self.chunks / self.wall if self.wall else 0.0,
+            "ttft_p50_ms": pct(self.ttft, 50), "ttft_p99_ms": pct(self.ttft, 99),
+            "latency_p50_ms": pct(self.latency, 50), "latency_p99_ms": pct(self.latency, 99),
+            "wall_s": self.wall,
+        }
+
+
+async def one(http: httpx.AsyncClient, model: str, max_tokens: int, i: int, res: Result) -> None:
+    body = {"model": model, "messages": [{"role": "user", "content": f"benchmark request {i}"}],
+            "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first: float | None = None
+    chunks = tokens = 0
+    done = False
+    try:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                res.errors.append(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    done = True
+                    break
+                obj = json.loads(data)
+                if "error" in obj:
+                    res.errors.append(obj["error"]["message"])
+                    return
+                if obj.get("usage"):
+                    tokens = obj["usage"]["completion_tokens"]
+                if obj["choices"] and obj["choices"][0]["delta"].get("content"):
+                    chunks += 1
+                    if first is None:
+                        first = time.perf_counter() - start
+    except httpx.HTTPError as exc:
+        res.errors.append(f"{type(exc).__name__}: {exc}")
+        return
+    if not done or tokens != max_tokens or first is None:
+        res.errors.append(f"incomplete reply: done={done} tokens={tokens}")
+        return
+    res.ttft.append(first)
+    res.latency.append(time.perf_counter() - start)
+    res.tokens += tokens
+    res.chunks += chunks
+
+
+async def run(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> Result:
+    res = Result()
+    counter = iter(range(requests))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(120.0), limits=limits) as http:
+        async def lane() -> None:
+            for i in counter:
+                await one(http, model, max_tokens, i, res)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(lane() for _ in range(concurrency)))
+        res.wall = time.perf_counter() - start
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default="echo")
+    p.add_argument("-c", "--concurrency", type=int, default=16)
+    p.add_argument("-n", "--requests", type=int, default=200)
+    p.add_argument("--max-tokens", type=int, default=64)
+    a = p.parse_args()
+    res = asyncio.run(run(a.url, a.model, a.concurrency, a.requests, a.max_tokens))
+    print(json.dumps(res.summary(), indent=2))
+    for e in res.errors[:5]:
+        print("error:", e)
+
+
+if __name__ == "__main__":
+    main()
