@@ -7,18 +7,22 @@ from typing import Any, AsyncIterator
 import anyio
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
+from starlette.requests import Request
 from starlette.responses import Response
 
 from broker.client import BrokerClient
 from broker.errors import BrokerError, WorkerTimeout
 from broker.protocol import JobKind, error
 from broker.replies import ReplyStream
+from gateway.disconnect import ClientGone, unless_disconnected
 from gateway.errors import APIError
 from gateway.render import Shape, dumps
 from gateway.schemas import _Sampling
 
 
-async def generate(broker: BrokerClient, body: _Sampling, kind: JobKind, *, prefix: str = "") -> Response:
+async def generate(
+    request: Request, broker: BrokerClient, body: _Sampling, kind: JobKind, *, prefix: str = ""
+) -> Response:
     """Dispatch, wait for the first reply, then answer.
 
     Waiting for the first message before sending headers means an error the
@@ -28,7 +32,7 @@ async def generate(broker: BrokerClient, body: _Sampling, kind: JobKind, *, pref
     stream = await broker.submit(body.model, kind, body.engine_params())
     try:
         try:
-            first = await stream.next_events()
+            first = await unless_disconnected(request, stream.next_events())
         except WorkerTimeout as exc:
             if not body.stream:
                 raise
@@ -36,6 +40,9 @@ async def generate(broker: BrokerClient, body: _Sampling, kind: JobKind, *, pref
         else:
             if first and first[0]["t"] == "err":
                 raise APIError.from_event(first[0])
+    except ClientGone:
+        await _release(broker, stream)
+        return Response(status_code=499)  # nobody reads it; the job was cancelled
     except BaseException:
         await _release(broker, stream)
         raise
@@ -45,7 +52,9 @@ async def generate(broker: BrokerClient, body: _Sampling, kind: JobKind, *, pref
         events = _sse(broker, stream, first, shape, body.n, body.include_usage, prefix)
         return EventSourceResponse(events, ping=15, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        return JSONResponse(await _collect(stream, first, shape, prefix))
+        return JSONResponse(await unless_disconnected(request, _collect(stream, first, shape, prefix)))
+    except ClientGone:
+        return Response(status_code=499)
     finally:
         await _release(broker, stream)
 

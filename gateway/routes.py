@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from broker.client import BrokerClient
 from broker.protocol import JobKind
+from gateway.disconnect import ClientGone, unless_disconnected
 from gateway.errors import APIError
 from gateway.generation import generate
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, _Strict
@@ -60,13 +61,13 @@ async def get_model(model: str, request: Request) -> dict[str, Any]:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    return await generate(_broker(request), body, JobKind.CHAT)
+    return await generate(request, _broker(request), body, JobKind.CHAT)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
     prefix = body.prompt if body.echo else ""
-    return await generate(_broker(request), body, JobKind.COMPLETION, prefix=prefix)  # type: ignore[arg-type]
+    return await generate(request, _broker(request), body, JobKind.COMPLETION, prefix=prefix)  # type: ignore[arg-type]
 
 
 class EmbeddingRequest(_Strict):
@@ -78,12 +79,14 @@ class EmbeddingRequest(_Strict):
 
 
 @router.post("/v1/embeddings")
-async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     inputs = [body.input] if isinstance(body.input, str) else body.input
     broker = _broker(request)
     stream = await broker.submit(body.model, JobKind.EMBEDDING, {"input": inputs})
     try:
-        events = await stream.next_events()
+        events = await unless_disconnected(request, stream.next_events())
+    except ClientGone:
+        return Response(status_code=499)
     finally:
         await broker.release(stream)
     ev = events[-1]

@@ -120,3 +120,23 @@ async def test_heartbeat_refreshes_the_record_and_reports_load(stack, redis, key
     rec = await redis.hgetall(keys.worker("hb"))
     assert rec["status"] == "ready" and rec["models"] == "echo" and rec["engine"] == "echo"
     assert {"id", "speed", "max_concurrency", "host", "pid", "started_at", "version"} <= rec.keys()
+
+
+async def test_job_cancelled_while_queued_never_runs(stack, redis, keys):
+    w = await stack.worker(worker_id="one-slot", echo_delay=0.1, max_concurrency=1)
+    gw = await stack.gateway()
+    client = gw.client()
+    first = asyncio.create_task(chat(client, "runs first"))  # takes 0.8 s, holds the only slot
+    await wait_for(lambda: w.tasks, timeout=3)
+    second = asyncio.create_task(chat(client, "never runs"))
+    await wait_for(lambda: redis.xlen(keys.worker_jobs("one-slot")), timeout=3)
+    await wait_for(lambda: eq(redis.xlen(keys.worker_jobs("one-slot")), 2), timeout=3)
+    second.cancel()  # the client gives up while its job waits behind the first
+    assert await first == "".join(echo_tokens("runs first", 8))
+    await wait_for(lambda: eq(redis.xlen(keys.worker_jobs("one-slot")), 0), timeout=3)
+    assert w.record.tokens_out == 8  # only the first job generated anything
+    assert w.record.jobs_done == 2  # the second was read, recognised as cancelled and retired
+
+
+async def eq(awaitable, value) -> bool:
+    return await awaitable == value

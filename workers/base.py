@@ -70,6 +70,8 @@ class BaseModelWorker(abc.ABC):
         self._draining = asyncio.Event()
         self._registered = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        #: Request ids cancelled before the job was read, with when (monotonic).
+        self._cancelled: dict[str, float] = {}
         self._text: Redis | None = None
         self._raw: Redis | None = None
 
@@ -148,9 +150,14 @@ class BaseModelWorker(abc.ABC):
 
     def _on_control(self, msg: dict[str, Any]) -> None:
         rid = msg.get("cancel")
-        task = self.tasks.get(rid) if rid else None
+        if not rid:
+            return
+        task = self.tasks.get(rid)
         if task is not None:
             task.cancel()
+        else:  # still waiting in our stream: remember, so it is skipped when read
+            self._cancelled[rid] = time.monotonic()
+            _forget_older_than(self._cancelled, self.settings.reply_timeout * 2)
 
     async def _read_loop(self) -> None:
         """Read jobs while there are free slots; when draining, stop once the stream is empty."""
@@ -203,6 +210,9 @@ class BaseModelWorker(abc.ABC):
             if job.expired():
                 log.info("job %s dropped: deadline passed before it started", job.request_id)
                 return
+            if self._cancelled.pop(job.request_id, None) is not None:
+                log.info("job %s dropped: cancelled while it waited", job.request_id)
+                return
             await publisher.pump(self._events(job))
         except asyncio.CancelledError:
             # Cancelled by the client (or drain timeout): say so in-band, then retire the job.
@@ -231,3 +241,8 @@ class BaseModelWorker(abc.ABC):
             log.exception("engine failed on job %s", job.request_id)
             yield error(f"The worker failed: {type(exc).__name__}: {exc}", status=500)
 
+
+def _forget_older_than(marks: dict[str, float], age: float) -> None:
+    cutoff = time.monotonic() - age
+    for key in [k for k, t in marks.items() if t < cutoff]:
+        del marks[key]
