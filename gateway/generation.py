@@ -17,11 +17,11 @@ from broker.replies import ReplyStream
 from gateway.disconnect import ClientGone, unless_disconnected
 from gateway.errors import APIError
 from gateway.render import Shape, dumps
-from gateway.schemas import _Sampling
+from gateway.schemas import SamplingRequest
 
 
 async def generate(
-    request: Request, broker: BrokerClient, body: _Sampling, kind: JobKind, *, prefix: str = ""
+    request: Request, broker: BrokerClient, body: SamplingRequest, kind: JobKind, *, prefix: str = ""
 ) -> Response:
     """Dispatch, wait for the first reply, then answer.
 

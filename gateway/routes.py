@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import base64
 import struct
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import Field
 from starlette.responses import Response
 
 from broker.client import BrokerClient
@@ -15,7 +14,7 @@ from broker.protocol import JobKind
 from gateway.disconnect import ClientGone, unless_disconnected
 from gateway.errors import APIError
 from gateway.generation import generate
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, _Strict
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 router = APIRouter()
 
@@ -68,14 +67,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 async def completions(body: CompletionRequest, request: Request) -> Response:
     prefix = body.prompt if body.echo else ""
     return await generate(request, _broker(request), body, JobKind.COMPLETION, prefix=prefix)  # type: ignore[arg-type]
-
-
-class EmbeddingRequest(_Strict):
-    model: str = Field(min_length=1)
-    input: str | list[str] = Field(min_length=1)
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: None = None
-    user: str | None = None
 
 
 @router.post("/v1/embeddings")

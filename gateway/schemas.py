@@ -7,11 +7,11 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
@@ -21,7 +21,7 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
-class Message(_Strict):
+class Message(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -37,7 +37,7 @@ class Message(_Strict):
         return v
 
 
-class _Sampling(_Strict):
+class SamplingRequest(StrictModel):
     """Parameters shared by chat and completions; their meaning is the engine's to honour."""
 
     #: Fields the gateway handles itself; they do not travel to the worker.
@@ -85,7 +85,7 @@ class _Sampling(_Strict):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
@@ -105,8 +105,8 @@ class ChatCompletionRequest(_Sampling):
         return self
 
 
-class CompletionRequest(_Sampling):
-    gateway_fields: ClassVar[set[str]] = _Sampling.gateway_fields | {"echo", "suffix", "best_of"}
+class CompletionRequest(SamplingRequest):
+    gateway_fields: ClassVar[set[str]] = SamplingRequest.gateway_fields | {"echo", "suffix", "best_of"}
 
     prompt: str | list[str] = Field(description="One prompt (a string or a list holding one string).")
     max_tokens: int | None = Field(default=16, ge=1)
@@ -130,3 +130,11 @@ class CompletionRequest(_Sampling):
         if v:
             raise ValueError("suffix is not supported")
         return None
+
+
+class EmbeddingRequest(StrictModel):
+    model: str = Field(min_length=1)
+    input: str | list[str] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: None = None
+    user: str | None = None
