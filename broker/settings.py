@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     )
     speed: float = Field(default=1.0, gt=0, description="Relative speed, the weight of lottery dispatch.")
     drain_timeout: float = Field(default=60.0, ge=0, description="Seconds a draining worker waits for in-flight jobs.")
+    model_path: str | None = Field(
+        default=None, description="Local model directory for the hf and vllm engines (default: the model name)."
+    )
+    api_config: str | None = Field(default=None, description="TOML file of upstreams for the openai engine.")
     echo_tokens: int = Field(default=16, ge=1, description="Tokens an echo worker produces when max_tokens allows.")
     echo_delay: float = Field(default=0.0, ge=0, description="Seconds between echo tokens.")
 

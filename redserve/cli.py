@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from broker.settings import Settings
 
 REDIS_FLAGS = ["redis_url", "key_prefix"]
-WORKER_FLAGS = ["worker_ttl", "heartbeat_interval", "max_concurrency", "max_queue", "speed", "drain_timeout",
+WORKER_FLAGS = ["model_path", "api_config", "worker_ttl", "heartbeat_interval", "max_concurrency", "max_queue", "speed", "drain_timeout",
                 "echo_tokens", "echo_delay"]
 GATEWAY_FLAGS = ["host", "port", "dispatch_method", "reply_timeout"]
 

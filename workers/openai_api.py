@@ -1,0 +1,135 @@
+"""ExternalAPIWorker: fronts any OpenAI-compatible upstream (OpenAI, TGI, vLLM, another redserve).
+
+A TOML file maps each served model name to an upstream::
+
+    [models.gpt-mini]
+    base_url = "https://api.openai.com/v1"
+    model = "gpt-4o-mini"            # upstream name (default: the served name)
+    api_key_env = "OPENAI_API_KEY"   # read from the environment, never from the file
+
+Streams are relayed as deltas; cancelling the job closes the upstream stream
+(so the upstream stops too); upstream errors keep their status and message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import httpx
+
+from broker.protocol import Job, JobKind, choice_end, delta, done, embeddings
+from broker.settings import Settings
+from workers.base import BaseModelWorker, JobError
+
+
+@dataclass(frozen=True)
+class Upstream:
+    base_url: str
+    model: str
+    api_key: str | None = None
+    timeout: float = 600.0
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+def load_upstreams(path: str | Path, environ: dict[str, str] | None = None) -> dict[str, Upstream]:
+    """Parse the config file; a missing API key variable is an error at start, not at the first request."""
+    env = os.environ if environ is None else environ
+    data = tomllib.loads(Path(path).read_text())
+    upstreams = {}
+    for name, spec in (data.get("models") or {}).items():
+        key_env = spec.get("api_key_env")
+        if key_env and key_env not in env:
+            raise ValueError(f"model {name!r}: environment variable {key_env} (its API key) is not set")
+        upstreams[name] = Upstream(
+            base_url=spec["base_url"].rstrip("/"),
+            model=spec.get("model", name),
+            api_key=env[key_env] if key_env else None,
+            timeout=float(spec.get("timeout", 600.0)),
+        )
+    if not upstreams:
+        raise ValueError(f"{path}: no [models.<name>] tables")
+    return upstreams
+
+
+class ExternalAPIWorker(BaseModelWorker):
+    engine = "openai"
+
+    def __init__(self, settings: Settings, models: list[str], *, worker_id: str | None = None) -> None:
+        if not settings.api_config:
+            raise ValueError("the openai engine needs --api-config FILE (see workers/openai_api.py)")
+        self.upstreams = load_upstreams(settings.api_config)
+        unknown = [m for m in models if m not in self.upstreams]
+        if unknown:
+            raise ValueError(f"{settings.api_config} has no upstream for {', '.join(unknown)}")
+        super().__init__(settings, models, worker_id=worker_id)
+        self.http: httpx.AsyncClient | None = None
+
+    async def setup(self) -> None:
+        limits = httpx.Limits(max_connections=self.settings.max_concurrency * 2)
+        self.http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600.0, connect=10.0))
+
+    async def generate(self, job: Job) -> AsyncIterator[dict[str, Any]]:
+        up = self.upstreams[job.model]
+        path = "/chat/completions" if job.kind is JobKind.CHAT else "/completions"
+        body = {**job.params, "model": up.model, "stream": True, "stream_options": {"include_usage": True}}
+        usage: dict[str, int] = {}
+        tokens = 0
+        assert self.http is not None
+        async with self.http.stream("POST", up.base_url + path, json=body, headers=up.headers(),
+                                    timeout=up.timeout) as r:
+            if r.status_code != 200:
+                raise _upstream_error(r.status_code, await r.aread())
+            async for chunk in _sse_json(r):
+                if "error" in chunk:
+                    raise _upstream_error(502, json.dumps(chunk).encode())
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    text = choice["delta"].get("content") if "delta" in choice else choice.get("text")
+                    if text:
+                        tokens += 1
+                        yield delta(choice["index"], text)
+                    if choice.get("finish_reason"):
+                        yield choice_end(choice["index"], choice["finish_reason"])
+        # An upstream that ignores stream_options sends no usage: count chunks instead.
+        yield done(usage.get("prompt_tokens", 0), usage.get("completion_tokens", tokens))
+
+    async def embed(self, job: Job) -> dict[str, Any]:
+        up = self.upstreams[job.model]
+        assert self.http is not None
+        r = await self.http.post(up.base_url + "/embeddings", headers=up.headers(), timeout=up.timeout,
+                                 json={"model": up.model, "input": job.params["input"], "encoding_format": "float"})
+        if r.status_code != 200:
+            raise _upstream_error(r.status_code, r.content)
+        data = r.json()
+        vectors = [d["embedding"] for d in sorted(data["data"], key=lambda d: d["index"])]
+        return embeddings(vectors, (data.get("usage") or {}).get("prompt_tokens", 0))
+
+
+async def _sse_json(r: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    async for line in r.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
+def _upstream_error(status: int, raw: bytes) -> JobError:
+    """Keep the upstream's status and OpenAI-shaped message where it has one."""
+    try:
+        err = json.loads(raw)["error"]
+        if isinstance(err, str):
+            err = {"message": err}
+    except (ValueError, KeyError, TypeError):
+        err = {"message": raw.decode(errors="replace")[:500] or f"upstream answered {status}"}
+    return JobError(f"upstream: {err.get('message')}", status=status, type=err.get("type") or "upstream_error",
+                    code=err.get("code"), param=err.get("param"))
