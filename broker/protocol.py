@@ -25,6 +25,7 @@ class JobKind(StrEnum):
     CHAT = "chat"
     COMPLETION = "completion"
     EMBEDDING = "embedding"
+    TOKENIZE = "tokenize"
 
 
 @dataclass(slots=True)
@@ -93,6 +94,11 @@ def embeddings(vectors: list[list[float]], prompt_tokens: int) -> dict[str, Any]
     return {"t": "emb", "v": vectors, "u": {"prompt_tokens": prompt_tokens}}
 
 
+def token_count(count: int, ids: list[int] | None, context_length: int) -> dict[str, Any]:
+    """Terminal event of a tokenize job (``ids`` is None for an engine without real token ids)."""
+    return {"t": "tok", "n": count, "ids": ids, "ctx": context_length}
+
+
 def error(
     message: str, *, status: int = 500, type: str = "server_error", code: str | None = None, param: str | None = None
 ) -> dict[str, Any]:
@@ -100,7 +106,7 @@ def error(
     return {"t": "err", "status": status, "message": message, "type": type, "code": code, "param": param}
 
 
-TERMINAL_EVENTS = frozenset({"done", "emb", "err"})
+TERMINAL_EVENTS = frozenset({"done", "emb", "tok", "err"})
 
 
 @dataclass(slots=True)

@@ -14,7 +14,7 @@ from broker.protocol import JobKind
 from gateway.disconnect import ClientGone, unless_disconnected
 from gateway.errors import APIError
 from gateway.generation import generate
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest
 
 router = APIRouter()
 
@@ -69,11 +69,22 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return await generate(request, _broker(request), body, JobKind.COMPLETION, prefix=prefix)  # type: ignore[arg-type]
 
 
-@router.post("/v1/embeddings")
-async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
-    inputs = [body.input] if isinstance(body.input, str) else body.input
+@router.post("/tokenize")
+@router.post("/v1/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> Any:
+    """Count a prompt's tokens on a worker of the model, and say whether it fits the context."""
+    ev = await _one_reply(request, body.model, JobKind.TOKENIZE, body.engine_params())
+    if isinstance(ev, Response):
+        return ev
+    ctx = ev["ctx"] or None
+    fits = None if ctx is None else ev["n"] + (body.max_tokens or 0) <= ctx
+    return {"model": body.model, "count": ev["n"], "max_model_len": ctx, "fits": fits, "tokens": ev["ids"]}
+
+
+async def _one_reply(request: Request, model: str, kind: JobKind, params: dict[str, Any]) -> dict[str, Any] | Response:
+    """Submit a job whose answer is a single terminal event; errors become OpenAI errors."""
     broker = _broker(request)
-    stream = await broker.submit(body.model, JobKind.EMBEDDING, {"input": inputs})
+    stream = await broker.submit(model, kind, params)
     try:
         events = await unless_disconnected(request, stream.next_events())
     except ClientGone:
@@ -83,6 +94,15 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     ev = events[-1]
     if ev["t"] == "err":
         raise APIError.from_event(ev)
+    return ev
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
+    inputs = [body.input] if isinstance(body.input, str) else body.input
+    ev = await _one_reply(request, body.model, JobKind.EMBEDDING, {"input": inputs})
+    if isinstance(ev, Response):
+        return ev
     data = [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
             for i, v in enumerate(ev["v"])]
     p = ev["u"]["prompt_tokens"]

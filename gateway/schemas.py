@@ -138,3 +138,21 @@ class EmbeddingRequest(StrictModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: None = None
     user: str | None = None
+
+
+class TokenizeRequest(StrictModel):
+    """Either ``prompt`` (completions) or ``messages`` (chat, through the model's template)."""
+
+    model: str = Field(min_length=1)
+    prompt: str | None = None
+    messages: list[Message] | None = Field(default=None, min_length=1)
+    max_tokens: int | None = Field(default=None, ge=0, description="Completion room to reserve when judging fit.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+    def engine_params(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True, include={"prompt", "messages"})

@@ -273,3 +273,24 @@ async def test_causal_model_embeds_too(stack, tiny_dir):
     r = await client.embeddings.create(model="tiny", input=["hello there", "a longer sentence, padded less"])
     for d in r.data:
         assert len(d.embedding) == 64 and math.isclose(sum(x * x for x in d.embedding), 1.0, rel_tol=1e-5)
+
+
+# --- tokenize -------------------------------------------------------------------------
+async def test_tokenize_counts_with_the_real_tokenizer_and_template(stack, tiny_dir):
+    import httpx
+    from transformers import AutoTokenizer
+
+    worker, client = await serve(stack, tiny_dir)
+    gw = stack.gateways[-1]
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    templated = tok.apply_chat_template(USER, add_generation_prompt=True, tokenize=False)
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        r = await http.post("/tokenize", json={"model": "tiny", "messages": USER})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["tokens"] == tok(templated, add_special_tokens=False)["input_ids"]
+        assert body["count"] == len(body["tokens"]) and body["max_model_len"] == CONTEXT and body["fits"] is True
+        r = await http.post("/tokenize", json={"model": "tiny", "prompt": "hello", "max_tokens": CONTEXT})
+        assert r.json()["count"] == len(tok("hello")["input_ids"]) and r.json()["fits"] is False
+        r = await http.post("/tokenize", json={"model": "tiny"})
+        assert r.status_code == 400 and r.json()["error"]["message"]

@@ -106,3 +106,15 @@ async def test_many_concurrent_requests_all_complete(stack, stream):
 
     results = await asyncio.gather(*(one(i) for i in range(64)))
     assert results == ["".join(echo_tokens(f"request number {i}", 8)) for i in range(64)]
+
+
+async def test_tokenize_on_the_echo_engine_counts_words(stack):
+    import httpx
+
+    await stack.worker()
+    gw = await stack.gateway()
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        r = await http.post("/tokenize", json={"model": "echo", "prompt": PROMPT})
+        assert r.json() == {"model": "echo", "count": 4, "max_model_len": None, "fits": None, "tokens": None}
+        r = await http.post("/v1/tokenize", json={"model": "nope", "prompt": PROMPT})
+        assert r.status_code == 404

@@ -28,7 +28,7 @@ from redis.exceptions import ResponseError
 
 from broker.connection import connect
 from broker.keys import WORKER_GROUP, Keys
-from broker.protocol import Job, JobKind, error, unpack
+from broker.protocol import Job, JobKind, error, token_count, unpack
 from broker.registry import Registry, WorkerRecord
 from broker.settings import Settings
 from workers.publish import ReplyPublisher
@@ -90,6 +90,10 @@ class BaseModelWorker(abc.ABC):
     async def embed(self, job: Job) -> dict[str, Any]:
         """Return an ``embeddings`` event. Engines without embeddings keep this."""
         raise JobError(f"The model `{job.model}` does not support embeddings.", code="unsupported")
+
+    async def tokenize(self, job: Job) -> tuple[int, list[int] | None]:
+        """Count a prompt's tokens: ``(count, ids)``; ``ids`` None when the engine has no real ids."""
+        raise JobError(f"The model `{job.model}` cannot tokenize.", code="unsupported", param="model")
 
     # --- lifecycle -------------------------------------------------------------
     @property
@@ -230,6 +234,10 @@ class BaseModelWorker(abc.ABC):
         try:
             if job.kind is JobKind.EMBEDDING:
                 yield await self.embed(job)
+                return
+            if job.kind is JobKind.TOKENIZE:
+                count, ids = await self.tokenize(job)
+                yield token_count(count, ids, self.record.context_length)
                 return
             async for ev in self.generate(job):
                 if ev["t"] == "d":

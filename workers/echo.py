@@ -17,7 +17,7 @@ from workers.base import BaseModelWorker
 
 def prompt_text(job: Job) -> str:
     """The text an echo reply is derived from."""
-    if job.kind is JobKind.CHAT:
+    if job.kind is JobKind.CHAT or "messages" in job.params:
         messages = job.params.get("messages") or []
         users = [m for m in messages if m.get("role") == "user"]
         content = (users or messages or [{"content": ""}])[-1].get("content") or ""
@@ -35,7 +35,8 @@ def echo_tokens(text: str, count: int) -> list[str]:
 
 
 def prompt_token_count(job: Job) -> int:
-    if job.kind is JobKind.CHAT:
+    """Whitespace words (+1 per chat message), the echo engine's idea of a token."""
+    if job.kind is JobKind.CHAT or "messages" in job.params:
         return sum(len(str(m.get("content") or "").split()) + 1 for m in job.params.get("messages") or [])
     return len(prompt_text(job).split())
 
@@ -58,4 +59,7 @@ class EchoWorker(BaseModelWorker):
         for i in range(n):
             yield choice_end(i, finish)
         yield done(prompt_token_count(job), len(tokens) * n)
+
+    async def tokenize(self, job: Job) -> tuple[int, list[int] | None]:
+        return prompt_token_count(job), None
 

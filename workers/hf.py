@@ -19,6 +19,7 @@ other engines, in ``workers/params.py``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import json
 import logging
@@ -540,6 +541,12 @@ class HFWorker(BaseModelWorker):
                     return
         finally:  # cancelled, closed early or done: the compute thread drops it within a step
             gen.cancel()
+
+    async def tokenize(self, job: Job) -> tuple[int, list[int] | None]:
+        assert self.loaded is not None
+        as_prompt = dataclasses.replace(job, kind=JobKind.CHAT if "messages" in job.params else JobKind.COMPLETION)
+        ids = await asyncio.to_thread(prompt_ids, self.loaded.tokenizer, as_prompt)
+        return len(ids), ids
 
     async def embed(self, job: Job) -> dict[str, Any]:
         assert self.loaded is not None
