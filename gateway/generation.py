@@ -62,18 +62,21 @@ async def generate(
 async def _collect(stream: ReplyStream, first: list[dict[str, Any]], shape: Shape, prefix: str) -> dict[str, Any]:
     texts: dict[int, list[str]] = {}
     finish: dict[int, str] = {}
+    lps: dict[int, list[dict[str, Any]]] = {}
     events = first
     while True:
         for ev in events:
             t = ev["t"]
             if t == "d":
                 texts.setdefault(ev["i"], [prefix] if prefix else []).append(ev["x"])
+                if "lp" in ev:
+                    lps.setdefault(ev["i"], []).extend(ev["lp"])
             elif t == "end":
                 finish[ev["i"]] = ev["fr"]
             elif t == "err":
                 raise APIError.from_event(ev)
             elif t == "done":
-                return shape.whole({i: "".join(parts) for i, parts in texts.items()}, finish, ev["u"])
+                return shape.whole({i: "".join(parts) for i, parts in texts.items()}, finish, ev["u"], lps)
         events = await stream.next_events()
 
 
@@ -92,7 +95,7 @@ async def _sse(
             for ev in events:
                 t = ev["t"]
                 if t == "d":
-                    yield shape.chunk(ev["i"], ev["x"], include_usage=include_usage)
+                    yield shape.chunk(ev["i"], ev["x"], include_usage=include_usage, lp=ev.get("lp"))
                 elif t == "end":
                     yield shape.chunk(ev["i"], None, ev["fr"], include_usage=include_usage)
                 elif t == "done":

@@ -31,24 +31,45 @@ class Shape:
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
+    #: Completions' ``text_offset`` runs across chunks: characters emitted so far, per choice.
+    offsets: dict[int, int] = field(default_factory=dict)
+
     def __post_init__(self) -> None:
         self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+    def logprobs(self, index: int, lp: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+        """Worker logprob entries in the endpoint's own shape (they differ between chat and completions)."""
+        if lp is None:
+            return None
+        if self.chat:
+            return {"content": [{**_with_bytes(e), "top_logprobs": [_with_bytes(t) for t in e["top_logprobs"]]}
+                                for e in lp]}
+        start = self.offsets.get(index, 0)
+        offsets = []
+        for e in lp:
+            offsets.append(start)
+            start += len(e["token"])
+        self.offsets[index] = start
+        return {"tokens": [e["token"] for e in lp], "token_logprobs": [e["logprob"] for e in lp],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in lp],
+                "text_offset": offsets}
 
     def _obj(self, object_: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
     # --- streaming -----------------------------------------------------------
-    def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None,
-              *, role: bool = False, include_usage: bool = False) -> str:
+    def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None, *,
+              role: bool = False, include_usage: bool = False, lp: list[dict[str, Any]] | None = None) -> str:
+        logprobs = self.logprobs(index, lp)
         if self.chat:
             d: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text:
                 d["content"] = text
-            choice = {"index": index, "delta": d, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish_reason}
             extra = {"usage": None} if include_usage else {}
             return dumps(self._obj("chat.completion.chunk", [choice], **extra))
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         extra = {"usage": None} if include_usage else {}
         return dumps(self._obj("text_completion", [choice], **extra))
 
@@ -56,10 +77,16 @@ class Shape:
         return dumps(self._obj("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage(u)))
 
     # --- whole ---------------------------------------------------------------
-    def whole(self, texts: dict[int, str], finish: dict[int, str], u: dict[str, int]) -> dict[str, Any]:
+    def whole(self, texts: dict[int, str], finish: dict[int, str], u: dict[str, int],
+              lps: dict[int, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
         choices = []
         for i in sorted(texts.keys() | finish.keys()):
             text = texts.get(i, "")
             body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-            choices.append({"index": i, **body, "logprobs": None, "finish_reason": finish.get(i, "stop")})
+            logprobs = self.logprobs(i, (lps or {}).get(i))
+            choices.append({"index": i, **body, "logprobs": logprobs, "finish_reason": finish.get(i, "stop")})
         return self._obj("chat.completion" if self.chat else "text_completion", choices, usage=usage(u))
+
+
+def _with_bytes(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"token": entry["token"], "logprob": entry["logprob"], "bytes": list(entry["token"].encode())}

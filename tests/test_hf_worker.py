@@ -139,8 +139,29 @@ async def test_n_choices(stack, tiny_dir):
     assert r.choices[0].message.content != r.choices[1].message.content  # sampled: each its own
 
 
+async def test_logprobs_through_the_api_in_both_shapes(stack, tiny_dir):
+    _, client = await serve(stack, tiny_dir)
+    r = await client.chat.completions.create(model="tiny", messages=USER, max_tokens=5, temperature=0,
+                                             logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5 and "".join(e.token for e in content) == r.choices[0].message.content
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.logprob == e.top_logprobs[0].logprob <= 0
+        assert bytes(e.bytes).decode() == e.token
+    stream = await client.chat.completions.create(model="tiny", messages=USER, max_tokens=5, temperature=0,
+                                                  logprobs=True, stream=True)
+    streamed = [e.token async for c in stream if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert streamed == [e.token for e in content]
+    r = await client.completions.create(model="tiny", prompt="Hello there", max_tokens=4, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(4)]
+    assert all(len(alts) <= 2 and max(alts.values()) == v for alts, v in zip(lp.top_logprobs, lp.token_logprobs))
+
+
 async def test_logprobs_are_emitted_per_token(stack, tiny_dir):
-    """The gateway does not render logprobs (yet), so this reads the worker's events directly."""
+    """The worker's own events: one logprob entry per generated token."""
     worker, _ = await serve(stack, tiny_dir)
     job = Job("lp-1", "tiny", JobKind.COMPLETION, "nowhere",
               {"prompt": "Hello there", "max_tokens": 6, "temperature": 0, "logprobs": 2})
