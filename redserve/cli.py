@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import typing
@@ -15,6 +16,8 @@ from broker.settings import Settings
 REDIS_FLAGS = ["redis_url", "key_prefix"]
 WORKER_FLAGS = ["model_path", "api_config", "worker_ttl", "heartbeat_interval", "max_concurrency", "max_queue", "speed", "drain_timeout",
                 "echo_tokens", "echo_delay"]
+#: Engines that load a model directory from this machine.
+LOCAL_ENGINES = ("hf", "vllm")
 GATEWAY_FLAGS = ["host", "port", "dispatch_method", "reply_timeout"]
 
 
@@ -54,18 +57,26 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", parents=[common], help="Run the whole stack here: private Redis (unless REDIS_URL), gateway and workers.")
     up.add_argument("--workers", type=int, default=1, help="Worker processes to start [default 1].")
     up.add_argument("--engine", default="echo", help="Engine of those workers [default echo].")
-    up.add_argument("--model", default=None, help="Model they serve [default: the engine's name].")
+    up.add_argument("--model", default=None,
+                    help="Model they serve [default: the engine's name]; for hf and vllm a model directory, "
+                         "served under its folder name.")
     _add_settings_flags(up, REDIS_FLAGS + GATEWAY_FLAGS + WORKER_FLAGS)
 
     gw = sub.add_parser("gateway", parents=[common], help="Run one OpenAI-compatible gateway process.")
     _add_settings_flags(gw, REDIS_FLAGS + GATEWAY_FLAGS)
 
     wk = sub.add_parser("worker", parents=[common], help="Run one model worker process.")
-    wk.add_argument("--engine", required=True, help="echo (more with extras: see README).")
+    wk.add_argument("--engine", required=True, help="echo, hf, vllm or openai (see README).")
     wk.add_argument("--model", action="append", required=True, dest="models",
                     help="Model name to serve; repeat to serve several under one worker.")
     wk.add_argument("--worker-id", default=None, help="Stable id instead of a random one.")
     _add_settings_flags(wk, REDIS_FLAGS + WORKER_FLAGS)
+
+    tm = sub.add_parser("tiny-model", parents=[common],
+                        help="Build a tiny random-weight Llama with a trained tokenizer and chat template, offline.")
+    tm.add_argument("directory", help="Where to save it (save_pretrained layout).")
+    tm.add_argument("--no-chat-template", action="store_true", help="Leave the chat template out.")
+    tm.add_argument("--context-length", type=int, default=256, help="max_position_embeddings [default 256].")
 
     st = sub.add_parser("status", parents=[common], help="Print the live workers, like `docker ps`.")
     _add_settings_flags(st, REDIS_FLAGS)
@@ -79,8 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "up":
         from redserve.stack import run_stack
 
-        return run_stack(settings, workers=args.workers, engine=args.engine, model=args.model or args.engine,
-                         log_level=args.log_level)
+        model = args.model or args.engine
+        if args.engine in LOCAL_ENGINES and not settings.model_path and os.path.isdir(model):
+            settings = settings.model_copy(update={"model_path": model})
+            model = os.path.basename(os.path.normpath(model))
+        return run_stack(settings, workers=args.workers, engine=args.engine, model=model, log_level=args.log_level)
     if args.command == "gateway":
         _need_redis(settings)
         from redserve.serve import run_gateway
@@ -89,6 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "worker":
         _need_redis(settings)
         return asyncio.run(run_worker(settings, args.engine, args.models, args.worker_id))
+    if args.command == "tiny-model":
+        from workers.tiny_model import build_tiny_model
+
+        path = build_tiny_model(args.directory, chat_template=not args.no_chat_template,
+                                context_length=args.context_length)
+        print(f"tiny model saved in {path}; serve it with: redserve up --engine hf --model {path}")
+        return 0
     if args.command == "status":
         _need_redis(settings)
         from redserve.status import print_status

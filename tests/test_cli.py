@@ -21,7 +21,7 @@ def run(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> s
 
 
 def test_every_command_explains_its_flags():
-    for cmd in ["up", "gateway", "worker", "status"]:
+    for cmd in ["up", "gateway", "worker", "status", "tiny-model"]:
         out = run(cmd, "--help").stdout
         flags = set(re.findall(r"(--[a-z][a-z-]+)", out)) - {"--help"}
         assert flags, cmd
@@ -35,23 +35,53 @@ def test_gateway_and_worker_refuse_to_start_without_redis():
     assert r.returncode != 0 and "REDIS_URL" in r.stderr
 
 
-def test_up_starts_private_redis_gateway_and_worker_then_stops_cleanly(tmp_path):
+def start_up(*args: str, workers: int = 1) -> tuple[subprocess.Popen[str], str, list[str]]:
+    """`redserve up ARGS` without REDIS_URL; returns once its models have `workers` live workers."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "REDSERVE_REDIS_URL")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "redserve", "up", "--port", str(port), "--workers", "2", "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [sys.executable, "-m", "redserve", "up", "--port", str(port), "--workers", str(workers),
+         "--log-level", "warning", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    models: list[str] = []
+    while time.monotonic() < deadline and not models and proc.poll() is None:
+        try:
+            data = httpx.get(f"{base}/v1/models", timeout=1).json()["data"]
+            models = [m["id"] for m in data if m["workers"] == workers]
+        except (httpx.HTTPError, KeyError):
+            pass
+        time.sleep(0.2)
+    return proc, base, models
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    return out
+
+
+def test_tiny_model_command_then_up_serves_it_with_the_hf_engine(tmp_path):
+    built = run("tiny-model", str(tmp_path / "tiny"), timeout=120)
+    assert built.returncode == 0, built.stderr
+    assert (tmp_path / "tiny" / "config.json").exists() and (tmp_path / "tiny" / "tokenizer.json").exists()
+    proc, base, models = start_up("--engine", "hf", "--model", str(tmp_path / "tiny"))
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        models: list[str] = []
-        while time.monotonic() < deadline and len(models) < 1:
-            try:
-                data = httpx.get(f"{base}/v1/models", timeout=1).json()["data"]
-                models = [m["id"] for m in data if m["workers"] == 2]
-            except (httpx.HTTPError, KeyError):
-                pass
-            time.sleep(0.2)
+        assert models == ["tiny"]  # served under the folder's name
+        client = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=8, stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        assert chunks[-1].usage.completion_tokens == 8
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finally:
+        stop(proc)
+
+
+def test_up_starts_private_redis_gateway_and_worker_then_stops_cleanly(tmp_path):
+    proc, base, models = start_up(workers=2)
+    try:
         assert models == ["echo"]
         client = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
         stream = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi there"}],
@@ -59,9 +89,7 @@ def test_up_starts_private_redis_gateway_and_worker_then_stops_cleanly(tmp_path)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).startswith("hi there")
         assert httpx.get(f"{base}/", timeout=2).status_code == 200  # the UI is served
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
+        out = stop(proc)
     assert "redserve is up" in out and "private Redis at redis://127.0.0.1:" in out
     redis_port = int(re.search(r"private Redis at redis://127.0.0.1:(\d+)", out).group(1))
     # Everything it started is gone: the private Redis no longer answers.
