@@ -1,17 +1,21 @@
 """The broker as one object: what a gateway or batch runner holds to submit jobs.
 
-It owns the Redis clients, the registry, the dispatcher and this process's
-reply router; ``submit`` ties them together in the order that matters:
-open the reply stream first, then dispatch.
+It owns the Redis clients, the registry, the dispatcher, this process's reply
+router and its janitor; ``submit`` ties them together in the order that
+matters: open the reply stream first, then dispatch.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from typing import Any
 
 from broker.connection import connect
 from broker.dispatch import Dispatcher
+from broker.errors import WorkerLost
+from broker.janitor import Janitor
 from broker.keys import Keys
 from broker.protocol import Job, JobKind, pack
 from broker.registry import Registry
@@ -21,24 +25,34 @@ from broker.settings import DispatchMethod, Settings
 
 
 class BrokerClient:
-    def __init__(self, settings: Settings, *, gateway_id: str | None = None) -> None:
+    def __init__(self, settings: Settings, *, gateway_id: str | None = None, janitor: bool = True) -> None:
         if not settings.redis_url:
             raise ValueError("BrokerClient needs settings.redis_url")
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self.text = connect(settings.redis_url, decode=True)
         self.raw = connect(settings.redis_url, decode=False)
-        scripts = Scripts.register(self.raw)
+        self.scripts = Scripts.register(self.raw)
         self.registry = Registry(self.text, self.keys, Scripts.register(self.text))
-        self.dispatcher = Dispatcher(self.raw, self.keys, settings.dispatch_method, scripts)
-        self.router = ReplyRouter(self.raw, self.keys, gateway_id)
+        self.dispatcher = Dispatcher(self.raw, self.keys, settings.dispatch_method, self.scripts)
+        self.router = ReplyRouter(self.raw, self.keys, gateway_id, buffer=settings.stream_buffer,
+                                  on_shed=self._shed)
+        self.janitor = Janitor(self.raw, self.keys, self.dispatcher, interval=settings.worker_ttl / 2) if janitor \
+            else None
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> "BrokerClient":
         await self.router.start()
+        if self.janitor:
+            self.janitor.start()
         return self
 
     async def close(self) -> None:
+        if self.janitor:
+            await self.janitor.stop()
         await self.router.stop()
+        for task in list(self._background):
+            task.cancel()
         await self.text.aclose()
         await self.raw.aclose()
 
@@ -64,7 +78,7 @@ class BrokerClient:
         """
         timeout = timeout or self.settings.reply_timeout
         stream = self.router.open(timeout)
-        job = Job(
+        stream.job = Job(
             request_id=stream.rid,
             model=model,
             kind=kind,
@@ -72,16 +86,46 @@ class BrokerClient:
             params=params,
             deadline=time.time() + timeout,
         )
+        stream.retry = self._retry
         try:
-            placed = await self.dispatcher.dispatch(job, method)
+            placed = await self.dispatcher.dispatch(stream.job, method)
         except BaseException:
             stream.close()
             raise
         stream.worker_id = placed.worker_id
         return stream
 
+    async def _retry(self, stream: ReplyStream) -> None:
+        """Re-dispatch a job whose worker died before the client saw any of it."""
+        job = stream.job
+        assert job is not None
+        job.attempt += 1
+        if job.attempt >= self.settings.max_attempts:
+            await self.dead_letter(job, f"its worker died {job.attempt} times")
+            raise WorkerLost(f"The request failed on {job.attempt} workers in a row; it was dead-lettered.")
+        job.deadline = time.time() + stream.timeout
+        placed = await self.dispatcher.dispatch(job)
+        stream.worker_id = placed.worker_id
+
+    async def dead_letter(self, job: Job, reason: str) -> None:
+        fields = {**job.to_fields(), "reason": reason, "failed_at": f"{time.time():.3f}"}
+        await self.raw.xadd(self.keys.dead_letters(), fields, maxlen=10_000, approximate=True)
+
+    async def cancel(self, request_id: str) -> str | None:
+        """Cancel a request wherever it runs (any gateway may ask); returns its worker id, None if unknown."""
+        prefix, suffix = self.keys.worker_control_parts()
+        wid = await self.scripts.cancel(keys=[self.keys.request(request_id)],
+                                        args=[prefix, suffix, pack({"cancel": request_id})])
+        return wid.decode() if isinstance(wid, bytes) else wid
+
     async def release(self, stream: ReplyStream) -> None:
         """Done with a stream: forget it, and cancel the job if it has not finished."""
         stream.close()
-        if not stream.finished and stream.worker_id:
-            await self.raw.publish(self.keys.worker_control(stream.worker_id), pack({"cancel": stream.rid}))
+        if not stream.finished:
+            with contextlib.suppress(Exception):  # Redis down: the worker will notice nobody listens
+                await self.cancel(stream.rid)
+
+    def _shed(self, stream: ReplyStream) -> None:
+        task = asyncio.create_task(self.release(stream))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

@@ -8,18 +8,19 @@ never both see the same worker as idle.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from broker.errors import Busy, NoWorker, UnknownModel
+from broker.errors import Busy, Gone, NoWorker, UnknownModel
 from broker.keys import Keys
 from broker.protocol import Job
 from broker.scripts import Scripts
 from broker.settings import DispatchMethod
 
-_ERRORS = {"UNKNOWN_MODEL": UnknownModel, "NO_WORKER": NoWorker, "BUSY": Busy}
+_ERRORS = {"UNKNOWN_MODEL": UnknownModel, "NO_WORKER": NoWorker, "BUSY": Busy, "GONE": Gone}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,16 +45,25 @@ class Dispatcher:
         self.scripts = scripts or Scripts.register(redis)
         self._rng = random.Random()
 
-    async def dispatch(self, job: Job, method: DispatchMethod | None = None) -> Dispatched:
-        """Enqueue ``job`` on the chosen worker's stream; raises UnknownModel, NoWorker or Busy."""
+    async def dispatch(
+        self, job: Job, method: DispatchMethod | None = None, *, move_from: tuple[str, str] | None = None
+    ) -> Dispatched:
+        """Enqueue ``job`` on the chosen worker's stream; raises UnknownModel, NoWorker or Busy.
+
+        ``move_from=(stream, entry_id)`` moves a job off a dead worker's stream in
+        the same atomic step (Gone if another janitor moved it first).
+        """
         k = self.keys
         wpre, jsuf = k.worker_parts()
         mpre, msuf = k.model_workers_parts()
+        source, entry_id = move_from or ("", "")
+        ttl_ms = max(1000, int((job.deadline - time.time()) * 1000) + 60_000) if job.deadline else 3_600_000
         fields = [x for kv in job.to_fields().items() for x in kv]
         try:
             wid, entry, queue = await self.scripts.dispatch(
-                keys=[k.model_workers(job.model), k.models()],
-                args=[method or self.method, self._rng.random(), wpre, jsuf, mpre, msuf, job.model, *fields],
+                keys=[k.model_workers(job.model), k.models(), k.request(job.request_id)],
+                args=[method or self.method, self._rng.random(), wpre, jsuf, mpre, msuf, job.model, ttl_ms,
+                      source, entry_id, *fields],
             )
         except ResponseError as exc:
             word, _, message = str(exc).partition(" ")

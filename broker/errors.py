@@ -28,6 +28,18 @@ class Busy(BrokerError):
     status, type, code = 429, "rate_limit_error", "queue_full"
 
 
+class Gone(BrokerError):
+    """The job to move was already moved by someone else."""
+
+    status, type, code = 409, "conflict", "gone"
+
+
+class WorkerLost(BrokerError):
+    """The worker running the job died after the client had already received part of the reply."""
+
+    status, type, code = 503, "service_unavailable", "worker_lost"
+
+
 class WorkerTimeout(BrokerError):
     status, type, code = 504, "timeout", "worker_timeout"
 

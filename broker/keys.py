@@ -44,10 +44,28 @@ class Keys:
         """Sorted set: member = model name, score = last time (ms) a worker announced it."""
         return f"{self.prefix}:models"
 
+    # --- requests ------------------------------------------------------------
+    def request(self, request_id: str) -> str:
+        """String with a TTL: the worker a request was last dispatched to (for cancel and inspect)."""
+        return f"{self.prefix}:request:{request_id}"
+
+    def dead_letters(self) -> str:
+        """Stream of jobs that failed ``max_attempts`` times, with the reason."""
+        return f"{self.prefix}:deadletter"
+
+    def reclaim_lock(self, worker_id: str) -> str:
+        """String with a TTL: which janitor is reclaiming a dead worker's stream."""
+        return f"{self.prefix}:reclaim:{worker_id}"
+
     # --- replies -------------------------------------------------------------
     def replies(self, gateway_id: str) -> str:
         """Pub/sub channel carrying token deltas back to one gateway process."""
         return f"{self.prefix}:replies:{gateway_id}"
+
+    # --- web UI --------------------------------------------------------------
+    def votes(self) -> str:
+        """Stream of side-by-side votes cast in the web UI, one readable entry per vote."""
+        return f"{self.prefix}:votes"
 
     # --- pieces for Lua -----------------------------------------------------
     # A worker's models (and a chosen worker's id) are only known inside the
@@ -55,6 +73,10 @@ class Keys:
     def model_workers_parts(self) -> tuple[str, str]:
         """(prefix, suffix) such that prefix + model + suffix == model_workers(model)."""
         return f"{self.prefix}:model:", ":workers"
+
+    def worker_control_parts(self) -> tuple[str, str]:
+        """(prefix, suffix): prefix + id + suffix == worker_control(id)."""
+        return f"{self.prefix}:worker:", ":control"
 
     def worker_parts(self) -> tuple[str, str]:
         """(prefix, jobs suffix): prefix + id == worker(id), and + suffix == worker_jobs(id)."""

@@ -5,8 +5,8 @@ can read them with ``XRANGE``; the request body travels msgpack-encoded in
 ``payload``.
 
 A **reply** is one pub/sub message on the requesting gateway's channel:
-``{"rid": request_id, "seq": n, "ev": [event, ...]}``. ``seq`` counts messages
-per request from 0, so a gap or a duplicate is detectable. One message may
+``{"rid": request_id, "seq": n, "a": attempt, "ev": [event, ...]}``. ``seq``
+counts messages per attempt from 0, so a gap or a duplicate is detectable. One message may
 carry several events: a worker that produces tokens faster than it can ship
 them coalesces the waiting deltas into one message.
 """
@@ -37,6 +37,8 @@ class Job:
     params: dict[str, Any]
     #: Epoch seconds after which nobody waits for the answer (0 = no deadline).
     deadline: float = 0.0
+    #: 0 for the first try; a gateway that re-dispatches after a worker died counts up.
+    attempt: int = 0
     #: Stream entry id, set once the job was read from a worker's stream.
     entry_id: str = ""
 
@@ -47,6 +49,7 @@ class Job:
             "kind": str(self.kind),
             "reply_to": self.reply_to,
             "deadline": f"{self.deadline:.3f}",
+            "attempt": str(self.attempt),
             "payload": pack(self.params),
         }
 
@@ -60,6 +63,7 @@ class Job:
             reply_to=_s(f["reply_to"]),
             params=unpack(f["payload"]),
             deadline=float(_s(f.get("deadline", "0"))),
+            attempt=int(_s(f.get("attempt", "0"))),
             entry_id=entry_id,
         )
 
@@ -99,6 +103,11 @@ def token_count(count: int, ids: list[int] | None, context_length: int) -> dict[
     return {"t": "tok", "n": count, "ids": ids, "ctx": context_length}
 
 
+def lost() -> dict[str, Any]:
+    """Sent by a janitor for a job that was running on a worker that died: retry it or fail it."""
+    return {"t": "lost"}
+
+
 def error(
     message: str, *, status: int = 500, type: str = "server_error", code: str | None = None, param: str | None = None
 ) -> dict[str, Any]:
@@ -114,14 +123,16 @@ class Reply:
     rid: str
     seq: int
     events: list[dict[str, Any]] = field(default_factory=list)
+    #: The job attempt that produced it: replies of a superseded attempt are dropped.
+    attempt: int = 0
 
     def encode(self) -> bytes:
-        return pack({"rid": self.rid, "seq": self.seq, "ev": self.events})
+        return pack({"rid": self.rid, "seq": self.seq, "ev": self.events, "a": self.attempt})
 
     @classmethod
     def decode(cls, data: bytes) -> "Reply":
         m = unpack(data)
-        return cls(rid=m["rid"], seq=m["seq"], events=m["ev"])
+        return cls(rid=m["rid"], seq=m["seq"], events=m["ev"], attempt=m.get("a", 0))
 
     @property
     def terminal(self) -> bool:

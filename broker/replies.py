@@ -3,6 +3,10 @@
 The router SUBSCRIBEs once to the process's reply channel and demultiplexes
 messages by request id into per-request queues. A request registers its
 queue *before* it is dispatched, so no reply can arrive unseen.
+
+The router never blocks on a request: a client too slow to keep up fills its
+own bounded queue and is shed, so it can neither grow this process's memory
+nor make Redis drop the shared connection for an overfull output buffer.
 """
 
 from __future__ import annotations
@@ -11,30 +15,48 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from broker.errors import ReplyLost, WorkerTimeout
+from broker.errors import BrokerError, ReplyLost, WorkerLost, WorkerTimeout
 from broker.keys import Keys
 from broker.protocol import Reply
 
+if TYPE_CHECKING:
+    from broker.protocol import Job
+
 log = logging.getLogger(__name__)
+
+
+class SlowClient(BrokerError):
+    status, type, code = 503, "service_unavailable", "client_too_slow"
 
 
 class ReplyStream:
     """The replies of one request, in order, as an async iterator of events."""
 
-    def __init__(self, router: "ReplyRouter", rid: str, timeout: float) -> None:
+    def __init__(self, router: "ReplyRouter", rid: str, timeout: float, buffer: int) -> None:
         self.router = router
         self.rid = rid
         self.timeout = timeout
-        self.queue: asyncio.Queue[Reply | BaseException] = asyncio.Queue()
+        self.queue: asyncio.Queue[Reply | BaseException] = asyncio.Queue(maxsize=buffer)
         self.next_seq = 0
         self.finished = False
-        #: Set by whoever dispatched the request, so it can be cancelled.
+        #: Set by whoever dispatched the request.
+        self.job: Job | None = None
         self.worker_id: str | None = None
+        #: The consumer sets this once part of the reply reached the client: from then on a
+        #: lost worker is an error, not a transparent retry.
+        self.committed = False
+        #: Re-dispatches the job after its worker died (set by the client that dispatched it).
+        self.retry: Callable[[ReplyStream], Awaitable[None]] | None = None
+        self.failed: BrokerError | None = None
+
+    @property
+    def attempt(self) -> int:
+        return self.job.attempt if self.job else 0
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """Yield events until a terminal one; raise WorkerTimeout on silence, ReplyLost on a broken channel."""
@@ -43,14 +65,25 @@ class ReplyStream:
                 yield ev
 
     async def next_events(self) -> list[dict[str, Any]]:
-        """The events of the next message in sequence (waits at most ``timeout``)."""
+        """The events of the next message in sequence (waits at most ``timeout``).
+
+        A ``{"t": "restart"}`` event means the job was re-dispatched after its
+        worker died before anything reached the client: drop what was
+        collected so far, the new attempt starts over.
+        """
         while True:
+            if self.failed is not None:
+                raise self.failed
             try:
                 item = await asyncio.wait_for(self.queue.get(), self.timeout)
             except asyncio.TimeoutError:
                 raise WorkerTimeout(f"No reply from the worker within {self.timeout:g} s.") from None
             if isinstance(item, BaseException):
                 raise item
+            if item.attempt != self.attempt:  # a superseded attempt still talking
+                continue
+            if item.events and item.events[0]["t"] == "lost":
+                return await self._worker_lost()
             if item.seq < self.next_seq:  # duplicate delivery: already seen
                 continue
             if item.seq > self.next_seq:
@@ -60,18 +93,28 @@ class ReplyStream:
                 self.finished = True
             return item.events
 
+    async def _worker_lost(self) -> list[dict[str, Any]]:
+        if self.committed or self.retry is None:
+            raise WorkerLost("The worker serving this request died after part of the reply was sent.")
+        await self.retry(self)
+        self.next_seq = 0
+        return [{"t": "restart"}]
+
     def close(self) -> None:
         self.router.streams.pop(self.rid, None)
 
 
 class ReplyRouter:
-    def __init__(self, redis: Redis, keys: Keys, gateway_id: str | None = None) -> None:
+    def __init__(self, redis: Redis, keys: Keys, gateway_id: str | None = None, *, buffer: int = 1024,
+                 on_shed: Callable[[ReplyStream], None] | None = None) -> None:
         """``redis`` must be a raw (non-decoding) client: payloads are msgpack."""
         self.redis = redis
         self.keys = keys
         self.gateway_id = gateway_id or uuid.uuid4().hex[:12]
         self.channel = keys.replies(self.gateway_id)
         self.streams: dict[str, ReplyStream] = {}
+        self.buffer = buffer
+        self.on_shed = on_shed
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
 
@@ -86,7 +129,7 @@ class ReplyRouter:
                 await self._task
 
     def open(self, timeout: float) -> ReplyStream:
-        stream = ReplyStream(self, uuid.uuid4().hex, timeout)
+        stream = ReplyStream(self, uuid.uuid4().hex, timeout, self.buffer)
         self.streams[stream.rid] = stream
         return stream
 
@@ -116,9 +159,18 @@ class ReplyRouter:
             log.exception("undecodable reply message dropped")
             return
         stream = self.streams.get(reply.rid)
-        if stream is not None:
+        if stream is None or stream.failed is not None:
+            return
+        try:
             stream.queue.put_nowait(reply)
+        except asyncio.QueueFull:
+            stream.failed = SlowClient(
+                f"The client read too slowly: more than {self.buffer} reply messages were waiting for it.")
+            if self.on_shed is not None:
+                self.on_shed(stream)
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _fail_all(self, exc: BrokerError) -> None:
         for stream in list(self.streams.values()):
-            stream.queue.put_nowait(exc)
+            stream.failed = exc
+            with contextlib.suppress(asyncio.QueueFull):
+                stream.queue.put_nowait(exc)

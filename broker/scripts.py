@@ -20,6 +20,7 @@ class Scripts:
     dispatch: AsyncScript
     heartbeat: AsyncScript
     finish: AsyncScript
+    cancel: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> "Scripts":
@@ -27,4 +28,5 @@ class Scripts:
             dispatch=redis.register_script(_source("dispatch")),
             heartbeat=redis.register_script(_source("heartbeat")),
             finish=redis.register_script(_source("finish")),
+            cancel=redis.register_script(_source("cancel")),
         )

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     model_path: str | None = Field(
         default=None, description="Local model directory for the hf and vllm engines (default: the model name)."
     )
+    vllm_engine_args: str | None = Field(
+        default=None,
+        description="JSON object of extra vLLM AsyncEngineArgs, e.g. '{\"gpu_memory_utilization\": 0.85}'.",
+    )
     api_config: str | None = Field(default=None, description="TOML file of upstreams for the openai engine.")
     echo_tokens: int = Field(default=16, ge=1, description="Tokens an echo worker produces when max_tokens allows.")
     echo_delay: float = Field(default=0.0, ge=0, description="Seconds between echo tokens.")
@@ -47,6 +51,15 @@ class Settings(BaseSettings):
     dispatch_method: DispatchMethod = "shortest_queue"
     reply_timeout: float = Field(
         default=60.0, gt=0, description="Seconds of worker silence before a request fails (504 / error event)."
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, description="Workers a job may die on before it is dead-lettered."
+    )
+    stream_buffer: int = Field(
+        default=1024, ge=1, description="Reply messages buffered per request before a slow client is shed."
+    )
+    send_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds one SSE write may wait on a client before it is dropped."
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

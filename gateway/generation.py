@@ -14,6 +14,8 @@ from broker.client import BrokerClient
 from broker.errors import BrokerError, WorkerTimeout
 from broker.protocol import JobKind, error
 from broker.replies import ReplyStream
+
+RESTART = [{"t": "restart"}]
 from gateway.disconnect import ClientGone, unless_disconnected
 from gateway.errors import APIError
 from gateway.render import Shape, dumps
@@ -32,7 +34,7 @@ async def generate(
     stream = await broker.submit(body.model, kind, body.engine_params())
     try:
         try:
-            first = await unless_disconnected(request, stream.next_events())
+            first = await unless_disconnected(request, _first_reply(stream))
         except WorkerTimeout as exc:
             if not body.stream:
                 raise
@@ -47,16 +49,33 @@ async def generate(
         await _release(broker, stream)
         raise
 
-    shape = Shape(chat=kind is JobKind.CHAT, model=body.model)
+    shape = Shape(chat=kind is JobKind.CHAT, model=body.model, id=response_id(kind, stream.rid))
     if body.stream:
         events = _sse(broker, stream, first, shape, body.n, body.include_usage, prefix)
-        return EventSourceResponse(events, ping=15, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventSourceResponse(events, ping=15, send_timeout=broker.settings.send_timeout,
+                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         return JSONResponse(await unless_disconnected(request, _collect(stream, first, shape, prefix)))
     except ClientGone:
         return Response(status_code=499)
     finally:
         await _release(broker, stream)
+
+
+def response_id(kind: JobKind, rid: str) -> str:
+    """The id clients see; it embeds the request id, so it is what the cancel API takes."""
+    return ("chatcmpl-" if kind is JobKind.CHAT else "cmpl-") + rid
+
+
+def request_id(response_id: str) -> str:
+    return response_id.removeprefix("chatcmpl-").removeprefix("cmpl-")
+
+
+async def _first_reply(stream: ReplyStream) -> list[dict[str, Any]]:
+    """The first message, past any restarts (a retry before anything was sent is invisible)."""
+    while (events := await stream.next_events()) == RESTART:
+        pass
+    return events
 
 
 async def _collect(stream: ReplyStream, first: list[dict[str, Any]], shape: Shape, prefix: str) -> dict[str, Any]:
@@ -67,7 +86,9 @@ async def _collect(stream: ReplyStream, first: list[dict[str, Any]], shape: Shap
     while True:
         for ev in events:
             t = ev["t"]
-            if t == "d":
+            if t == "restart":  # the worker died, the job runs again elsewhere: start over
+                texts, finish, lps = {}, {}, {}
+            elif t == "d":
                 texts.setdefault(ev["i"], [prefix] if prefix else []).append(ev["x"])
                 if "lp" in ev:
                     lps.setdefault(ev["i"], []).extend(ev["lp"])
@@ -95,6 +116,7 @@ async def _sse(
             for ev in events:
                 t = ev["t"]
                 if t == "d":
+                    stream.committed = True  # from now on a dead worker cannot be hidden by a retry
                     yield shape.chunk(ev["i"], ev["x"], include_usage=include_usage, lp=ev.get("lp"))
                 elif t == "end":
                     yield shape.chunk(ev["i"], None, ev["fr"], include_usage=include_usage)

@@ -13,7 +13,7 @@ from broker.client import BrokerClient
 from broker.protocol import JobKind
 from gateway.disconnect import ClientGone, unless_disconnected
 from gateway.errors import APIError
-from gateway.generation import generate
+from gateway.generation import generate, request_id
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest
 
 router = APIRouter()
@@ -67,6 +67,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 async def completions(body: CompletionRequest, request: Request) -> Response:
     prefix = body.prompt if body.echo else ""
     return await generate(request, _broker(request), body, JobKind.COMPLETION, prefix=prefix)  # type: ignore[arg-type]
+
+
+@router.post("/v1/requests/{response_id}/cancel")
+async def cancel_request(response_id: str, request: Request) -> dict[str, Any]:
+    """Cancel a running or queued request by the id its response carries (any gateway may be asked)."""
+    worker = await _broker(request).cancel(request_id(response_id))
+    if worker is None:
+        raise APIError(404, f"No request `{response_id}` is known (it may have finished long ago).",
+                       param="id", code="request_not_found")
+    return {"id": response_id, "object": "request.cancellation", "cancelled": True, "worker": worker}
 
 
 @router.post("/tokenize")

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from broker.settings import Settings
 
 REDIS_FLAGS = ["redis_url", "key_prefix"]
-WORKER_FLAGS = ["model_path", "api_config", "worker_ttl", "heartbeat_interval", "max_concurrency", "max_queue", "speed", "drain_timeout",
+WORKER_FLAGS = ["model_path", "vllm_engine_args", "api_config", "worker_ttl", "heartbeat_interval", "max_concurrency", "max_queue", "speed", "drain_timeout",
                 "echo_tokens", "echo_delay"]
 #: Engines that load a model directory from this machine.
 LOCAL_ENGINES = ("hf", "vllm")

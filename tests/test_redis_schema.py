@@ -21,7 +21,8 @@ def test_every_key_builder_is_documented():
     samples = {
         "worker": k.worker("<id>"), "worker_jobs": k.worker_jobs("<id>"), "worker_control": k.worker_control("<id>"),
         "workers": k.workers(), "model_workers": k.model_workers("<model>"), "models": k.models(),
-        "replies": k.replies("<gateway-id>"),
+        "replies": k.replies("<gateway-id>"), "request": k.request("<request-id>"),
+        "dead_letters": k.dead_letters(), "reclaim_lock": k.reclaim_lock("<id>"), "votes": k.votes(),
     }
     public = {n for n in dir(Keys) if not n.startswith("_") and callable(getattr(Keys, n)) and not n.endswith("_parts")}
     assert public == samples.keys(), "a new key builder needs a row in docs/redis.md and here"
@@ -50,7 +51,7 @@ async def test_documented_commands_show_the_live_stack(stack, redis_url):
     for cmd in commands:
         if cmd.startswith("SUBSCRIBE"):
             continue  # blocks by design
-        cmd = cmd.replace("echo-1a2b3c4d", w.id)
+        cmd = cmd.replace("echo-1a2b3c4d", w.id).replace("<request-id>", "no-such-request")
         args = [a.strip("'") for a in cmd.split()]
         proc = await asyncio.to_thread(subprocess.run, [redis_cli(), "-u", redis_url, *args],
                                        capture_output=True, text=True, errors="replace", timeout=10)

@@ -11,6 +11,7 @@ ENGINES: dict[str, str] = {
     "echo": "workers.echo:EchoWorker",
     "hf": "workers.hf:HFWorker",
     "openai": "workers.openai_api:ExternalAPIWorker",
+    "vllm": "workers.vllm:VLLMWorker",
 }
 
 

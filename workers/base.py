@@ -31,9 +31,11 @@ from broker.keys import WORKER_GROUP, Keys
 from broker.protocol import Job, JobKind, error, token_count, unpack
 from broker.registry import Registry, WorkerRecord
 from broker.settings import Settings
-from workers.publish import ReplyPublisher
+from workers.publish import Orphaned, ReplyPublisher
 
 log = logging.getLogger(__name__)
+
+CANCELLED = error("The request was cancelled.", status=499, type="cancelled", code="cancelled")
 
 
 class JobError(Exception):
@@ -209,19 +211,25 @@ class BaseModelWorker(abc.ABC):
     # --- one job ---------------------------------------------------------------
     async def _run_job(self, job: Job) -> None:
         assert self._raw is not None
-        publisher = ReplyPublisher(self._raw, job.reply_to, job.request_id)
+        publisher = ReplyPublisher(self._raw, job.reply_to, job.request_id, job.attempt)
         try:
             if job.expired():
                 log.info("job %s dropped: deadline passed before it started", job.request_id)
                 return
             if self._cancelled.pop(job.request_id, None) is not None:
                 log.info("job %s dropped: cancelled while it waited", job.request_id)
+                await publisher.send([CANCELLED])
+                return
+            if not await publisher.listened():
+                log.info("job %s dropped: its gateway is gone", job.request_id)
                 return
             await publisher.pump(self._events(job))
         except asyncio.CancelledError:
             # Cancelled by the client (or drain timeout): say so in-band, then retire the job.
             with contextlib.suppress(Exception):
-                await publisher.send([error("The request was cancelled.", status=499, type="cancelled")])
+                await publisher.send([CANCELLED])
+        except Orphaned:
+            log.info("job %s stopped: nobody listens for it any more", job.request_id)
         except Exception:
             log.exception("job %s failed", job.request_id)
         finally:

@@ -17,19 +17,29 @@ from redis.asyncio import Redis
 from broker.protocol import TERMINAL_EVENTS, Reply, error
 
 
+class Orphaned(Exception):
+    """Nobody is subscribed to the reply channel any more: the gateway is gone."""
+
+
 class ReplyPublisher:
-    def __init__(self, redis: Redis, channel: str, rid: str) -> None:
+    def __init__(self, redis: Redis, channel: str, rid: str, attempt: int = 0) -> None:
         self.redis = redis
         self.channel = channel
         self.rid = rid
+        self.attempt = attempt
         self.seq = 0
-        self.messages = 0
 
     async def send(self, events: list[dict[str, Any]]) -> None:
-        reply = Reply(self.rid, self.seq, events)
+        """Publish one message; raises Orphaned when no gateway received it (stop generating)."""
+        reply = Reply(self.rid, self.seq, events, self.attempt)
         self.seq += 1
-        self.messages += 1
-        await self.redis.publish(self.channel, reply.encode())
+        if not await self.redis.publish(self.channel, reply.encode()):
+            raise Orphaned(self.channel)
+
+    async def listened(self) -> bool:
+        """Whether a gateway still listens for this job's replies (it may have restarted)."""
+        [(_, subscribers)] = await self.redis.pubsub_numsub(self.channel)
+        return subscribers > 0
 
     async def pump(self, events: AsyncIterator[dict[str, Any]]) -> None:
         """Publish ``events`` until a terminal one; guarantees the stream ends."""

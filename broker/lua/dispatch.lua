@@ -2,14 +2,18 @@
 --
 -- KEYS[1]  sorted set of the model's workers (score = queue length)
 -- KEYS[2]  sorted set of known models (to tell "unknown model" from "no worker")
+-- KEYS[3]  the request's key (-> worker id), for cancel and inspect
 -- ARGV     method, random in [0,1), worker key prefix, jobs suffix,
---          model key prefix, model key suffix, model name, then the job's
---          stream fields as name/value pairs.
+--          model key prefix, model key suffix, model name, request key TTL (ms),
+--          source stream and entry id ("" unless moving a job off a dead
+--          worker), then the job's stream fields as name/value pairs.
 --
 -- Workers whose record has expired are pruned from the set; draining workers
--- and workers whose queue is at their max_queue are skipped.
+-- and workers whose queue is at their max_queue are skipped. When moving, the
+-- source entry is deleted in the same step, so two janitors can never both
+-- move it (the loser gets GONE).
 -- Returns {worker_id, entry_id, queue_length} or an error reply whose first
--- word is UNKNOWN_MODEL, NO_WORKER or BUSY.
+-- word is UNKNOWN_MODEL, NO_WORKER, BUSY or GONE.
 local method, r = ARGV[1], tonumber(ARGV[2])
 local wpre, jsuf, mpre, msuf, model = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 
@@ -60,12 +64,16 @@ else
 end
 
 local wid = ids[pick]
+if ARGV[9] ~= '' and redis.call('XDEL', ARGV[9], ARGV[10]) == 0 then
+  return redis.error_reply('GONE the job was already moved')
+end
 local models = redis.call('HGET', wpre .. wid, 'models')
 for m in string.gmatch(models, '[^,]+') do
   redis.call('ZADD', mpre .. m .. msuf, 'XX', 'INCR', 1, wid)
 end
 redis.call('HINCRBY', wpre .. wid, 'queue', 1)
 local fields = {}
-for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
 local entry = redis.call('XADD', wpre .. wid .. jsuf, '*', unpack(fields))
+redis.call('SET', KEYS[3], wid, 'PX', ARGV[8])
 return {wid, entry, tostring(queues[pick] + 1)}

@@ -1,0 +1,127 @@
+"""The janitor: what happens to the jobs of a worker that died.
+
+Every gateway runs one; they coordinate through a short lock per dead worker
+and an atomic move, so running many is safe and a crash half-way is simply
+finished by the next round. For each entry left in a dead worker's stream:
+
+- **never started** (not delivered): moved to a live worker, unless nobody
+  waits for it any more (deadline passed, or its gateway's reply channel has
+  no subscriber);
+- **was running** (delivered, pending): its gateway is told ``lost``, and
+  retries it transparently if nothing reached the client yet, else ends the
+  stream with a clean error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from broker.dispatch import Dispatcher
+from broker.errors import BrokerError, Gone
+from broker.keys import WORKER_GROUP, Keys
+from broker.protocol import Job, Reply, lost
+
+log = logging.getLogger(__name__)
+
+
+class Janitor:
+    def __init__(self, redis: Redis, keys: Keys, dispatcher: Dispatcher, *, interval: float = 5.0,
+                 lock_ttl: float = 30.0) -> None:
+        """``redis`` must be a raw (non-decoding) client."""
+        self.redis = redis
+        self.keys = keys
+        self.dispatcher = dispatcher
+        self.interval = interval
+        self.lock_ttl = lock_ttl
+        self.moved = 0
+        self.lost = 0
+        self.dropped = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="janitor")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.sweep()
+            except (RedisConnectionError, OSError) as exc:
+                log.warning("janitor sweep failed: %s", exc)
+            except Exception:
+                log.exception("janitor sweep failed")
+
+    async def sweep(self) -> list[str]:
+        """One round: reclaim every dead worker this janitor gets the lock for; returns their ids."""
+        ids = [i.decode() for i in await self.redis.smembers(self.keys.workers())]
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid in ids:
+                pipe.exists(self.keys.worker(wid))
+            alive = await pipe.execute()
+        reclaimed = []
+        for wid, is_alive in zip(ids, alive):
+            if is_alive:
+                continue
+            if await self.redis.set(self.keys.reclaim_lock(wid), "1", nx=True, px=int(self.lock_ttl * 1000)):
+                await self.reclaim(wid)
+                reclaimed.append(wid)
+        return reclaimed
+
+    async def reclaim(self, worker_id: str) -> None:
+        stream = self.keys.worker_jobs(worker_id)
+        running = await self._pending_ids(stream)
+        for eid, fields in await self.redis.xrange(stream):
+            entry_id = eid.decode()
+            job = Job.from_fields(entry_id, fields)
+            if entry_id in running:
+                await self._tell_lost(job)
+                await self.redis.xdel(stream, entry_id)
+            elif job.expired() or not await self._someone_waits(job):
+                self.dropped += 1
+                await self.redis.xdel(stream, entry_id)
+            else:
+                await self._move(job, stream, entry_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(stream)
+            pipe.srem(self.keys.workers(), worker_id)
+            await pipe.execute()
+        log.info("reclaimed the jobs of dead worker %s", worker_id)
+
+    async def _move(self, job: Job, stream: str, entry_id: str) -> None:
+        try:
+            await self.dispatcher.dispatch(job, move_from=(stream, entry_id))
+            self.moved += 1
+        except Gone:
+            pass
+        except BrokerError:  # nowhere to go now: let its gateway decide (retry later or fail)
+            await self._tell_lost(job)
+            await self.redis.xdel(stream, entry_id)
+
+    async def _tell_lost(self, job: Job) -> None:
+        self.lost += 1
+        await self.redis.publish(job.reply_to, Reply(job.request_id, -1, [lost()], attempt=job.attempt).encode())
+
+    async def _someone_waits(self, job: Job) -> bool:
+        [(_, subscribers)] = await self.redis.pubsub_numsub(job.reply_to)
+        return subscribers > 0
+
+    async def _pending_ids(self, stream: str) -> set[str]:
+        try:
+            rows = await self.redis.xpending_range(stream, WORKER_GROUP, min="-", max="+", count=100_000)
+        except ResponseError:  # NOGROUP: the stream (or its group) is already gone
+            return set()
+        return {(r["message_id"].decode() if isinstance(r["message_id"], bytes) else r["message_id"]) for r in rows}

@@ -1,0 +1,238 @@
+"""A stand-in for vLLM's AsyncLLM; vLLM needs a GPU (a CUDA build), which CI lacks.
+
+It implements exactly the surface ``workers.vllm.VLLMEngine`` uses (listed in
+that module's docstring), under vLLM's names and with vLLM's shapes and rules
+(``vllm/v1/engine/async_llm.py``, ``vllm/outputs.py``, ``vllm/sampling_params.py``,
+``vllm/pooling_params.py``): DELTA ``RequestOutput``s whose ``outputs`` carry
+only the choices that moved, ``finish_reason`` ``"stop"``/``"length"``/``"abort"``,
+the EOS token counted in ``token_ids`` but not shown in ``text``, stop strings
+cut before they show, per-token ``{token_id: Logprob}`` maps, ``ValueError``
+for what vLLM refuses (``n > 1`` with greedy decoding, generation on a pooling
+model). Anything else the worker might call is missing, so it fails loudly.
+
+The "model" is a deterministic toy: a choice reads ``REPLY`` token by token,
+greedy choices from its start, sampled choice ``i`` from ``seed + i`` tokens in
+(vLLM seeds choice ``i`` with ``seed + i``), and ends with EOS after
+``reply_tokens`` tokens. One step, every ``step_delay`` seconds, gives every
+live choice one token. Unlike vLLM it does not abort a request by itself when
+its consumer is cancelled, so a test sees the worker's own ``abort``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from array import array
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, AsyncIterator
+
+from workers.stops import StopMatcher
+
+#: What every choice reads, cycled: plain ASCII words, so token texts join into the text.
+REPLY = " the quick brown fox jumps over the lazy dog. Hello there! How are you today? I am fine, thank you."
+
+
+class RequestOutputKind(Enum):
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
+@dataclass
+class SamplingParams:
+    """The fields of ``vllm.SamplingParams`` the worker sets (with vLLM's defaults), and vLLM's rules on them."""
+
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+
+    def __post_init__(self) -> None:
+        self.stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be 0 (disable), or at least 1, got {self.top_k}.")
+        if self.temperature < 1e-5 and self.n > 1:
+            raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
+
+
+@dataclass
+class PoolingParams:
+    task: str | None = None
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int] | None
+    prompt_logprobs: None
+    outputs: list[CompletionOutput]
+    finished: bool
+
+
+@dataclass
+class PoolingOutput:
+    data: Any  # a torch.Tensor in vLLM; here an array, which has the one method used: tolist()
+
+
+@dataclass
+class PoolingRequestOutput:
+    request_id: str
+    outputs: PoolingOutput
+    prompt_token_ids: list[int]
+    num_cached_tokens: int
+    finished: bool
+
+
+@dataclass
+class ModelConfig:
+    max_model_len: int
+    runner_type: str = "generate"
+
+
+def standin_classes() -> dict[str, Any]:
+    """The stand-in twin of ``workers.vllm.vllm_classes()``."""
+    return {"sampling_params": SamplingParams, "pooling_params": PoolingParams, "delta": RequestOutputKind.DELTA}
+
+
+@dataclass
+class Received:
+    """One request as the stand-in got it."""
+
+    prompt: dict[str, Any]
+    params: Any
+
+
+@dataclass(eq=False)
+class _Choice:
+    index: int
+    start: int
+    stops: StopMatcher
+    tokens: int = 0
+    finished: bool = False
+
+
+@dataclass(eq=False)
+class StandInAsyncLLM:
+    """``vllm.v1.engine.async_llm.AsyncLLM`` as far as ``workers.vllm.VLLMEngine`` uses it."""
+
+    tokenizer: Any
+    max_model_len: int = 4096
+    runner_type: str = "generate"
+    reply_tokens: int = 12
+    step_delay: float = 0.0
+    #: vLLM before 0.11 made get_tokenizer a coroutine; later a plain method.
+    tokenizer_is_coroutine: bool = False
+
+    #: What the worker did: requests by id, aborted ids, tokens made, whether it was shut down.
+    requests: dict[str, Received] = field(default_factory=dict)
+    aborted: list[str] = field(default_factory=list)
+    tokens_generated: int = 0
+    shut_down: bool = False
+
+    def __post_init__(self) -> None:
+        self.model_config = ModelConfig(self.max_model_len, self.runner_type)
+        self.reply_ids: list[int] = list(self.tokenizer(REPLY, add_special_tokens=False)["input_ids"])
+
+    def get_tokenizer(self) -> Any:
+        if self.tokenizer_is_coroutine:
+            return asyncio.sleep(0, self.tokenizer)
+        return self.tokenizer
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+    async def generate(self, prompt: dict[str, Any], sampling_params: SamplingParams, request_id: str
+                       ) -> AsyncIterator[RequestOutput]:
+        if self.runner_type == "pooling":
+            raise ValueError("This model does not support generation")
+        if sampling_params.output_kind is not RequestOutputKind.DELTA:
+            raise NotImplementedError("the stand-in streams DELTA outputs only")
+        ids = list(prompt["prompt_token_ids"])
+        self.requests[request_id] = Received(prompt, sampling_params)
+        p = sampling_params
+        seed = p.seed if p.seed is not None else random.randrange(len(self.reply_ids))
+        choices = [_Choice(i, 0 if p.temperature == 0 else seed + i, StopMatcher(p.stop)) for i in range(p.n)]
+        while True:
+            await asyncio.sleep(self.step_delay)
+            if request_id in self.aborted:
+                outs = [CompletionOutput(c.index, "", [], None, None, "abort") for c in choices if not c.finished]
+                yield RequestOutput(request_id, None, ids, None, outs, finished=True)
+                return
+            outs = [self._step(c, p) for c in choices if not c.finished]
+            yield RequestOutput(request_id, None, ids, None, outs, finished=all(c.finished for c in choices))
+            if all(c.finished for c in choices):
+                return
+
+    def _step(self, c: _Choice, p: SamplingParams) -> CompletionOutput:
+        """One token of choice ``c``."""
+        c.tokens += 1
+        self.tokens_generated += 1
+        if c.tokens > self.reply_tokens:  # EOS: a token, never text
+            token, piece, finish = self.tokenizer.eos_token_id, "", "stop"
+        else:
+            token = self.reply_ids[(c.start + c.tokens - 1) % len(self.reply_ids)]
+            piece = self.tokenizer.decode([token])
+            finish = "length" if p.max_tokens is not None and c.tokens >= p.max_tokens else None
+        text, stopped = c.stops.feed(piece)
+        if stopped:
+            finish = "stop"
+        elif finish:
+            text += c.stops.flush()
+        c.finished = finish is not None
+        logprobs = None if p.logprobs is None else [self._logprobs(token, p)]
+        return CompletionOutput(c.index, text, [token], None, logprobs, finish)
+
+    def _logprobs(self, token: int, p: SamplingParams) -> dict[int, Logprob]:
+        """The ``p.logprobs`` most likely tokens plus the chosen one: greedy picks rank 1; sampling picks
+        one just outside the top ones (so the map holds ``p.logprobs + 1`` entries, as vLLM's may)."""
+        k = p.logprobs or 0
+        vocab = len(self.tokenizer)
+        ranked = [t % vocab for t in range(token + 1, token + 1 + k)]
+        ranked = [token, *ranked[:max(k - 1, 0)]] if p.temperature == 0 else [*ranked, token]
+        return {t: Logprob(-0.5 * (rank + 1), rank + 1, self.tokenizer.decode([t])) for rank, t in enumerate(ranked)}
+
+    async def encode(self, prompt: dict[str, Any], pooling_params: PoolingParams, request_id: str
+                     ) -> AsyncIterator[PoolingRequestOutput]:
+        if self.runner_type != "pooling":
+            raise ValueError("This model does not support pooling")
+        if pooling_params.task != "embed":
+            raise ValueError(f"Unsupported task: {pooling_params.task!r}")
+        ids = list(prompt["prompt_token_ids"])
+        self.requests[request_id] = Received(prompt, pooling_params)
+        await asyncio.sleep(self.step_delay)
+        yield PoolingRequestOutput(request_id, PoolingOutput(array("d", toy_embedding(ids))), ids, 0, finished=True)
+
+
+def toy_embedding(prompt_ids: list[int]) -> list[float]:
+    """The stand-in's fixed, unnormalised vector for a prompt."""
+    return [float(len(prompt_ids)), 2.0, 0.0, 1.0]
