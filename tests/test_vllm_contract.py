@@ -24,7 +24,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import wait_for
+from support import wait_for
 from vllm_standin import RequestOutputKind, StandInAsyncLLM, standin_classes, toy_embedding
 
 from broker.protocol import Job, JobKind

@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from conftest import wait_for
+from support import wait_for
 from workers.echo import echo_tokens
 
 
