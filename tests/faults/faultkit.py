@@ -53,7 +53,7 @@ async def stream_chat(base_url: str, content: str, *, timeout: float = 30.0, mod
     return res
 
 
-async def tally(outcome: Outcome, results: list[Any], expected: list[str]) -> None:
+async def tally(outcome: Any, results: list[Any], expected: list[str]) -> None:
     """Count each result: a full correct reply is ok; an OpenAI-shaped error with [DONE] is clean; anything
     else (a wrong or partial reply without an error) is lost; a timeout is hung."""
     for res, want in zip(results, expected):
