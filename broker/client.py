@@ -70,11 +70,13 @@ class BrokerClient:
         *,
         timeout: float | None = None,
         method: DispatchMethod | None = None,
+        replay_meta: dict[str, Any] | None = None,
     ) -> ReplyStream:
         """Dispatch one job; the returned stream yields its reply events.
 
         Raises UnknownModel, NoWorker or Busy (and closes the stream) when
-        the job could not be placed.
+        the job could not be placed. With ``replay_meta`` (what a resumer needs
+        to render the stream) the worker also keeps a replay log of its replies.
         """
         timeout = timeout or self.settings.reply_timeout
         stream = self.router.open(timeout)
@@ -85,10 +87,11 @@ class BrokerClient:
             reply_to=self.router.channel,
             params=params,
             deadline=time.time() + timeout,
+            replay_ms=int(self.settings.replay_window * 1000) if replay_meta is not None else 0,
         )
         stream.retry = self._retry
         try:
-            placed = await self.dispatcher.dispatch(stream.job, method)
+            placed = await self.dispatcher.dispatch(stream.job, method, meta=pack(replay_meta or {}))
         except BaseException:
             stream.close()
             raise

@@ -46,12 +46,14 @@ class Dispatcher:
         self._rng = random.Random()
 
     async def dispatch(
-        self, job: Job, method: DispatchMethod | None = None, *, move_from: tuple[str, str] | None = None
+        self, job: Job, method: DispatchMethod | None = None, *, move_from: tuple[str, str] | None = None,
+        meta: bytes = b"",
     ) -> Dispatched:
         """Enqueue ``job`` on the chosen worker's stream; raises UnknownModel, NoWorker or Busy.
 
         ``move_from=(stream, entry_id)`` moves a job off a dead worker's stream in
-        the same atomic step (Gone if another janitor moved it first).
+        the same atomic step (Gone if another janitor moved it first). ``meta``
+        starts the request's replay log when ``job.replay_ms`` asks for one.
         """
         k = self.keys
         wpre, jsuf = k.worker_parts()
@@ -61,9 +63,9 @@ class Dispatcher:
         fields = [x for kv in job.to_fields().items() for x in kv]
         try:
             wid, entry, queue = await self.scripts.dispatch(
-                keys=[k.model_workers(job.model), k.models(), k.request(job.request_id)],
+                keys=[k.model_workers(job.model), k.models(), k.request(job.request_id), k.replay(job.request_id)],
                 args=[method or self.method, self._rng.random(), wpre, jsuf, mpre, msuf, job.model, ttl_ms,
-                      source, entry_id, *fields],
+                      source, entry_id, job.replay_ms, meta, *fields],
             )
         except ResponseError as exc:
             word, _, message = str(exc).partition(" ")

@@ -49,6 +49,10 @@ class Keys:
         """String with a TTL: the worker a request was last dispatched to (for cancel and inspect)."""
         return f"{self.prefix}:request:{request_id}"
 
+    def replay(self, request_id: str) -> str:
+        """Stream with a TTL: a request's reply messages (and a ``meta`` entry first), for resuming streams."""
+        return f"{self.prefix}:replay:{request_id}"
+
     def dead_letters(self) -> str:
         """Stream of jobs that failed ``max_attempts`` times, with the reason."""
         return f"{self.prefix}:deadletter"

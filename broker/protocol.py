@@ -39,6 +39,8 @@ class Job:
     deadline: float = 0.0
     #: 0 for the first try; a gateway that re-dispatches after a worker died counts up.
     attempt: int = 0
+    #: How long (ms) the worker keeps its replies in the request's replay log; 0 = no log.
+    replay_ms: int = 0
     #: Stream entry id, set once the job was read from a worker's stream.
     entry_id: str = ""
 
@@ -50,6 +52,7 @@ class Job:
             "reply_to": self.reply_to,
             "deadline": f"{self.deadline:.3f}",
             "attempt": str(self.attempt),
+            "replay": str(self.replay_ms),
             "payload": pack(self.params),
         }
 
@@ -64,6 +67,7 @@ class Job:
             params=unpack(f["payload"]),
             deadline=float(_s(f.get("deadline", "0"))),
             attempt=int(_s(f.get("attempt", "0"))),
+            replay_ms=int(_s(f.get("replay", "0"))),
             entry_id=entry_id,
         )
 

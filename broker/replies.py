@@ -43,6 +43,8 @@ class ReplyStream:
         self.timeout = timeout
         self.queue: asyncio.Queue[Reply | BaseException] = asyncio.Queue(maxsize=buffer)
         self.next_seq = 0
+        #: The seq of the message ``next_events`` returned last (SSE event ids are built from it).
+        self.last_seq = -1
         self.finished = False
         #: Set by whoever dispatched the request.
         self.job: Job | None = None
@@ -88,6 +90,7 @@ class ReplyStream:
                 continue
             if item.seq > self.next_seq:
                 raise ReplyLost(f"Reply messages {self.next_seq}..{item.seq - 1} were lost.")
+            self.last_seq = item.seq
             self.next_seq += 1
             if item.terminal:
                 self.finished = True

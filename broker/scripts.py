@@ -21,6 +21,7 @@ class Scripts:
     heartbeat: AsyncScript
     finish: AsyncScript
     cancel: AsyncScript
+    emit: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> "Scripts":
@@ -29,4 +30,5 @@ class Scripts:
             heartbeat=redis.register_script(_source("heartbeat")),
             finish=redis.register_script(_source("finish")),
             cancel=redis.register_script(_source("cancel")),
+            emit=redis.register_script(_source("emit")),
         )

@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(default=3.0, gt=0, description="Seconds between heartbeats.")
     max_concurrency: int = Field(default=8, ge=1, description="Jobs a worker runs at once.")
     max_queue: int = Field(
-        default=0, ge=0, description="Jobs (running + waiting) a worker accepts before dispatch skips it; 0 = no limit."
+        default=0, ge=0,
+        description="Jobs (running + waiting) a worker accepts before dispatch skips it; 0 = 4 x max_concurrency.",
     )
     speed: float = Field(default=1.0, gt=0, description="Relative speed, the weight of lottery dispatch.")
     drain_timeout: float = Field(default=60.0, ge=0, description="Seconds a draining worker waits for in-flight jobs.")
@@ -51,6 +52,9 @@ class Settings(BaseSettings):
     dispatch_method: DispatchMethod = "shortest_queue"
     reply_timeout: float = Field(
         default=60.0, gt=0, description="Seconds of worker silence before a request fails (504 / error event)."
+    )
+    replay_window: float = Field(
+        default=60.0, ge=0, description="Seconds a stream stays resumable after its last message; 0 = off."
     )
     max_attempts: int = Field(
         default=3, ge=1, description="Workers a job may die on before it is dead-lettered."

@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from broker import __version__
 from broker.client import BrokerClient
 from broker.settings import Settings
-from gateway import errors
+from gateway import console, errors, resume
 from gateway.routes import router
 
 
@@ -33,6 +33,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     errors.install(app)
     app.include_router(router)
+    app.include_router(resume.router)
+    app.include_router(console.router)
     ui_dir = resources.files("ui")
     app.mount("/", StaticFiles(directory=str(ui_dir), html=True), name="ui")
     return app

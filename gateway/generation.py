@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator
 
 import anyio
 from fastapi.responses import JSONResponse
-from sse_starlette.sse import EventSourceResponse
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -18,7 +19,8 @@ from broker.replies import ReplyStream
 RESTART = [{"t": "restart"}]
 from gateway.disconnect import ClientGone, unless_disconnected
 from gateway.errors import APIError
-from gateway.render import Shape, dumps
+from gateway.render import Shape
+from gateway.sse import StreamFormat, failure, opening, render
 from gateway.schemas import SamplingRequest
 
 
@@ -31,7 +33,11 @@ async def generate(
     worker reports up front (a bad parameter, a prompt too long) becomes a
     proper HTTP status even for a streaming request.
     """
-    stream = await broker.submit(body.model, kind, body.engine_params())
+    shape = Shape(chat=kind is JobKind.CHAT, model=body.model)
+    fmt = StreamFormat(shape, body.n, body.include_usage, prefix)
+    meta = fmt.meta(str(kind)) if body.resumable else None
+    stream = await broker.submit(body.model, kind, body.engine_params(), replay_meta=meta)
+    shape.id = response_id(kind, stream.rid)
     try:
         try:
             first = await unless_disconnected(request, _first_reply(stream))
@@ -49,13 +55,12 @@ async def generate(
         await _release(broker, stream)
         raise
 
-    shape = Shape(chat=kind is JobKind.CHAT, model=body.model, id=response_id(kind, stream.rid))
     if body.stream:
-        events = _sse(broker, stream, first, shape, body.n, body.include_usage, prefix)
+        events = _sse(broker, stream, first, fmt, body.resumable)
         return EventSourceResponse(events, ping=15, send_timeout=broker.settings.send_timeout,
                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        return JSONResponse(await unless_disconnected(request, _collect(stream, first, shape, prefix)))
+        return JSONResponse(await unless_disconnected(request, _collect(stream, first, fmt.shape, prefix)))
     except ClientGone:
         return Response(status_code=499)
     finally:
@@ -101,40 +106,31 @@ async def _collect(stream: ReplyStream, first: list[dict[str, Any]], shape: Shap
         events = await stream.next_events()
 
 
-async def _sse(
-    broker: BrokerClient, stream: ReplyStream, first: list[dict[str, Any]], shape: Shape,
-    n: int, include_usage: bool, prefix: str,
-) -> AsyncIterator[str]:
+async def _sse(broker: BrokerClient, stream: ReplyStream, first: list[dict[str, Any]], fmt: StreamFormat,
+               resumable: bool) -> AsyncIterator[ServerSentEvent]:
     try:
-        for i in range(n):
-            if shape.chat:
-                yield shape.chunk(i, role=True, include_usage=include_usage)
-            if prefix:
-                yield shape.chunk(i, prefix, include_usage=include_usage)
+        for event in opening(fmt):
+            yield event
         events = first
         while True:
-            for ev in events:
-                t = ev["t"]
-                if t == "d":
-                    stream.committed = True  # from now on a dead worker cannot be hidden by a retry
-                    yield shape.chunk(ev["i"], ev["x"], include_usage=include_usage, lp=ev.get("lp"))
-                elif t == "end":
-                    yield shape.chunk(ev["i"], None, ev["fr"], include_usage=include_usage)
-                elif t == "done":
-                    if include_usage:
-                        yield shape.usage_chunk(ev["u"])
-                    yield "[DONE]"
-                    return
-                elif t == "err":
-                    yield dumps(APIError.from_event(ev).body)
-                    yield "[DONE]"
+            if events != RESTART:
+                sse, ended = render(fmt, events, stream.attempt, stream.last_seq)
+                stream.committed = stream.committed or any(ev["t"] == "d" for ev in events)
+                for event in sse:
+                    yield event
+                if ended:
                     return
             events = await stream.next_events()
     except BrokerError as exc:
-        yield dumps(APIError.from_broker(exc).body)
-        yield "[DONE]"
+        for event in failure(APIError.from_broker(exc).body):
+            yield event
+    except (asyncio.CancelledError, GeneratorExit):
+        if resumable:  # the client may come back for the rest: let the job finish into its replay log
+            stream.close()
+        raise
     finally:
-        await _release(broker, stream)
+        if stream.rid in broker.router.streams:
+            await _release(broker, stream)
 
 
 def _error_event(exc: BrokerError) -> dict[str, Any]:

@@ -13,6 +13,9 @@ class StrictModel(BaseModel):
 
 class StreamOptions(StrictModel):
     include_usage: bool = False
+    #: Extension: keep generating if the client drops, and keep a replay log so it can resume
+    #: with ``GET /v1/streams/{id}`` and ``Last-Event-ID``.
+    resumable: bool = False
 
 
 class ContentPart(BaseModel):
@@ -83,6 +86,10 @@ class SamplingRequest(StrictModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def resumable(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.resumable)
 
 
 class ChatCompletionRequest(SamplingRequest):

@@ -7,6 +7,7 @@ see, then what Redis and the workers did. Screenshots land in test-artifacts/.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable
 
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
@@ -88,6 +89,18 @@ def chat_requests(page: Page) -> list[dict]:
 
     page.on("request", record)
     return sent
+
+
+@contextlib.asynccontextmanager
+async def in_background(request: Awaitable[object]) -> AsyncIterator[None]:
+    """Keep a long request running during the block, then cancel it (closing its connection)."""
+    task = asyncio.ensure_future(request)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 STREAMING_TEXT = """(sel) => {
@@ -230,10 +243,8 @@ async def test_fleet_dashboard_is_live_and_drops_a_killed_worker(stack, page, re
     doomed = stack.spawn_worker("doomed", ["echo"])
     await wait_for(lambda: redis.exists(keys.worker("doomed")))
     gw = await stack.gateway()
-    client = gw.client()
-    load = asyncio.create_task(client.chat.completions.create(
-        model="busy", messages=[{"role": "user", "content": "keep busy"}]))
-    try:
+    load = gw.client().chat.completions.create(model="busy", messages=[{"role": "user", "content": "keep busy"}])
+    async with in_background(load):
         await page.goto(f"{gw.url}/#fleet")
         doomed_row = page.locator('tr[data-worker-id="doomed"]')
         steady_row = page.locator('tr[data-worker-id="steady"]')
@@ -255,17 +266,14 @@ async def test_fleet_dashboard_is_live_and_drops_a_killed_worker(stack, page, re
         assert time.monotonic() - killed <= settings.worker_ttl + 2.5  # TTL + one poll + slack
         await expect(steady_row).to_be_visible()
         await screenshot(page, "ui-fleet-narrow", NARROW)
-    finally:
-        load.cancel()
 
 
 async def test_errors_are_shown_as_readable_messages(stack, page, redis, keys):
     await stack.worker(["ghost"], worker_id="ghost")
     await stack.worker(["busy"], worker_id="busy", max_queue=1, echo_delay=0.1, echo_tokens=100)
     gw = await stack.gateway()
-    load = asyncio.create_task(gw.client().chat.completions.create(
-        model="busy", messages=[{"role": "user", "content": "hog the only slot"}]))
-    try:
+    load = gw.client().chat.completions.create(model="busy", messages=[{"role": "user", "content": "hog the slot"}])
+    async with in_background(load):
         await page.goto(gw.url)
         await expect(page.locator("#chat-model option")).to_have_count(2)
         ghost, ghost_task = stack.workers[0]
@@ -289,8 +297,6 @@ async def test_errors_are_shown_as_readable_messages(stack, page, redis, keys):
             "Every worker of this model is busy: try again in 1 s. (429")
         await expect(page.get_by_role("button", name="Send")).to_be_enabled()
         await screenshot(page, "ui-errors")
-    finally:
-        load.cancel()
 
 
 MARKDOWN_CASES = {

@@ -30,8 +30,9 @@ from broker.connection import connect
 from broker.keys import WORKER_GROUP, Keys
 from broker.protocol import Job, JobKind, error, token_count, unpack
 from broker.registry import Registry, WorkerRecord
+from broker.scripts import Scripts
 from broker.settings import Settings
-from workers.publish import Orphaned, ReplyPublisher
+from workers.publish import Orphaned, ReplayLog, ReplyPublisher
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class BaseModelWorker(abc.ABC):
             engine=self.engine,
             speed=settings.speed,
             max_concurrency=settings.max_concurrency,
-            max_queue=settings.max_queue,
+            max_queue=settings.max_queue or 4 * settings.max_concurrency,
         )
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._draining = asyncio.Event()
@@ -108,6 +109,7 @@ class BaseModelWorker(abc.ABC):
         self._text = connect(self.settings.redis_url, decode=True)  # type: ignore[arg-type]
         self._raw = connect(self.settings.redis_url, decode=False)  # type: ignore[arg-type]
         self.registry = Registry(self._text, self.keys)
+        self.scripts = Scripts.register(self._raw)
         try:
             await self.registry.heartbeat(self.record, self.settings.worker_ttl)
             self._registered.set()
@@ -211,7 +213,9 @@ class BaseModelWorker(abc.ABC):
     # --- one job ---------------------------------------------------------------
     async def _run_job(self, job: Job) -> None:
         assert self._raw is not None
-        publisher = ReplyPublisher(self._raw, job.reply_to, job.request_id, job.attempt)
+        replay = ReplayLog(self.scripts.emit, self.keys.replay(job.request_id), job.replay_ms) \
+            if job.replay_ms else None
+        publisher = ReplyPublisher(self._raw, job.reply_to, job.request_id, job.attempt, replay)
         try:
             if job.expired():
                 log.info("job %s dropped: deadline passed before it started", job.request_id)
@@ -220,7 +224,7 @@ class BaseModelWorker(abc.ABC):
                 log.info("job %s dropped: cancelled while it waited", job.request_id)
                 await publisher.send([CANCELLED])
                 return
-            if not await publisher.listened():
+            if not job.replay_ms and not await publisher.listened():
                 log.info("job %s dropped: its gateway is gone", job.request_id)
                 return
             await publisher.pump(self._events(job))

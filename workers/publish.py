@@ -12,7 +12,10 @@ import asyncio
 import contextlib
 from typing import Any, AsyncIterator
 
+from dataclasses import dataclass
+
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 
 from broker.protocol import TERMINAL_EVENTS, Reply, error
 
@@ -21,19 +24,36 @@ class Orphaned(Exception):
     """Nobody is subscribed to the reply channel any more: the gateway is gone."""
 
 
+@dataclass(frozen=True, slots=True)
+class ReplayLog:
+    """Where a job's messages are also kept, so a client that reconnects can resume its stream."""
+
+    emit: AsyncScript
+    key: str
+    ttl_ms: int
+    max_entries: int = 100_000
+
+
 class ReplyPublisher:
-    def __init__(self, redis: Redis, channel: str, rid: str, attempt: int = 0) -> None:
+    def __init__(self, redis: Redis, channel: str, rid: str, attempt: int = 0, replay: ReplayLog | None = None
+                 ) -> None:
         self.redis = redis
         self.channel = channel
         self.rid = rid
         self.attempt = attempt
+        self.replay = replay
         self.seq = 0
 
     async def send(self, events: list[dict[str, Any]]) -> None:
-        """Publish one message; raises Orphaned when no gateway received it (stop generating)."""
-        reply = Reply(self.rid, self.seq, events, self.attempt)
+        """Publish one message (one Redis command, log included); raises Orphaned when no gateway got it."""
+        data = Reply(self.rid, self.seq, events, self.attempt).encode()
         self.seq += 1
-        if not await self.redis.publish(self.channel, reply.encode()):
+        if self.replay is None:
+            received = await self.redis.publish(self.channel, data)
+        else:
+            r = self.replay
+            received = await r.emit(keys=[r.key], args=[self.channel, data, r.ttl_ms, r.max_entries])
+        if not received and self.replay is None:  # a resumable job keeps going into its log
             raise Orphaned(self.channel)
 
     async def listened(self) -> bool:

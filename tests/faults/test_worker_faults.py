@@ -29,7 +29,7 @@ async def _xlen_at_least(redis, key: str, n: int) -> bool:  # noqa: ANN001
 async def test_worker_killed_with_queued_jobs(stack, redis, keys, outcome):
     """Jobs waiting in a dead worker's stream move to a live worker; the running one is retried
     transparently because its (non-streaming) client has seen nothing yet."""
-    doomed = stack.spawn_worker("doomed", echo_delay=0.2, max_concurrency=1)
+    doomed = stack.spawn_worker("doomed", echo_delay=0.2, max_concurrency=1, max_queue=16)
     await wait_for(lambda: redis.exists(keys.worker("doomed")))
     gw = await stack.gateway()
     client = gw.client(timeout=30)

@@ -1,0 +1,90 @@
+"""Turning reply messages into SSE events with ids, the same way live and on resume.
+
+Event ids are ``p.<j>`` for the opening chunks and ``<attempt>.<seq>.<j>``
+for the ``j``-th chunk rendered from reply message ``seq``: given the replay
+log, a client's ``Last-Event-ID`` names exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from sse_starlette.sse import ServerSentEvent
+
+from gateway.errors import APIError
+from gateway.render import Shape, dumps
+
+
+@dataclass
+class StreamFormat:
+    """Everything a stream's chunks depend on besides the events (kept in the replay log's meta)."""
+
+    shape: Shape
+    n: int = 1
+    include_usage: bool = False
+    prefix: str = ""
+
+    def meta(self, kind: str) -> dict[str, Any]:
+        return {"model": self.shape.model, "kind": kind, "n": self.n, "include_usage": self.include_usage,
+                "prefix": self.prefix, "created": self.shape.created}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], response_id: str) -> "StreamFormat":
+        shape = Shape(chat=meta["kind"] == "chat", model=meta["model"], id=response_id, created=meta["created"])
+        return cls(shape, meta["n"], meta["include_usage"], meta["prefix"])
+
+
+class EventId(NamedTuple):
+    attempt: int
+    seq: int
+    chunk: int
+
+    @classmethod
+    def parse(cls, text: str | None) -> "EventId | None":
+        """``None`` for a missing id or an opening chunk's (``p.j``): resume from the first message."""
+        if not text or text.startswith("p."):
+            return None
+        try:
+            a, s, j = (int(x) for x in text.split("."))
+        except ValueError:
+            raise APIError(400, f"Malformed Last-Event-ID {text!r}.", param="Last-Event-ID") from None
+        return cls(a, s, j)
+
+
+def opening(fmt: StreamFormat) -> list[ServerSentEvent]:
+    """The role chunks (chat) and echoed prompt (completions) that precede any reply message."""
+    data = []
+    for i in range(fmt.n):
+        if fmt.shape.chat:
+            data.append(fmt.shape.chunk(i, role=True, include_usage=fmt.include_usage))
+        if fmt.prefix:
+            data.append(fmt.shape.chunk(i, fmt.prefix, include_usage=fmt.include_usage))
+    return [ServerSentEvent(d, id=f"p.{j}") for j, d in enumerate(data)]
+
+
+def render(fmt: StreamFormat, events: list[dict[str, Any]], attempt: int, seq: int) -> tuple[list[ServerSentEvent], bool]:
+    """The SSE events of one reply message, and whether it ended the stream."""
+    out: list[str] = []
+    ended = False
+    shape = fmt.shape
+    for ev in events:
+        t = ev["t"]
+        if t == "d":
+            out.append(shape.chunk(ev["i"], ev["x"], include_usage=fmt.include_usage, lp=ev.get("lp")))
+        elif t == "end":
+            out.append(shape.chunk(ev["i"], None, ev["fr"], include_usage=fmt.include_usage))
+        elif t == "done":
+            if fmt.include_usage:
+                out.append(shape.usage_chunk(ev["u"]))
+            out.append("[DONE]")
+            ended = True
+        elif t == "err":
+            out += [dumps(APIError.from_event(ev).body), "[DONE]"]
+            ended = True
+    return [ServerSentEvent(d, id=f"{attempt}.{seq}.{j}") for j, d in enumerate(out)], ended
+
+
+def failure(body: dict[str, Any]) -> list[ServerSentEvent]:
+    """An error that is not a worker's message (a lost worker, a timeout): no id, nothing to resume."""
+    return [ServerSentEvent(dumps(body)), ServerSentEvent("[DONE]")]
