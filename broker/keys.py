@@ -61,6 +61,11 @@ class Keys:
         """String with a TTL: which janitor is reclaiming a dead worker's stream."""
         return f"{self.prefix}:reclaim:{worker_id}"
 
+    # --- API keys ----------------------------------------------------------
+    def rate(self, key_id: str, minute: int, what: str) -> str:
+        """Counter with a TTL: an API key's ``requests`` or ``tokens`` in one clock minute."""
+        return f"{self.prefix}:rate:{key_id}:{minute}:{what}"
+
     # --- replies -------------------------------------------------------------
     def replies(self, gateway_id: str) -> str:
         """Pub/sub channel carrying token deltas back to one gateway process."""

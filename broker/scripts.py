@@ -22,6 +22,7 @@ class Scripts:
     finish: AsyncScript
     cancel: AsyncScript
     emit: AsyncScript
+    ratelimit: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> "Scripts":
@@ -31,4 +32,5 @@ class Scripts:
             finish=redis.register_script(_source("finish")),
             cancel=redis.register_script(_source("cancel")),
             emit=redis.register_script(_source("emit")),
+            ratelimit=redis.register_script(_source("ratelimit")),
         )

@@ -8,6 +8,7 @@ everyone already exports.
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import AliasChoices, Field
@@ -65,9 +66,25 @@ class Settings(BaseSettings):
     send_timeout: float = Field(
         default=30.0, gt=0, description="Seconds one SSE write may wait on a client before it is dropped."
     )
+    # --- security and limits (gateway) -----------------------------------------
+    api_keys: list[str] = Field(
+        default_factory=list, description="Accepted API keys (env: a JSON list); empty = no authentication."
+    )
+    api_keys_file: str | None = Field(default=None, description="File of accepted API keys, one per line.")
+    open_paths: list[str] = Field(
+        default_factory=lambda: ["/health", "/metrics"], description="Routes reachable without an API key."
+    )
+    rpm_limit: int = Field(default=0, ge=0, description="Requests per minute per API key, across all gateways; 0 = none.")
+    tpm_limit: int = Field(default=0, ge=0, description="Tokens per minute per API key, across all gateways; 0 = none.")
+    max_body_bytes: int = Field(default=4 * 2**20, ge=1024, description="Largest request body accepted.")
+    max_prompt_chars: int = Field(default=1_000_000, ge=1, description="Longest prompt (all messages) in characters.")
+    max_tokens_cap: int = Field(default=32_768, ge=1, description="Largest max_tokens a request may ask for.")
+    max_messages: int = Field(default=1024, ge=1, description="Most messages in one chat request.")
+    max_n: int = Field(default=16, ge=1, description="Most choices (n) in one request.")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
 
     def to_env(self) -> dict[str, str]:
         """These settings as environment variables, for child processes."""
-        return {f"REDSERVE_{k.upper()}": str(v) for k, v in self.model_dump().items() if v is not None}
+        return {f"REDSERVE_{k.upper()}": json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+                for k, v in self.model_dump().items() if v is not None}

@@ -14,16 +14,18 @@ from broker.client import BrokerClient
 from broker.settings import Settings
 from gateway import console, errors, resume
 from gateway.routes import router
+from gateway.security import APIKeyMiddleware, BodyLimitMiddleware, RateLimiter, load_keys
 
 
 def create_app(settings: Settings) -> FastAPI:
     """Build a gateway. Its Redis connections open in the lifespan, not at import."""
 
+    broker = BrokerClient(settings)
+    limiter = RateLimiter(broker, settings.rpm_limit, settings.tpm_limit)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        broker = BrokerClient(settings)
         await broker.start()
-        app.state.broker = broker
         try:
             yield
         finally:
@@ -31,7 +33,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="redserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
+    app.state.broker = broker
+    app.state.limiter = limiter
     errors.install(app)
+    # Outermost first: an oversized body is refused before anything reads it.
+    app.add_middleware(APIKeyMiddleware, keys=load_keys(settings), open_paths=settings.open_paths, limiter=limiter)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.include_router(router)
     app.include_router(resume.router)
     app.include_router(console.router)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import anyio
 from fastapi.responses import JSONResponse
@@ -18,6 +18,7 @@ from broker.replies import ReplyStream
 
 RESTART = [{"t": "restart"}]
 from gateway.disconnect import ClientGone, unless_disconnected
+from gateway import limits
 from gateway.errors import APIError
 from gateway.render import Shape
 from gateway.sse import StreamFormat, failure, opening, render
@@ -33,6 +34,7 @@ async def generate(
     worker reports up front (a bad parameter, a prompt too long) becomes a
     proper HTTP status even for a streaming request.
     """
+    limits.check(body, broker.settings)
     shape = Shape(chat=kind is JobKind.CHAT, model=body.model)
     fmt = StreamFormat(shape, body.n, body.include_usage, prefix)
     meta = fmt.meta(str(kind)) if body.resumable else None
@@ -55,16 +57,34 @@ async def generate(
         await _release(broker, stream)
         raise
 
+    account = _accountant(request)
     if body.stream:
-        events = _sse(broker, stream, first, fmt, body.resumable)
+        events = _sse(broker, stream, first, fmt, body.resumable, account)
         return EventSourceResponse(events, ping=15, send_timeout=broker.settings.send_timeout,
                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        return JSONResponse(await unless_disconnected(request, _collect(stream, first, fmt.shape, prefix)))
+        whole = await unless_disconnected(request, _collect(stream, first, fmt.shape, prefix))
+        await account(whole["usage"])
+        return JSONResponse(whole)
     except ClientGone:
         return Response(status_code=499)
     finally:
         await _release(broker, stream)
+
+
+Accountant = Callable[[dict[str, int]], Awaitable[None]]
+
+
+def _accountant(request: Request) -> Accountant:
+    """Charges a finished request's tokens to its API key's per-minute budget (a no-op without one)."""
+    kid = request.scope.get("state", {}).get("api_key_id")
+    limiter = request.app.state.limiter
+
+    async def account(usage: dict[str, int]) -> None:
+        if kid and limiter.enabled:
+            await limiter.spend(kid, usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0))
+
+    return account
 
 
 def response_id(kind: JobKind, rid: str) -> str:
@@ -107,7 +127,7 @@ async def _collect(stream: ReplyStream, first: list[dict[str, Any]], shape: Shap
 
 
 async def _sse(broker: BrokerClient, stream: ReplyStream, first: list[dict[str, Any]], fmt: StreamFormat,
-               resumable: bool) -> AsyncIterator[ServerSentEvent]:
+               resumable: bool, account: Accountant) -> AsyncIterator[ServerSentEvent]:
     try:
         for event in opening(fmt):
             yield event
@@ -119,6 +139,7 @@ async def _sse(broker: BrokerClient, stream: ReplyStream, first: list[dict[str, 
                 for event in sse:
                     yield event
                 if ended:
+                    await account(next((ev["u"] for ev in events if ev["t"] == "done"), {}))
                     return
             events = await stream.next_events()
     except BrokerError as exc:

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from broker.client import BrokerClient
 from broker.protocol import JobKind
 from gateway.disconnect import ClientGone, unless_disconnected
+from gateway import limits
 from gateway.errors import APIError
 from gateway.generation import generate, request_id
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest
@@ -110,6 +111,7 @@ async def _one_reply(request: Request, model: str, kind: JobKind, params: dict[s
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     inputs = [body.input] if isinstance(body.input, str) else body.input
+    limits.check_texts(inputs, "input", _broker(request).settings)
     ev = await _one_reply(request, body.model, JobKind.EMBEDDING, {"input": inputs})
     if isinstance(ev, Response):
         return ev
