@@ -23,7 +23,7 @@ def test_every_key_builder_is_documented():
         "workers": k.workers(), "model_workers": k.model_workers("<model>"), "models": k.models(),
         "replies": k.replies("<gateway-id>"), "request": k.request("<request-id>"),
         "dead_letters": k.dead_letters(), "reclaim_lock": k.reclaim_lock("<id>"), "votes": k.votes(),
-        "replay": k.replay("<request-id>"),
+        "replay": k.replay("<request-id>"), "rate": k.rate("<key-id>", "<minute>", "requests"),
     }
     public = {n for n in dir(Keys) if not n.startswith("_") and callable(getattr(Keys, n)) and not n.endswith("_parts")}
     assert public == samples.keys(), "a new key builder needs a row in docs/redis.md and here"
