@@ -40,6 +40,7 @@ class BrokerClient:
         self.janitor = Janitor(self.raw, self.keys, self.dispatcher, interval=settings.worker_ttl / 2) if janitor \
             else None
         self._background: set[asyncio.Task[None]] = set()
+        self.dead_lettered = 0
 
     async def start(self) -> "BrokerClient":
         await self.router.start()
@@ -111,6 +112,7 @@ class BrokerClient:
         stream.worker_id = placed.worker_id
 
     async def dead_letter(self, job: Job, reason: str) -> None:
+        self.dead_lettered += 1
         fields = {**job.to_fields(), "reason": reason, "failed_at": f"{time.time():.3f}"}
         await self.raw.xadd(self.keys.dead_letters(), fields, maxlen=10_000, approximate=True)
 

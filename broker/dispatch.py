@@ -8,6 +8,7 @@ never both see the same worker as idle.
 from __future__ import annotations
 
 import random
+from collections import Counter
 import time
 from dataclasses import dataclass
 
@@ -44,6 +45,8 @@ class Dispatcher:
         self.method = method
         self.scripts = scripts or Scripts.register(redis)
         self._rng = random.Random()
+        #: (method, outcome) -> count, for metrics: outcome is placed, busy, no_worker, unknown_model or gone.
+        self.decisions: Counter[tuple[str, str]] = Counter()
 
     async def dispatch(
         self, job: Job, method: DispatchMethod | None = None, *, move_from: tuple[str, str] | None = None,
@@ -69,12 +72,14 @@ class Dispatcher:
             )
         except ResponseError as exc:
             word, _, message = str(exc).partition(" ")
+            self.decisions[(method or self.method, word.lower())] += 1
             if word in _ERRORS:
                 raise _ERRORS[word](
                     f"The model `{job.model}` does not exist." if word == "UNKNOWN_MODEL" else message,
                     param="model",
                 ) from None
             raise
+        self.decisions[(method or self.method, "placed")] += 1
         return Dispatched(worker_id=_s(wid), entry_id=_s(entry), queue=int(queue))
 
 

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
         description="JSON object of extra vLLM AsyncEngineArgs, e.g. '{\"gpu_memory_utilization\": 0.85}'.",
     )
     api_config: str | None = Field(default=None, description="TOML file of upstreams for the openai engine.")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Port of a worker's Prometheus /metrics (0 = any free port)."
+    )
     echo_tokens: int = Field(default=16, ge=1, description="Tokens an echo worker produces when max_tokens allows.")
     echo_delay: float = Field(default=0.0, ge=0, description="Seconds between echo tokens.")
 

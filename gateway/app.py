@@ -13,6 +13,7 @@ from broker import __version__
 from broker.client import BrokerClient
 from broker.settings import Settings
 from gateway import console, errors, resume
+from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.routes import router
 from gateway.security import APIKeyMiddleware, BodyLimitMiddleware, RateLimiter, load_keys
 
@@ -35,10 +36,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.broker = broker
     app.state.limiter = limiter
+    app.state.metrics = metrics = GatewayMetrics(broker)
     errors.install(app)
-    # Outermost first: an oversized body is refused before anything reads it.
+    # The last added runs first: metrics see every answer, then the body cap, then the API key.
     app.add_middleware(APIKeyMiddleware, keys=load_keys(settings), open_paths=settings.open_paths, limiter=limiter)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(router)
     app.include_router(resume.router)
     app.include_router(console.router)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import anyio
@@ -20,6 +21,7 @@ RESTART = [{"t": "restart"}]
 from gateway.disconnect import ClientGone, unless_disconnected
 from gateway import limits
 from gateway.errors import APIError
+from gateway.metrics import GatewayMetrics, since
 from gateway.render import Shape
 from gateway.sse import StreamFormat, failure, opening, render
 from gateway.schemas import SamplingRequest
@@ -35,6 +37,9 @@ async def generate(
     proper HTTP status even for a streaming request.
     """
     limits.check(body, broker.settings)
+    request.state.model = body.model
+    metrics: GatewayMetrics = request.app.state.metrics
+    started = time.perf_counter()
     shape = Shape(chat=kind is JobKind.CHAT, model=body.model)
     fmt = StreamFormat(shape, body.n, body.include_usage, prefix)
     meta = fmt.meta(str(kind)) if body.resumable else None
@@ -50,6 +55,7 @@ async def generate(
         else:
             if first and first[0]["t"] == "err":
                 raise APIError.from_event(first[0])
+            metrics.ttft.labels(body.model).observe(since(started))
     except ClientGone:
         await _release(broker, stream)
         return Response(status_code=499)  # nobody reads it; the job was cancelled
@@ -57,9 +63,9 @@ async def generate(
         await _release(broker, stream)
         raise
 
-    account = _accountant(request)
+    account = _usage_hook(request, body.model)
     if body.stream:
-        events = _sse(broker, stream, first, fmt, body.resumable, account)
+        events = _sse(broker, stream, first, fmt, body.resumable, account, metrics.itl.labels(body.model))
         return EventSourceResponse(events, ping=15, send_timeout=broker.settings.send_timeout,
                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
@@ -75,12 +81,14 @@ async def generate(
 Accountant = Callable[[dict[str, int]], Awaitable[None]]
 
 
-def _accountant(request: Request) -> Accountant:
-    """Charges a finished request's tokens to its API key's per-minute budget (a no-op without one)."""
+def _usage_hook(request: Request, model: str) -> Accountant:
+    """What happens to a finished request's usage: metrics, and the API key's per-minute token budget."""
     kid = request.scope.get("state", {}).get("api_key_id")
     limiter = request.app.state.limiter
+    tokens = request.app.state.metrics.tokens.labels(model)
 
     async def account(usage: dict[str, int]) -> None:
+        tokens.inc(usage.get("completion_tokens", 0))
         if kid and limiter.enabled:
             await limiter.spend(kid, usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0))
 
@@ -127,13 +135,17 @@ async def _collect(stream: ReplyStream, first: list[dict[str, Any]], shape: Shap
 
 
 async def _sse(broker: BrokerClient, stream: ReplyStream, first: list[dict[str, Any]], fmt: StreamFormat,
-               resumable: bool, account: Accountant) -> AsyncIterator[ServerSentEvent]:
+               resumable: bool, account: Accountant, itl: Any) -> AsyncIterator[ServerSentEvent]:
     try:
         for event in opening(fmt):
             yield event
         events = first
+        last = time.perf_counter()
         while True:
             if events != RESTART:
+                if stream.last_seq > 0:
+                    itl.observe(since(last))
+                last = time.perf_counter()
                 sse, ended = render(fmt, events, stream.attempt, stream.last_seq)
                 stream.committed = stream.committed or any(ev["t"] == "d" for ev in events)
                 for event in sse:

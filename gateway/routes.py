@@ -34,6 +34,11 @@ async def health(request: Request) -> dict[str, Any]:
     return {"status": "ok", "workers": len(workers), "gateway_id": broker.router.gateway_id}
 
 
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     """Models with at least one live worker."""

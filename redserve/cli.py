@@ -12,9 +12,10 @@ import typing
 from typing import Any, Sequence
 
 from broker.settings import Settings
+from redserve import chat
 
 REDIS_FLAGS = ["redis_url", "key_prefix"]
-WORKER_FLAGS = ["model_path", "vllm_engine_args", "api_config", "worker_ttl", "heartbeat_interval", "max_concurrency", "max_queue", "speed", "drain_timeout",
+WORKER_FLAGS = ["metrics_port", "model_path", "vllm_engine_args", "api_config", "worker_ttl", "heartbeat_interval", "max_concurrency", "max_queue", "speed", "drain_timeout",
                 "echo_tokens", "echo_delay"]
 #: Engines that load a model directory from this machine.
 LOCAL_ENGINES = ("hf", "vllm")
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", parents=[common], help="Print the live workers, like `docker ps`.")
     _add_settings_flags(st, REDIS_FLAGS)
+
+    chat.add_parser(sub, common)
     return parser
 
 
@@ -115,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from redserve.status import print_status
 
         return asyncio.run(print_status(settings))
+    if args.command == "chat":
+        return chat.run(args)
     return 2
 
 

@@ -32,6 +32,7 @@ from broker.protocol import Job, JobKind, error, token_count, unpack
 from broker.registry import Registry, WorkerRecord
 from broker.scripts import Scripts
 from broker.settings import Settings
+from workers.metrics import serve_metrics
 from workers.publish import Orphaned, ReplayLog, ReplyPublisher
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class BaseModelWorker(abc.ABC):
         self._slot_freed = asyncio.Event()
         #: Request ids cancelled before the job was read, with when (monotonic).
         self._cancelled: dict[str, float] = {}
+        self.metrics_port: int | None = None
         self._text: Redis | None = None
         self._raw: Redis | None = None
 
@@ -110,8 +112,11 @@ class BaseModelWorker(abc.ABC):
         self._raw = connect(self.settings.redis_url, decode=False)  # type: ignore[arg-type]
         self.registry = Registry(self._text, self.keys)
         self.scripts = Scripts.register(self._raw)
+        if self.settings.metrics_port is not None:
+            self.metrics_port = serve_metrics(self, self.settings.host, self.settings.metrics_port)
+            log.info("worker %s metrics on http://%s:%d/metrics", self.id, self.settings.host, self.metrics_port)
         try:
-            await self.registry.heartbeat(self.record, self.settings.worker_ttl)
+            self.record.queue = await self.registry.heartbeat(self.record, self.settings.worker_ttl)
             self._registered.set()
             log.info("worker %s serving %s", self.id, ",".join(self.record.models))
             async with asyncio.TaskGroup() as tg:
@@ -137,7 +142,7 @@ class BaseModelWorker(abc.ABC):
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
             try:
-                await self.registry.heartbeat(self.record, self.settings.worker_ttl)
+                self.record.queue = await self.registry.heartbeat(self.record, self.settings.worker_ttl)
             except (RedisConnectionError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
 
@@ -239,7 +244,7 @@ class BaseModelWorker(abc.ABC):
         finally:
             self.record.jobs_done += 1
             with contextlib.suppress(Exception):
-                await self.registry.finish(self.record, job.entry_id)
+                self.record.queue = await self.registry.finish(self.record, job.entry_id)
 
     async def _events(self, job: Job) -> AsyncIterator[dict[str, Any]]:
         """The engine's events, with errors turned into a terminal error event."""
