@@ -1,10 +1,11 @@
-"""``redserve status``: the live workers as a table, read from the same keys redis-cli shows."""
+"""``redserve status`` and ``redserve inspect``: read from the same keys redis-cli shows."""
 
 from __future__ import annotations
 
 import time
 
 from broker.connection import connect
+from broker.inspect import locate
 from broker.keys import Keys
 from broker.registry import Registry, WorkerRecord
 from broker.settings import Settings
@@ -33,6 +34,18 @@ async def print_status(settings: Settings) -> int:
         await redis.aclose()
     print(table(COLUMNS, rows(workers, time.time())))
     return 0
+
+
+async def print_location(settings: Settings, response_id: str) -> int:
+    """Exit status 0 when the request is known, 1 when it is not."""
+    rid = response_id.removeprefix("chatcmpl-").removeprefix("cmpl-")
+    redis = connect(settings.redis_url, decode=True)  # type: ignore[arg-type]
+    try:
+        where = await locate(redis, Keys(settings.key_prefix), rid)
+    finally:
+        await redis.aclose()
+    print(where.describe())
+    return 0 if where.state != "unknown" else 1
 
 
 def _ago(seconds: float) -> str:

@@ -106,3 +106,36 @@ async def test_status_prints_live_workers(stack, redis_url):
     header, *rows = r.stdout.strip().splitlines()
     assert header.split()[:3] == ["WORKER", "ID", "MODELS"]
     assert len(rows) == 1 and rows[0].split()[:4] == ["w-status", "echo,other", "echo", "ready"]
+
+
+async def test_inspect_says_where_a_request_is(stack, redis_url):
+    import asyncio
+
+    w = await stack.worker(["echo"], worker_id="w-inspect", echo_delay=0.2, max_concurrency=1)
+    gw = await stack.gateway()
+    client = gw.client()
+    calls = [asyncio.create_task(client.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": f"inspect {i}"}])) for i in range(3)]
+    while len(w.tasks) < 1:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)
+    running = next(iter(w.tasks))
+
+    def inspect(rid: str) -> subprocess.CompletedProcess[str]:
+        return run("inspect", f"chatcmpl-{rid}", "--redis-url", redis_url)
+
+    r = await asyncio.to_thread(inspect, running)
+    assert r.returncode == 0 and f"{running}: running on worker w-inspect" in r.stdout, r.stdout
+    import redis.asyncio as aioredis
+
+    raw = aioredis.Redis.from_url(redis_url)
+    entries = await raw.xrange("redserve:worker:w-inspect:jobs")
+    await raw.aclose()
+    queued = [f[b"request_id"].decode() for _, f in entries if f[b"request_id"].decode() != running]
+    r = await asyncio.to_thread(inspect, queued[-1])
+    assert "queued on worker w-inspect, 2 of 2 waiting" in r.stdout, r.stdout
+    await asyncio.gather(*calls)
+    r = await asyncio.to_thread(inspect, running)
+    assert "finished" in r.stdout
+    r = await asyncio.to_thread(inspect, "nope")
+    assert r.returncode == 1 and "unknown" in r.stdout
