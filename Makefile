@@ -19,13 +19,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,hf]'
 	touch $@
 
-# redis-server (tests start their own on a free port) and redis-cli (the
-# schema test runs the commands docs/redis.md documents).
+# redis-server (tests start their own on a free port), redis-cli (the schema test runs the
+# commands docs/redis.md documents), chromium (the web UI's browser tests) and docker-compose
+# (validates compose.yaml; there is no Docker engine here, the smoke test runs its services locally).
 system-deps:
-	@if ! command -v redis-cli >/dev/null || ! command -v redis-server >/dev/null; then \
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
+	test -x /usr/bin/chromium || missing="$$missing chromium"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null; \
-		else echo "need redis-server and redis-cli (Debian: apt-get install redis-server redis-tools)"; exit 1; fi; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else echo "need:$$missing (Debian: apt-get install$$missing)"; exit 1; fi; \
 	fi
 
 up: install

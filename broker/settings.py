@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     )
     # --- security and limits (gateway) -----------------------------------------
     api_keys: list[str] = Field(
-        default_factory=list, description="Accepted API keys (env: a JSON list); empty = no authentication."
+        default_factory=list, description="Accepted API keys; none = no authentication."
     )
     api_keys_file: str | None = Field(default=None, description="File of accepted API keys, one per line.")
     open_paths: list[str] = Field(
@@ -84,7 +84,23 @@ class Settings(BaseSettings):
     max_tokens_cap: int = Field(default=32_768, ge=1, description="Largest max_tokens a request may ask for.")
     max_messages: int = Field(default=1024, ge=1, description="Most messages in one chat request.")
     max_n: int = Field(default=16, ge=1, description="Most choices (n) in one request.")
-    host: str = "127.0.0.1"
+    # --- batch jobs ------------------------------------------------------------
+    batch_concurrency: int = Field(default=64, ge=1, description="Batch jobs one batch runner works on at once.")
+    batch_share: float = Field(
+        default=0.75, gt=0,
+        description="Batch jobs are dispatched only while some worker's queue is below this share of its "
+                    "max_concurrency (at least 1 slot), so interactive requests keep the rest.",
+    )
+    batch_lease: float = Field(
+        default=10.0, gt=0, description="Seconds a batch runner's claim on a job lasts unrenewed; a killed "
+                                        "runner's jobs run again after it.",
+    )
+    batch_max_file_bytes: int = Field(default=32 * 2**20, ge=1024, description="Largest file /v1/files stores.")
+    batch_max_requests: int = Field(default=50_000, ge=1, description="Most requests in one batch.")
+    batch_ttl: float = Field(
+        default=7 * 86400.0, gt=0, description="Seconds files, batches and job results stay in Redis."
+    )
+    host: str = Field(default="127.0.0.1", description="Address to listen on (a gateway's HTTP, a worker's metrics).")
     port: int = Field(default=8000, ge=0, le=65535)
 
     def to_env(self) -> dict[str, str]:

@@ -39,7 +39,7 @@ class Vote(StrictModel):
     system: str = Field(default="", max_length=MAX_TEXT)
     left_reply: str = Field(default="", max_length=MAX_TEXT)
     right_reply: str = Field(default="", max_length=MAX_TEXT)
-    params: dict[str, float | int | str | None] = Field(default_factory=dict, max_length=32)
+    params: dict[str, int | float | str | None] = Field(default_factory=dict, max_length=32)
 
     def to_fields(self) -> dict[str, str]:
         """Plain strings, so ``XRANGE`` in redis-cli reads like the record it is."""

@@ -12,33 +12,42 @@ import typing
 from typing import Any, Sequence
 
 from broker.settings import Settings
-from redserve import chat
+from redserve import batch_cli, chat
 
 REDIS_FLAGS = ["redis_url", "key_prefix"]
-WORKER_FLAGS = ["metrics_port", "model_path", "vllm_engine_args", "api_config", "worker_ttl", "heartbeat_interval", "max_concurrency", "max_queue", "speed", "drain_timeout",
+WORKER_FLAGS = ["host", "metrics_port", "model_path", "vllm_engine_args", "api_config", "worker_ttl", "heartbeat_interval", "max_concurrency", "max_queue", "speed", "drain_timeout",
                 "echo_tokens", "echo_delay"]
 #: Engines that load a model directory from this machine.
 LOCAL_ENGINES = ("hf", "vllm")
-GATEWAY_FLAGS = ["host", "port", "dispatch_method", "reply_timeout"]
+GATEWAY_FLAGS = ["host", "port", "dispatch_method", "reply_timeout", "max_attempts", "replay_window",
+                 "stream_buffer", "send_timeout", "api_keys", "api_keys_file", "open_paths", "rpm_limit", "tpm_limit",
+                 "max_body_bytes", "max_prompt_chars", "max_tokens_cap", "max_messages", "max_n"]
+BATCH_RUNNER_FLAGS = ["reply_timeout", "max_attempts", "batch_concurrency", "batch_share", "batch_lease",
+                      "batch_max_requests", "batch_ttl", "api_keys", "api_keys_file"]
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:
     """One flag per settings field, with the field's description, env name and default as help."""
-    for name in names:
+    for name in dict.fromkeys(names):  # in order, each once (up takes gateway and worker flags)
         field = Settings.model_fields[name]
         ann = field.annotation
         kwargs: dict[str, Any] = {}
         args = [a for a in typing.get_args(ann) if a is not type(None)]
         if typing.get_origin(ann) is typing.Literal:
             kwargs["choices"] = list(typing.get_args(ann))
+        elif typing.get_origin(ann) is list:
+            kwargs["nargs"] = "*"
         elif ann in (int, float):
             kwargs["type"] = ann
         elif args and all(isinstance(a, str) for a in args):
             kwargs["choices"] = args
         env = "REDIS_URL or REDSERVE_REDIS_URL" if name == "redis_url" else f"REDSERVE_{name.upper()}"
+        if typing.get_origin(ann) is list:
+            env += " as a JSON list"
         desc = (field.description or name.replace("_", " ")).rstrip(".")
+        default = field.get_default(call_default_factory=True)
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
-                            help=f"{desc} [env {env}; default {field.default!r}]", **kwargs)
+                            help=f"{desc} [env {env}; default {default!r}]", **kwargs)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -82,7 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", parents=[common], help="Print the live workers, like `docker ps`.")
     _add_settings_flags(st, REDIS_FLAGS)
 
+    ins = sub.add_parser("inspect", parents=[common], help="Say where a request is: queued, running on which "
+                                                           "worker, or finished.")
+    ins.add_argument("request_id", help="The id of its response (chatcmpl-..., cmpl-...) or the bare request id.")
+    _add_settings_flags(ins, REDIS_FLAGS)
+
+    br = sub.add_parser("batch-runner", parents=[common],
+                        help="Run one batch runner: works batch jobs through the same workers, interactive first.")
+    _add_settings_flags(br, REDIS_FLAGS + BATCH_RUNNER_FLAGS)
+
     chat.add_parser(sub, common)
+    batch_cli.add_parser(sub, common)
     return parser
 
 
@@ -118,8 +137,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         from redserve.status import print_status
 
         return asyncio.run(print_status(settings))
+    if args.command == "inspect":
+        _need_redis(settings)
+        from redserve.status import print_location
+
+        return asyncio.run(print_location(settings, args.request_id))
     if args.command == "chat":
         return chat.run(args)
+    if args.command == "batch-runner":
+        _need_redis(settings)
+        from broker.batch_runner import serve
+
+        asyncio.run(serve(settings))
+        return 0
+    if args.command == "batch":
+        return batch_cli.run(args)
     return 2
 
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import AsyncIterator, Awaitable
 
+import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
@@ -150,6 +151,9 @@ async def test_chat_streams_markdown_and_keeps_the_conversation(stack, page):
     await expect(page.locator(".msg.assistant").last.locator(".body")).to_have_text(
         "".join(echo_tokens("second turn", 10)))
     await screenshot(page, "ui-chat-wide")
+    await page.emulate_media(color_scheme="dark")
+    await screenshot(page, "ui-chat-dark")
+    await page.emulate_media(color_scheme="light")
 
     first_reply = "".join(echo_tokens(first, 10))
     system = {"role": "system", "content": "Be brief."}
@@ -294,7 +298,7 @@ async def test_errors_are_shown_as_readable_messages(stack, page, redis, keys):
         await page.get_by_label("Message", exact=True).fill("me too")
         await page.get_by_label("Message", exact=True).press("Enter")
         await expect(page.locator(".msg.error").last.locator(".note")).to_contain_text(
-            "Every worker of this model is busy: try again in 1 s. (429")
+            "Too busy right now: try again in 1 s. (429")
         await expect(page.get_by_role("button", name="Send")).to_be_enabled()
         await screenshot(page, "ui-errors")
 
@@ -324,9 +328,36 @@ MARKDOWN_CASES = {
 }
 
 
+async def test_console_endpoints_report_the_fleet_and_check_votes(stack, redis, keys):
+    await stack.worker(["echo"], worker_id="w1")
+    gw = await stack.gateway()
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        fleet = (await http.get("/api/fleet")).json()
+        assert abs(fleet["now"] - time.time()) < 5
+        assert [(w["id"], w["models"], w["status"]) for w in fleet["workers"]] == [("w1", ["echo"], "ready")]
+        assert {"queue", "tokens_out", "jobs_done", "last_heartbeat", "engine"} <= fleet["workers"][0].keys()
+
+        vote = {"winner": "tie", "left_model": "a", "right_model": "b", "prompt": "p", "params": {"max_tokens": 10}}
+        created = await http.post("/api/votes", json=vote)
+        assert created.status_code == 201
+        [(entry_id, fields)] = await redis.xrange(keys.votes())
+        assert created.json() == {"id": entry_id}
+        assert (fields["winner"], fields["params"], fields["left_reply"]) == ("tie", '{"max_tokens": 10}', "")
+
+        refused = await http.post("/api/votes", json={**vote, "winner": "left-ish"})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "winner"
+        extra = await http.post("/api/votes", json={**vote, "comment": "x"})
+        assert extra.status_code == 400 and "comment" in extra.json()["error"]["message"]
+        assert await redis.xlen(keys.votes()) == 1
+
+
 async def test_markdown_renderer_is_safe_and_covers_the_basics(stack, page):
     gw = await stack.gateway()
+    await page.set_viewport_size(NARROW)
     await page.goto(gw.url)
+    await expect(page.get_by_role("status").last).to_contain_text("No live model")
+    assert not await page.locator("#params-panel").get_attribute("open")  # folded on a narrow window
+    await screenshot(page, "ui-narrow-empty")
     rendered = await page.evaluate("""async (cases) => {
         const { renderMarkdown } = await import('/markdown.js');
         return cases.map((source) => {

@@ -1,84 +1,119 @@
-// A minimal chat page over the gateway's own OpenAI API: streamed replies, Stop cancels
-// the request (the gateway then cancels the job on its worker).
-const $ = (id) => document.getElementById(id);
-const history = [];
-let controller = null;
+// The Chat view: multi-turn conversation with one model, streamed and rendered as Markdown.
+// Stop aborts the fetch; the gateway notices the disconnect and cancels the job on its worker.
+import { FINISH_NOTES, streamChat } from "./api.js";
+import { el, liveMarkdown, submitOnEnter } from "./dom.js";
 
-async function loadModels() {
-  const res = await fetch("/v1/models");
-  const { data } = await res.json();
-  $("model").replaceChildren(...data.map((m) => new Option(`${m.id} (${m.workers} worker${m.workers === 1 ? "" : "s"})`, m.id)));
-  if (!data.length) $("status").textContent = "No live model: start a worker.";
-}
+/**
+ * Wires the chat section. `params` is the shared settings panel (see params.js);
+ * `onFailure` runs after a failed request (the model lists may be stale).
+ */
+export function createChat(root, params, onFailure = () => {}) {
+  const $ = (sel) => root.querySelector(sel);
+  const log = $(".log");
+  const form = $("form");
+  const prompt = $("textarea");
+  const model = $("#chat-model");
+  const buttons = { send: $("#chat-send"), stop: $("#chat-stop"), regenerate: $("#chat-regenerate"), clear: $("#chat-clear") };
+  // Each turn: { role, content, node, status } with status streaming | done | stopped | error.
+  const turns = [];
+  let controller = null;
 
-function bubble(role, text = "") {
-  const div = document.createElement("div");
-  div.className = `msg ${role}`;
-  div.textContent = text;
-  $("log").append(div);
-  div.scrollIntoView({ block: "end" });
-  return div;
-}
-
-async function send(text) {
-  history.push({ role: "user", content: text });
-  bubble("user", text);
-  const out = bubble("assistant");
-  controller = new AbortController();
-  $("send").disabled = true;
-  $("stop").disabled = false;
-  let reply = "";
-  try {
-    const res = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ model: $("model").value, messages: history, stream: true }),
-      signal: controller.signal,
-    });
-    if (!res.ok) throw new Error((await res.json()).error?.message || res.statusText);
-    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buf = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buf += value;
-      const lines = buf.split("\n");
-      buf = lines.pop();
-      for (const line of lines) {
-        if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
-        const obj = JSON.parse(line.slice(6));
-        if (obj.error) throw new Error(obj.error.message);
-        reply += obj.choices?.[0]?.delta?.content || "";
-        out.textContent = reply;
-      }
-    }
-    history.push({ role: "assistant", content: reply });
-  } catch (err) {
-    if (err.name === "AbortError") {
-      out.textContent = reply + " [stopped]";
-      if (reply) history.push({ role: "assistant", content: reply });
-    } else {
-      out.classList.add("error");
-      out.textContent = `Error: ${err.message}`;
-      history.pop();
-    }
-  } finally {
-    controller = null;
-    $("send").disabled = false;
-    $("stop").disabled = true;
+  function sync() {
+    const busy = controller !== null;
+    buttons.send.disabled = busy;
+    buttons.stop.disabled = !busy;
+    buttons.regenerate.disabled = busy || !turns.some((t) => t.role === "user");
+    buttons.clear.disabled = busy || turns.length === 0;
   }
-}
 
-$("composer").addEventListener("submit", (e) => {
-  e.preventDefault();
-  const text = $("prompt").value.trim();
-  if (!text || controller) return;
-  $("prompt").value = "";
-  send(text);
-});
-$("prompt").addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
-});
-$("stop").addEventListener("click", () => controller?.abort());
-$("clear").addEventListener("click", () => { history.length = 0; $("log").replaceChildren(); });
-loadModels().catch((e) => { $("status").textContent = `Cannot list models: ${e.message}`; });
+  /** The history a request sends: failed and empty replies are left out. */
+  function history() {
+    return turns
+      .filter((t) => t.role === "user" || (t.content && t.status !== "error"))
+      .map((t) => ({ role: t.role, content: t.content }));
+  }
+
+  function addTurn(role, content, who) {
+    const body = el("div", { class: "body" });
+    const node = el("article", { class: `msg ${role}`, "aria-label": who }, el("div", { class: "who" }, who), body);
+    const turn = { role, content, node, body, status: "done" };
+    if (role === "user") body.textContent = content;
+    turns.push(turn);
+    log.append(node);
+    log.scrollTop = log.scrollHeight;
+    return turn;
+  }
+
+  function finish(turn, status, note) {
+    turn.status = status;
+    turn.node.setAttribute("aria-busy", "false");
+    turn.node.classList.toggle("error", status === "error");
+    if (note) turn.node.append(el("p", { class: "note", role: status === "error" ? "alert" : null }, note));
+  }
+
+  async function reply() {
+    const name = model.value;
+    if (!name) {
+      finish(addTurn("assistant", "", "redserve"), "error", "No model to talk to: start a worker, then pick it.");
+      return;
+    }
+    const messages = params.messages(history());
+    const turn = addTurn("assistant", "", name);
+    turn.status = "streaming";
+    turn.node.setAttribute("aria-busy", "true");
+    const view = liveMarkdown(turn.body, log);
+    controller = new AbortController();
+    sync();
+    try {
+      const { finishReason } = await streamChat(
+        { model: name, messages, ...params.sampling() },
+        {
+          signal: controller.signal,
+          onDelta: (piece) => {
+            turn.content += piece;
+            view.update(turn.content);
+          },
+        },
+      );
+      finish(turn, "done", FINISH_NOTES[finishReason]);
+    } catch (err) {
+      const stopped = err.name === "AbortError";
+      finish(turn, stopped ? "stopped" : "error", stopped ? FINISH_NOTES.stopped : err.message);
+      if (!stopped) onFailure();
+    } finally {
+      view.flush();
+      controller = null;
+      sync();
+      prompt.focus();
+    }
+  }
+
+  function send(text) {
+    addTurn("user", text, "You");
+    return reply();
+  }
+
+  function regenerate() {
+    while (turns.length && turns[turns.length - 1].role === "assistant") turns.pop().node.remove();
+    if (turns.length) reply();
+  }
+
+  function clear() {
+    turns.splice(0).forEach((t) => t.node.remove());
+    sync();
+  }
+
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const text = prompt.value.trim();
+    if (!text || controller) return;
+    prompt.value = "";
+    send(text);
+  });
+  submitOnEnter(prompt, form);
+  buttons.stop.addEventListener("click", () => controller?.abort());
+  buttons.regenerate.addEventListener("click", regenerate);
+  buttons.clear.addEventListener("click", clear);
+  sync();
+  return { selects: [model] };
+}

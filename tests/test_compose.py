@@ -1,0 +1,91 @@
+"""compose.yaml stays runnable: docker-compose validates it, and each service's command and environment
+run here as local processes (no Docker engine on these machines) and serve a request."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from openai import OpenAI
+
+from redserve.redis_server import free_port
+from workers.tiny_model import build_tiny_model
+
+COMPOSE = Path(__file__).parent.parent / "compose.yaml"
+
+
+def docker_compose() -> str:
+    found = shutil.which("docker-compose")
+    if not found:
+        pytest.fail("docker-compose is not installed: `make test` installs it (Debian package docker-compose)")
+    return found
+
+
+def test_docker_compose_validates_the_file():
+    for profile in ([], ["--profile", "hf"]):
+        r = subprocess.run([docker_compose(), "-f", str(COMPOSE), *profile, "config"], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    config = yaml.safe_load(r.stdout)
+    redis = config["services"]["redis"]
+    assert "--appendonly" in redis["command"] and "noeviction" in redis["command"]
+    assert redis["healthcheck"]["test"][-1] == "ping"
+    for name, svc in config["services"].items():
+        if name != "redis":
+            assert svc["depends_on"]["redis"]["condition"] == "service_healthy", name
+            assert svc["environment"]["REDIS_URL"].startswith("redis://redis:"), name
+
+
+def local_command(command: list[str], replacements: dict[str, str]) -> list[str]:
+    """The service's command as a local process: `redserve` via this Python, flag values swapped."""
+    assert command[0] == "redserve"
+    argv = [sys.executable, "-m", "redserve", *command[1:]]
+    for i, arg in enumerate(argv[:-1]):
+        if arg in replacements:
+            argv[i + 1] = replacements[arg]
+    return argv
+
+
+def test_every_service_runs_locally_and_serves(redis_url, tmp_path):
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    port = free_port()
+    tiny = build_tiny_model(tmp_path / "tiny")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for name, svc in services.items():
+            if name == "redis":
+                continue
+            env = {**os.environ, **{k: str(v) for k, v in svc["environment"].items()}, "REDIS_URL": redis_url}
+            argv = local_command(svc["command"], {"--port": str(port), "--metrics-port": "0", "--host": "127.0.0.1",
+                                                  "--model-path": str(tiny)})
+            for _ in range(svc.get("scale", 1)):
+                procs.append(subprocess.Popen(argv, env=env))
+        base = f"http://127.0.0.1:{port}"
+        want = {"echo": services["worker-echo"]["scale"], "tiny": 1}
+        deadline = time.monotonic() + 60
+        seen: dict[str, int] = {}
+        while time.monotonic() < deadline and seen != want:
+            try:
+                seen = {m["id"]: m["workers"] for m in httpx.get(f"{base}/v1/models", timeout=2).json()["data"]}
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        assert seen == want
+        client = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        for model in want:
+            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "compose"}],
+                                               max_tokens=4)
+            assert r.usage.completion_tokens == 4, model
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(30) for p in procs]
+    assert codes == [0] * len(procs)
