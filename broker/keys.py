@@ -76,6 +76,35 @@ class Keys:
         """Stream of side-by-side votes cast in the web UI, one readable entry per vote."""
         return f"{self.prefix}:votes"
 
+    # --- batch jobs ----------------------------------------------------------
+    def batch_queue(self) -> str:
+        """Sorted set: arq's queue of batch jobs (member = job id, score = when it may run, ms)."""
+        return f"{self.prefix}:batch:queue"
+
+    def batch_runner_health(self) -> str:
+        """String with a TTL: the live batch runners' last health line (arq's health check key)."""
+        return f"{self.prefix}:batch:queue:health-check"
+
+    def batch_job_result(self, job_id: str) -> str:
+        """String with a TTL: a Python API job's one stored result (msgpack ``{status_code, body}``)."""
+        return f"{self.prefix}:batch:result:{job_id}"
+
+    def batch(self, batch_id: str) -> str:
+        """Hash with a TTL: one OpenAI batch (status, timestamps, request counts, file ids)."""
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def batch_results(self, batch_id: str) -> str:
+        """Hash with a TTL: an OpenAI batch's output lines so far, field = request index, set exactly once."""
+        return f"{self.prefix}:batch:{batch_id}:results"
+
+    def batches(self) -> str:
+        """Sorted set: every OpenAI batch id, score = created_at (ms), for listing newest first."""
+        return f"{self.prefix}:batches"
+
+    def file(self, file_id: str) -> str:
+        """Hash with a TTL: an uploaded or generated file (``content`` plus OpenAI's file fields)."""
+        return f"{self.prefix}:file:{file_id}"
+
     # --- pieces for Lua -----------------------------------------------------
     # A worker's models (and a chosen worker's id) are only known inside the
     # Lua scripts, so they build those names from these pieces.

@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from broker import __version__
 from broker.client import BrokerClient
 from broker.settings import Settings
-from gateway import console, errors, resume
+from gateway import batches, console, errors, resume
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.routes import router
 from gateway.security import APIKeyMiddleware, BodyLimitMiddleware, RateLimiter, load_keys
@@ -40,11 +40,12 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     # The last added runs first: metrics see every answer, then the body cap, then the API key.
     app.add_middleware(APIKeyMiddleware, keys=load_keys(settings), open_paths=settings.open_paths, limiter=limiter)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, exempt=("/v1/files",))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(router)
     app.include_router(resume.router)
     app.include_router(console.router)
+    app.include_router(batches.router)
     ui_dir = resources.files("ui")
     app.mount("/", StaticFiles(directory=str(ui_dir), html=True), name="ui")
     return app

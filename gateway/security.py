@@ -111,12 +111,14 @@ class APIKeyMiddleware:
 class BodyLimitMiddleware:
     """Refuse bodies over the cap: by Content-Length up front; a chunked body is read (up to the cap) first."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt: tuple[str, ...] = ()) -> None:
+        """``exempt``: path prefixes that enforce their own, larger cap (batch file uploads)."""
         self.app = app
         self.max_bytes = max_bytes
+        self.exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"].startswith(self.exempt):
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")

@@ -84,6 +84,16 @@ def test_every_service_runs_locally_and_serves(redis_url, tmp_path):
             r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "compose"}],
                                                max_tokens=4)
             assert r.usage.completion_tokens == 4, model
+        # The batch runner service works the OpenAI Batch API through the same workers.
+        line = '{"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions", ' \
+               '"body": {"model": "echo", "messages": [{"role": "user", "content": "batched"}], "max_tokens": 4}}'
+        upload = client.files.create(file=("in.jsonl", line.encode()), purpose="batch")
+        batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        while batch.status not in ("completed", "failed", "expired", "cancelled") and time.monotonic() < deadline + 60:
+            time.sleep(0.2)
+            batch = client.batches.retrieve(batch.id)
+        assert batch.status == "completed" and batch.request_counts.completed == 1
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

@@ -10,6 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError
 
+from batchkit import spawn_runner
+from broker.batch import BatchClient
 from redserve.redis_server import RedisServer, free_port
 from support import Stack, wait_for
 from workers.echo import echo_tokens
@@ -55,6 +57,13 @@ async def test_stack_runs_with_least_privilege_users(acl_redis, settings):
         assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == \
             "".join(echo_tokens("acl stream", 8))
         assert proc.poll() is None  # the worker never tripped over a missing permission
+        runner = spawn_runner(stack.settings, redis_url=url(acl_redis, "redserve-batch-runner", "runner-secret"))
+        stack.procs.append(runner)
+        async with BatchClient(settings=stack.settings) as batch:
+            job = await batch.enqueue_chat(model="echo", messages=[{"role": "user", "content": "acl batch"}])
+            result = await job.result(timeout=30)
+        assert result["choices"][0]["message"]["content"] == "".join(echo_tokens("acl batch", 8))
+        assert runner.poll() is None
     finally:
         await stack.close()
 

@@ -24,6 +24,9 @@ def test_every_key_builder_is_documented():
         "replies": k.replies("<gateway-id>"), "request": k.request("<request-id>"),
         "dead_letters": k.dead_letters(), "reclaim_lock": k.reclaim_lock("<id>"), "votes": k.votes(),
         "replay": k.replay("<request-id>"), "rate": k.rate("<key-id>", "<minute>", "requests"),
+        "batch_queue": k.batch_queue(), "batch_runner_health": k.batch_runner_health(),
+        "batch_job_result": k.batch_job_result("<job-id>"), "batch": k.batch("<batch-id>"),
+        "batch_results": k.batch_results("<batch-id>"), "batches": k.batches(), "file": k.file("<file-id>"),
     }
     public = {n for n in dir(Keys) if not n.startswith("_") and callable(getattr(Keys, n)) and not n.endswith("_parts")}
     assert public == samples.keys(), "a new key builder needs a row in docs/redis.md and here"

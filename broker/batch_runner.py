@@ -1,0 +1,248 @@
+"""The batch runner: an arq worker that runs batch jobs through the same dispatcher and workers as everyone.
+
+Run it as ``redserve batch-runner`` or ``arq broker.batch_runner.WorkerSettings``.
+
+Each request goes through the gateway application itself, called in process
+(no socket): a batch line *is* the HTTP request it describes, so it is
+validated, limited, dispatched and rendered exactly as if a client had sent
+it, and its status code and body are what that client would have got. The
+runner only adds three things around it: room on the workers first
+(``broker.batch_admission``), patience with a busy or absent model (a 429,
+or a 503 ``no_worker``: wait and try again), and storing the one result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+import httpx
+
+from broker.batch import MAX_TRIES, Attempt, BatchClient, Task, worker_options
+from broker.batch_admission import Admission
+from broker.batch_store import TERMINAL, NotFound, Request, line_problem, parse_requests
+from broker.client import BrokerClient
+from broker.keys import Keys
+from broker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: 503 codes that mean "not now" (no live worker, Redis was restarted): the request is sent again.
+NOT_NOW = frozenset({"no_worker", "reply_lost", "redis_unavailable"})
+EXPIRED = "This request could not be executed before the batch's completion window expired."
+
+
+class Runner:
+    """What arq calls for each batch job (see ``broker.batch.Handler``)."""
+
+    def __init__(self, settings: Settings, http: httpx.AsyncClient, broker: BrokerClient, batches: BatchClient,
+                 stack: contextlib.AsyncExitStack) -> None:
+        self.settings = settings
+        self.http = http
+        self.batches = batches
+        self.store = batches.store
+        self.admission = Admission(broker.text, broker.keys, settings.batch_share)
+        self._stack = stack
+
+    @classmethod
+    async def create(cls, settings: Settings) -> "Runner":
+        """Start an in-process gateway app (its lifespan opens the broker) and a client to call it."""
+        from gateway.app import create_app  # the gateway is what runs each request
+        from gateway.security import load_keys
+
+        settings = settings.model_copy(update={"dispatch_method": "shortest_queue"})
+        app = create_app(settings)
+        stack = contextlib.AsyncExitStack()
+        await stack.enter_async_context(app.router.lifespan_context(app))
+        broker: BrokerClient = app.state.broker
+        broker.dispatcher = _Announcing(broker.dispatcher)  # type: ignore[assignment]
+        keys = load_keys(settings)
+        headers = {"Authorization": f"Bearer {keys[0].decode()}"} if keys else {}
+        http = await stack.enter_async_context(httpx.AsyncClient(
+            transport=httpx.ASGITransport(app, raise_app_exceptions=False), base_url="http://batch-runner",
+            headers=headers, timeout=None))
+        batches = await stack.enter_async_context(BatchClient(settings=settings))
+        return cls(settings, http, broker, batches, stack)
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+    async def handle(self, task: Task, attempt: Attempt, payload: dict[str, Any]) -> None:
+        if task is Task.REQUEST:
+            if "batch" in payload:
+                await self._batch_request(attempt, payload)
+            else:
+                await self._job(attempt, payload)
+        elif task is Task.START:
+            await self._start(payload["batch"])
+        elif task is Task.FINISH:
+            with contextlib.suppress(NotFound):
+                await self.store.finalize(payload["batch"])
+
+    # --- requests --------------------------------------------------------------
+    async def answer(self, url: str, body: dict[str, Any],
+                     wanted: Callable[[], Awaitable[bool]]) -> tuple[int, dict[str, Any]] | None:
+        """Run one request through the gateway once there is room for it; (status code, response body).
+
+        ``wanted`` is asked once room is found, just before the request is
+        sent: a job aborted (or a batch cancelled) while it waited is not sent
+        at all (None). A 429 (every worker full, or a rate limit) or a 503
+        ``no_worker`` means "not now": the request waits and is sent again.
+        """
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        delay = 0.05
+        while True:
+            async with self.admission.admit(model):
+                if not await wanted():
+                    return None
+                response = await self.http.post(url, json=body)
+            try:
+                content = response.json()
+            except ValueError:
+                content = {"error": {"message": response.text or "Internal Server Error", "type": "server_error",
+                                     "param": None, "code": None}}
+            code = (content.get("error") or {}).get("code") if isinstance(content, dict) else None
+            if response.status_code != 429 and not (response.status_code == 503 and code in NOT_NOW):
+                return response.status_code, content
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _job(self, attempt: Attempt, p: dict[str, Any]) -> None:
+        """A Python API job: its result is stored once, under its job id."""
+        async def unfinished() -> bool:  # False once an earlier attempt finished it, or it was aborted
+            return await self.store.job_result(attempt.job_id) is None
+
+        if not await unfinished():
+            return
+        if attempt.number > MAX_TRIES:
+            await self.store.store_job_result(attempt.job_id, 500, _gave_up())
+        elif answered := await self.answer(p["url"], p["body"], unfinished):
+            await self.store.store_job_result(attempt.job_id, *answered)
+
+    async def _batch_request(self, attempt: Attempt, p: dict[str, Any]) -> None:
+        batch_id = p["batch"]
+        request = Request(p["index"], p["custom_id"], p["method"], p["url"], p["body"])
+
+        async def runnable() -> bool:  # False once the batch is cancelled, expired or over
+            status, expires_at = await self.store.state(batch_id)
+            return status == "in_progress" and time.time() <= expires_at
+
+        if await self.store.recorded(batch_id, request.index):  # an earlier attempt stored it
+            await self._finish_if_settled(batch_id, await self.store.progress(batch_id))
+            return
+        answered = None
+        if attempt.number > MAX_TRIES:
+            answered = 500, _gave_up()
+        elif await runnable():
+            answered = await self.answer(request.url, request.body, runnable)
+        if answered is not None:
+            counts = await self.store.record(batch_id, request, *answered)
+        else:
+            status, _ = await self.store.state(batch_id)
+            if not status or status in TERMINAL:
+                return
+            if status == "cancelling":
+                counts = await self.store.record_skipped(batch_id, request)
+            else:
+                counts = await self.store.record_error(batch_id, request, "batch_expired", EXPIRED)
+        await self._finish_if_settled(batch_id, counts)
+
+    async def _finish_if_settled(self, batch_id: str, counts: tuple[int, int]) -> None:
+        settled, total = counts
+        if total > 0 and settled >= total:
+            await self.batches.enqueue_finish(batch_id)
+
+    # --- batches ---------------------------------------------------------------
+    async def _start(self, batch_id: str) -> None:
+        """Validate the input file, then enqueue one job per request (a bad line is stored as an error at once).
+
+        Safe to run again after a crash: jobs are enqueued under ids derived
+        from the batch, and results already stored stay as they are.
+        """
+        try:
+            batch = await self.store.batch(batch_id)
+        except NotFound:
+            return  # expired from Redis
+        status = batch["status"]
+        if status == "cancelling" and not batch["request_counts"]["total"]:  # cancelled before it began
+            await self.store.transition(batch_id, ("cancelling",), "cancelled")
+            return
+        if status not in ("validating", "in_progress", "cancelling"):
+            return
+        requests = await self._validate(batch)
+        if requests is None:
+            return
+        if status == "validating" and await self.store.transition(
+                batch_id, ("validating",), "in_progress", total=str(len(requests))) == "cancelling":
+            await self.store.transition(batch_id, ("cancelling",), "cancelled")
+            return
+        runnable = []
+        for r in requests:
+            problem = line_problem(r.method, r.url, r.body, batch["endpoint"])
+            if problem:
+                await self._finish_if_settled(batch_id, await self.store.record_error(
+                    batch_id, r, "invalid_request", problem))
+            else:
+                runnable.append(r)
+        await self.batches.enqueue_requests(batch_id, runnable)
+
+    async def _validate(self, batch: dict[str, Any]) -> list[Request] | None:
+        """The batch's requests; None, and the batch failed with the reasons, if its file is missing or malformed."""
+        try:
+            content = await self.store.file_content(batch["input_file_id"])
+        except NotFound as exc:
+            errors = [{"code": "file_not_found", "message": exc.message, "param": "input_file_id", "line": None}]
+        else:
+            parsed = await asyncio.to_thread(parse_requests, content, self.settings.batch_max_requests)
+            if not parsed.errors:
+                return parsed.requests
+            errors = parsed.errors
+        await self.store.transition(batch["id"], ("validating",), "failed", errors=_json(errors))
+        return None
+
+
+class _Announcing:
+    """The broker's dispatcher, telling the admission gate the moment each job is placed."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def dispatch(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await self._inner.dispatch(*args, **kwargs)
+        finally:
+            Admission.placed()
+
+
+def _gave_up() -> dict[str, Any]:
+    return {"error": {"message": f"The batch runners running this request died {MAX_TRIES} times; it was given up.",
+                      "type": "server_error", "param": None, "code": "runner_lost"}}
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+async def serve(settings: Settings, *, handle_signals: bool = True) -> None:
+    """``redserve batch-runner``: run until SIGTERM/SIGINT."""
+    from broker import batch
+
+    log.info("batch runner: queue %s, %d jobs at once, batch share %.2f, lease %gs",
+             Keys(settings.key_prefix).batch_queue(), settings.batch_concurrency, settings.batch_share,
+             settings.batch_lease)
+    await batch.serve(settings, Runner.create, handle_signals=handle_signals)
+
+
+def __getattr__(name: str) -> Any:
+    """``WorkerSettings`` for ``arq broker.batch_runner.WorkerSettings``, built on first use from the environment
+    (REDIS_URL, REDSERVE_*), so importing this module reads nothing."""
+    if name == "WorkerSettings":
+        return type("WorkerSettings", (), worker_options(Settings(), Runner.create))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

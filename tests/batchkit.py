@@ -1,0 +1,86 @@
+"""What the batch tests share: a batch runner in process or as a real process, and waiting for a batch."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, AsyncIterator
+
+import httpx
+import pytest
+
+from broker import batch_runner
+from broker.batch import BatchClient
+from broker.batch_store import TERMINAL
+from broker.settings import Settings
+
+
+@pytest.fixture
+async def batches(settings: Settings) -> AsyncIterator[BatchClient]:
+    async with BatchClient(settings=settings) as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def running_runner(settings: Settings, **overrides: Any) -> AsyncIterator[None]:
+    """A batch runner in this process (its own gateway app, broker and janitor) until the block ends."""
+    task = asyncio.create_task(batch_runner.serve(settings.model_copy(update=overrides), handle_signals=False))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def spawn_runner(settings: Settings, **overrides: Any) -> subprocess.Popen[bytes]:
+    """``python -m redserve batch-runner`` as a real process, for SIGKILL."""
+    env = os.environ | settings.model_copy(update=overrides).to_env()
+    return subprocess.Popen([sys.executable, "-m", "redserve", "batch-runner", "--log-level", "warning"], env=env)
+
+
+async def wait_batch(client: BatchClient, batch_id: str, timeout: float = 30.0,
+                     until: frozenset[str] = TERMINAL) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        batch = await client.batch(batch_id)
+        if batch["status"] in until:
+            return batch
+        if loop.time() > end:
+            raise AssertionError(f"batch still {batch['status']} after {timeout}s: {batch['request_counts']}")
+        await asyncio.sleep(0.05)
+
+
+async def time_to_first_token(base_url: str, content: str = "interactive request") -> float:
+    """Stream one interactive chat request to its end; seconds until its first token."""
+    body = {"model": "echo", "messages": [{"role": "user", "content": content}], "stream": True}
+    start = time.perf_counter()
+    first = None
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200, await r.aread()
+            async for line in r.aiter_lines():
+                if first is None and line.startswith("data: {") and '"content":"' in line and \
+                        '"content":""' not in line:
+                    first = time.perf_counter() - start
+    assert first is not None
+    return first
+
+
+def lines(n: int, *, url: str = "/v1/chat/completions", model: str = "echo", prefix: str = "req",
+          **params: Any) -> bytes:
+    """An input file of ``n`` chat requests whose custom_ids are ``<prefix>-<i>``."""
+    rows = [{"custom_id": f"{prefix}-{i}", "method": "POST", "url": url,
+             "body": {"model": model, "messages": [{"role": "user", "content": f"{prefix} number {i}"}], **params}}
+            for i in range(n)]
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def jsonl(data: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in data.splitlines() if line.strip()]
