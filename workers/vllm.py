@@ -50,12 +50,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Mapping
 
-import jinja2
 
-from broker.protocol import Job, JobKind, choice_end, delta, done, embeddings
+from broker.protocol import Job, choice_end, delta, done, embeddings
 from broker.settings import Settings
 from workers.base import BaseModelWorker, JobError
 from workers.params import SamplingParams, sampling_params
+from workers.prompts import prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -234,40 +234,6 @@ def logprob_entries(token_ids: Any, logprobs: list[Mapping[int, Any]], top: int)
 
 
 # --- prompts -----------------------------------------------------------------------------
-def prompt_ids(tokenizer: Any, job: Job) -> list[int]:
-    """Token ids of a chat (through the model's chat template) or completion prompt (blocking).
-
-    The same rules as ``workers.hf.prompt_ids``, kept free of torch so this
-    module imports on a machine without it.
-    """
-    if job.kind is JobKind.CHAT:
-        if not getattr(tokenizer, "chat_template", None):
-            raise JobError(f"The model `{job.model}` has no chat template; use /v1/completions.",
-                           param="messages", code="unsupported")
-        messages = [_template_message(m) for m in job.params.get("messages") or []]
-        try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except jinja2.TemplateError as exc:  # templates raise on, say, roles out of order
-            raise JobError(f"The model's chat template refused the messages: {exc}", param="messages") from exc
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        prompt = job.params.get("prompt", "")
-        if not isinstance(prompt, str):
-            raise JobError("`prompt` must be a string.", param="prompt")
-        ids = tokenizer(prompt)["input_ids"]
-    if not ids:
-        raise JobError("The prompt is empty.", param="messages" if job.kind is JobKind.CHAT else "prompt")
-    return list(ids)
-
-
-def _template_message(m: dict[str, Any]) -> dict[str, str]:
-    """OpenAI message -> template message: text parts joined, ``developer`` read as ``system``."""
-    content = m.get("content") or ""
-    if isinstance(content, list):
-        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
-    role = "system" if m.get("role") == "developer" else m.get("role", "user")
-    return {"role": role, "content": content}
-
 
 def embedding_inputs(tokenizer: Any, job: Job, context_length: int) -> list[list[int]]:
     """Token ids of each embedding input (blocking); an overlong one is a 400 naming ``input``."""
