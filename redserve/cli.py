@@ -21,7 +21,8 @@ WORKER_FLAGS = ["host", "metrics_port", "model_path", "vllm_engine_args", "api_c
 LOCAL_ENGINES = ("hf", "vllm")
 GATEWAY_FLAGS = ["host", "port", "dispatch_method", "reply_timeout", "max_attempts", "replay_window",
                  "stream_buffer", "send_timeout", "api_keys", "api_keys_file", "open_paths", "rpm_limit", "tpm_limit",
-                 "max_body_bytes", "max_prompt_chars", "max_tokens_cap", "max_messages", "max_n"]
+                 "max_body_bytes", "max_prompt_chars", "max_tokens_cap", "max_messages", "max_n",
+                 "batch_max_file_bytes", "batch_max_requests", "batch_ttl"]
 BATCH_RUNNER_FLAGS = ["reply_timeout", "max_attempts", "batch_concurrency", "batch_share", "batch_lease",
                       "batch_max_requests", "batch_ttl", "api_keys", "api_keys_file"]
 
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", parents=[common], help="Run the whole stack here: private Redis (unless REDIS_URL), gateway and workers.")
     up.add_argument("--workers", type=int, default=1, help="Worker processes to start [default 1].")
     up.add_argument("--engine", default="echo", help="Engine of those workers [default echo].")
+    up.add_argument("--no-batch-runner", action="store_true", help="Start no batch runner (no /v1/batches).")
     up.add_argument("--model", default=None,
                     help="Model they serve [default: the engine's name]; for hf and vllm a model directory, "
                          "served under its folder name.")
@@ -116,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.engine in LOCAL_ENGINES and not settings.model_path and os.path.isdir(model):
             settings = settings.model_copy(update={"model_path": model})
             model = os.path.basename(os.path.normpath(model))
-        return run_stack(settings, workers=args.workers, engine=args.engine, model=model, log_level=args.log_level)
+        return run_stack(settings, workers=args.workers, engine=args.engine, model=model, log_level=args.log_level,
+                         batch_runner=not args.no_batch_runner)
     if args.command == "gateway":
         _need_redis(settings)
         from redserve.serve import run_gateway

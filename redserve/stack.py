@@ -1,7 +1,7 @@
 """``redserve up``: the whole system on one machine, for trying it and for demos.
 
-A private Redis (unless REDIS_URL is set), N worker processes and a gateway in
-this process. Ctrl-C drains the workers, then stops Redis.
+A private Redis (unless REDIS_URL is set), N worker processes, a batch runner
+and a gateway in this process. Ctrl-C drains the workers, then stops Redis.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from redserve.redis_server import RedisServer
 from redserve.serve import gateway_server
 
 
-def run_stack(settings: Settings, *, workers: int, engine: str, model: str, log_level: str = "info") -> int:
+def run_stack(settings: Settings, *, workers: int, engine: str, model: str, log_level: str = "info",
+              batch_runner: bool = True) -> int:
     redis: RedisServer | None = None
     if not settings.redis_url:
         redis = RedisServer().start()
@@ -27,6 +28,9 @@ def run_stack(settings: Settings, *, workers: int, engine: str, model: str, log_
     # Own sessions: a terminal's Ctrl-C reaches only this process, which then
     # stops things in order (gateway, then draining workers, then Redis).
     procs = [subprocess.Popen(cmd, env=env, start_new_session=True) for _ in range(workers)]
+    if batch_runner:  # so /v1/batches and `redserve batch submit` work out of the box
+        runner = [sys.executable, "-m", "redserve", "batch-runner", "--log-level", log_level]
+        procs.append(subprocess.Popen(runner, env=env, start_new_session=True))
     try:
         return asyncio.run(_serve(settings, model, redis, log_level))
     finally:

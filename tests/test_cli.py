@@ -88,6 +88,16 @@ def test_up_starts_private_redis_gateway_and_worker_then_stops_cleanly(tmp_path)
                                                 stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).startswith("hi there")
         assert httpx.get(f"{base}/", timeout=2).status_code == 200  # the UI is served
+        # `up` starts a batch runner too, so the Batch API works out of the box.
+        line = b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": ' \
+               b'{"model": "echo", "messages": [{"role": "user", "content": "batch hi"}]}}'
+        batch = client.batches.create(input_file_id=client.files.create(file=("b.jsonl", line), purpose="batch").id,
+                                      endpoint="/v1/chat/completions", completion_window="24h")
+        deadline = time.monotonic() + 30
+        while batch.status != "completed" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            batch = client.batches.retrieve(batch.id)
+        assert batch.status == "completed" and batch.request_counts.completed == 1
     finally:
         out = stop(proc)
     assert "redserve is up" in out and "private Redis at redis://127.0.0.1:" in out
