@@ -30,6 +30,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The process's high-water resident set (VmHWM), in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=1)
@@ -70,7 +79,8 @@ def main() -> None:
                 print(json.dumps({"system": "redserve", "engine": a.engine, "workers": a.workers,
                                   "delay_ms": a.delay * 1000,
                                   "concurrency": c, **{k: round(v, 2) for k, v in res.summary().items()},
-                                  "server_cpu_s": round(cpu, 2)}), flush=True)
+                                  "server_cpu_s": round(cpu, 2),
+                                  "gateway_peak_rss_mb": round(peak_rss_mb(procs[-1].pid), 1)}), flush=True)
                 for e in res.errors[:3]:
                     print("  error:", e)
         finally:
