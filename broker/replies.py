@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: What ``ReplyStream.next_events`` returns after re-dispatching a job whose worker died unseen.
+RESTART: tuple[dict[str, Any], ...] = ({"t": "restart"},)
+
 
 class SlowClient(BrokerError):
     status, type, code = 503, "service_unavailable", "client_too_slow"
@@ -66,7 +69,7 @@ class ReplyStream:
             for ev in await self.next_events():
                 yield ev
 
-    async def next_events(self) -> list[dict[str, Any]]:
+    async def next_events(self) -> list[dict[str, Any]] | tuple[dict[str, Any], ...]:
         """The events of the next message in sequence (waits at most ``timeout``).
 
         A ``{"t": "restart"}`` event means the job was re-dispatched after its
@@ -96,12 +99,12 @@ class ReplyStream:
                 self.finished = True
             return item.events
 
-    async def _worker_lost(self) -> list[dict[str, Any]]:
+    async def _worker_lost(self) -> tuple[dict[str, Any], ...]:
         if self.committed or self.retry is None:
             raise WorkerLost("The worker serving this request died after part of the reply was sent.")
         await self.retry(self)
         self.next_seq = 0
-        return [{"t": "restart"}]
+        return RESTART
 
     def close(self) -> None:
         self.router.streams.pop(self.rid, None)

@@ -15,16 +15,14 @@ from starlette.responses import Response
 from broker.client import BrokerClient
 from broker.errors import BrokerError, WorkerTimeout
 from broker.protocol import JobKind, error
-from broker.replies import ReplyStream
-
-RESTART = [{"t": "restart"}]
-from gateway.disconnect import ClientGone, unless_disconnected
+from broker.replies import RESTART, ReplyStream
 from gateway import limits
+from gateway.disconnect import ClientGone, unless_disconnected
 from gateway.errors import APIError
 from gateway.metrics import GatewayMetrics, since
 from gateway.render import Shape
-from gateway.sse import StreamFormat, failure, opening, render
 from gateway.schemas import SamplingRequest
+from gateway.sse import StreamFormat, failure, opening, render
 
 
 async def generate(
@@ -106,7 +104,7 @@ def request_id(response_id: str) -> str:
 
 async def _first_reply(stream: ReplyStream) -> list[dict[str, Any]]:
     """The first message, past any restarts (a retry before anything was sent is invisible)."""
-    while (events := await stream.next_events()) == RESTART:
+    while (events := await stream.next_events()) is RESTART:
         pass
     return events
 
@@ -142,7 +140,7 @@ async def _sse(broker: BrokerClient, stream: ReplyStream, first: list[dict[str, 
         events = first
         last = time.perf_counter()
         while True:
-            if events != RESTART:
+            if events is not RESTART:
                 if stream.last_seq > 0:
                     itl.observe(since(last))
                 last = time.perf_counter()
