@@ -11,8 +11,8 @@ from starlette.responses import Response
 
 from broker.client import BrokerClient
 from broker.protocol import JobKind
-from gateway.disconnect import ClientGone, unless_disconnected
 from gateway import limits
+from gateway.disconnect import ClientGone, unless_disconnected
 from gateway.errors import APIError
 from gateway.generation import generate, request_id
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest
