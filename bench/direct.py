@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Iterator
 
 import uvicorn
 from starlette.applications import Starlette
@@ -53,6 +57,22 @@ def app(delay: float) -> Starlette:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return Starlette(routes=[Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+@contextlib.contextmanager
+def serve(delay: float = 0.0) -> Iterator["Stack"]:  # noqa: F821
+    """This server in its own process, for the matrix (bench/matrix.py)."""
+    from bench.redserve_stack import Stack, stop, wait_ready
+    from redserve.redis_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.direct", "--port", str(port), "--delay", str(delay)])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(f"{url}/v1/models", lambda r: r.status_code == 200)
+        yield Stack(url, "echo", [proc.pid], proc.pid)
+    finally:
+        stop([proc])
 
 
 def main() -> None:

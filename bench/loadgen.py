@@ -6,6 +6,12 @@ Reports tokens/s delivered, time to first token and end-to-end latency
 percentiles, and errors. Every reply is checked: it must end with [DONE] and
 carry exactly ``max_tokens`` completion tokens (the echo engine's contract, and
 the tiny model's under greedy decoding, which never ends a reply early).
+
+``--check-echo`` also checks the reply's text is the echo engine's (the prompt's
+words cycled). ``--count-chunks`` is for servers that send no ``usage`` when
+streaming (FastChat 0.2.36 ignores ``stream_options``): the completion token count
+is then the number of content chunks, which must still equal ``max_tokens``.
+Without it a reply lacking ``usage`` is an error.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+
+from workers.echo import echo_tokens
 
 
 @dataclass
@@ -45,13 +53,16 @@ class Result:
         }
 
 
-async def one(http: httpx.AsyncClient, model: str, max_tokens: int, i: int, res: Result) -> None:
-    body = {"model": model, "messages": [{"role": "user", "content": f"benchmark request {i}"}],
+async def one(http: httpx.AsyncClient, model: str, max_tokens: int, i: int, res: Result,
+              check_echo: bool = False, count_chunks: bool = False) -> None:
+    prompt = f"benchmark request {i}"
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first: float | None = None
     chunks = tokens = 0
     done = False
+    text: list[str] = []
     try:
         async with http.stream("POST", "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
@@ -72,13 +83,20 @@ async def one(http: httpx.AsyncClient, model: str, max_tokens: int, i: int, res:
                     tokens = obj["usage"]["completion_tokens"]
                 if obj["choices"] and obj["choices"][0]["delta"].get("content"):
                     chunks += 1
+                    if check_echo:
+                        text.append(obj["choices"][0]["delta"]["content"])
                     if first is None:
                         first = time.perf_counter() - start
     except httpx.HTTPError as exc:
         res.errors.append(f"{type(exc).__name__}: {exc}")
         return
+    if count_chunks:
+        tokens = chunks
     if not done or tokens != max_tokens or first is None:
         res.errors.append(f"incomplete reply: done={done} tokens={tokens}")
+        return
+    if check_echo and "".join(text) != "".join(echo_tokens(prompt, max_tokens)):
+        res.errors.append(f"wrong content: {''.join(text)[:80]!r}")
         return
     res.ttft.append(first)
     res.latency.append(time.perf_counter() - start)
@@ -86,14 +104,15 @@ async def one(http: httpx.AsyncClient, model: str, max_tokens: int, i: int, res:
     res.chunks += chunks
 
 
-async def run(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> Result:
+async def run(url: str, model: str, concurrency: int, requests: int, max_tokens: int,
+              check_echo: bool = False, count_chunks: bool = False) -> Result:
     res = Result()
     counter = iter(range(requests))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(120.0), limits=limits) as http:
         async def lane() -> None:
             for i in counter:
-                await one(http, model, max_tokens, i, res)
+                await one(http, model, max_tokens, i, res, check_echo, count_chunks)
 
         start = time.perf_counter()
         await asyncio.gather(*(lane() for _ in range(concurrency)))
@@ -108,8 +127,11 @@ def main() -> None:
     p.add_argument("-c", "--concurrency", type=int, default=16)
     p.add_argument("-n", "--requests", type=int, default=200)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--check-echo", action="store_true", help="check the text is the echo engine's reply")
+    p.add_argument("--count-chunks", action="store_true",
+                   help="count content chunks as completion tokens (servers that send no streamed usage)")
     a = p.parse_args()
-    res = asyncio.run(run(a.url, a.model, a.concurrency, a.requests, a.max_tokens))
+    res = asyncio.run(run(a.url, a.model, a.concurrency, a.requests, a.max_tokens, a.check_echo, a.count_chunks))
     print(json.dumps(res.summary(), indent=2))
     for e in res.errors[:5]:
         print("error:", e)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import httpx
 
@@ -39,6 +42,67 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+@dataclass
+class Stack:
+    """A running system under test: where to send requests, and the processes whose CPU time counts."""
+
+    url: str
+    model: str
+    pids: list[int]
+    main_pid: int  # the process whose peak RSS is reported (redserve: the gateway)
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.pids)
+
+
+def wait_ready(url: str, ready, tries: int = 600) -> None:  # noqa: ANN001
+    for _ in range(tries):
+        try:
+            if ready(httpx.get(url, timeout=2)):
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"not ready: {url}")
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for pr in procs:
+        pr.terminate()
+    for pr in procs:
+        try:
+            pr.wait(30)
+        except subprocess.TimeoutExpired:
+            pr.kill()
+            pr.wait()
+
+
+@contextlib.contextmanager
+def redserve(workers: int = 1, delay: float = 0.0, max_tokens: int = 64, engine: str = "echo",
+             model_path: str | None = None) -> Iterator[Stack]:
+    """Private Redis + ``workers`` echo (or hf) workers + one gateway, as separate processes."""
+    with RedisServer() as redis:
+        port = free_port()
+        s = Settings(redis_url=redis.url, port=port, echo_tokens=max_tokens, echo_delay=delay,
+                     max_concurrency=1024)
+        env = os.environ | s.to_env()
+        py = [sys.executable, "-m", "redserve"]
+        model = "echo" if engine == "echo" else "tiny"
+        worker = [*py, "worker", "--log-level", "warning", "--engine", engine, "--model", model]
+        if model_path:
+            worker += ["--model-path", model_path]
+        procs = [subprocess.Popen(worker, env=env) for _ in range(workers)]
+        procs.append(subprocess.Popen([*py, "gateway", "--log-level", "warning"], env=env))
+        try:
+            url = f"http://127.0.0.1:{port}"
+            # an hf worker loads torch first
+            wait_ready(f"{url}/v1/models", lambda r: r.json()["data"][0]["workers"] == workers)
+            yield Stack(url, model, [pr.pid for pr in procs] + [redis.proc.pid],  # type: ignore[union-attr]
+                        procs[-1].pid)
+        finally:
+            stop(procs)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=1)
@@ -50,44 +114,19 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     a = p.parse_args()
 
-    with RedisServer() as redis:
-        port = free_port()
-        s = Settings(redis_url=redis.url, port=port, echo_tokens=a.max_tokens, echo_delay=a.delay,
-                     max_concurrency=1024)
-        env = os.environ | s.to_env()
-        py = [sys.executable, "-m", "redserve"]
-        model = "echo" if a.engine == "echo" else "tiny"
-        worker = [*py, "worker", "--log-level", "warning", "--engine", a.engine, "--model", model]
-        if a.model_path:
-            worker += ["--model-path", a.model_path]
-        procs = [subprocess.Popen(worker, env=env) for _ in range(a.workers)]
-        procs.append(subprocess.Popen([*py, "gateway", "--log-level", "warning"], env=env))
-        try:
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(600):  # an hf worker loads torch first
-                try:
-                    if httpx.get(f"{url}/v1/models").json()["data"][0]["workers"] == a.workers:
-                        break
-                except Exception:
-                    pass
-                time.sleep(0.1)
-            pids = [pr.pid for pr in procs] + [redis.proc.pid]  # type: ignore[union-attr]
-            for c in a.concurrency:
-                before = sum(cpu_seconds(pid) for pid in pids)
-                res = asyncio.run(run(url, model, c, max(a.requests, c), a.max_tokens))
-                cpu = sum(cpu_seconds(pid) for pid in pids) - before
-                print(json.dumps({"system": "redserve", "engine": a.engine, "workers": a.workers,
-                                  "delay_ms": a.delay * 1000,
-                                  "concurrency": c, **{k: round(v, 2) for k, v in res.summary().items()},
-                                  "server_cpu_s": round(cpu, 2),
-                                  "gateway_peak_rss_mb": round(peak_rss_mb(procs[-1].pid), 1)}), flush=True)
-                for e in res.errors[:3]:
-                    print("  error:", e)
-        finally:
-            for pr in procs:
-                pr.terminate()
-            for pr in procs:
-                pr.wait(30)
+    with redserve(a.workers, a.delay, a.max_tokens, a.engine, a.model_path) as st:
+        for c in a.concurrency:
+            before = st.cpu()
+            res = asyncio.run(run(st.url, st.model, c, max(a.requests, c), a.max_tokens,
+                                  check_echo=a.engine == "echo"))
+            cpu = st.cpu() - before
+            print(json.dumps({"system": "redserve", "engine": a.engine, "workers": a.workers,
+                              "delay_ms": a.delay * 1000,
+                              "concurrency": c, **{k: round(v, 2) for k, v in res.summary().items()},
+                              "server_cpu_s": round(cpu, 2),
+                              "gateway_peak_rss_mb": round(peak_rss_mb(st.main_pid), 1)}), flush=True)
+            for e in res.errors[:3]:
+                print("  error:", e)
 
 
 if __name__ == "__main__":
