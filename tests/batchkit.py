@@ -18,6 +18,7 @@ from broker import batch_runner
 from broker.batch import BatchClient
 from broker.batch_store import TERMINAL
 from broker.settings import Settings
+from support import in_background
 
 
 @pytest.fixture
@@ -26,16 +27,9 @@ async def batches(settings: Settings) -> AsyncIterator[BatchClient]:
         yield client
 
 
-@contextlib.asynccontextmanager
-async def running_runner(settings: Settings, **overrides: Any) -> AsyncIterator[None]:
+def running_runner(settings: Settings, **overrides: Any) -> contextlib.AbstractAsyncContextManager[None]:
     """A batch runner in this process (its own gateway app, broker and janitor) until the block ends."""
-    task = asyncio.create_task(batch_runner.serve(settings.model_copy(update=overrides), handle_signals=False))
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    return in_background(batch_runner.serve(settings.model_copy(update=overrides), handle_signals=False))
 
 
 def spawn_runner(settings: Settings, **overrides: Any) -> subprocess.Popen[bytes]:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable
 
 from openai import AsyncOpenAI
 
@@ -103,3 +104,15 @@ class Stack:
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL)
                 p.wait()
+
+
+@contextlib.asynccontextmanager
+async def in_background(work: Awaitable[object]) -> AsyncIterator[None]:
+    """Keep ``work`` (a long request, a server) running during the block, then cancel it."""
+    task = asyncio.ensure_future(work)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -7,7 +7,6 @@ see, then what Redis and the workers did. Screenshots land in test-artifacts/.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -15,13 +14,13 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import AsyncIterator, Awaitable
+from typing import AsyncIterator
 
 import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from support import wait_for
+from support import in_background, wait_for
 from workers.echo import echo_tokens
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -90,18 +89,6 @@ def chat_requests(page: Page) -> list[dict]:
 
     page.on("request", record)
     return sent
-
-
-@contextlib.asynccontextmanager
-async def in_background(request: Awaitable[object]) -> AsyncIterator[None]:
-    """Keep a long request running during the block, then cancel it (closing its connection)."""
-    task = asyncio.ensure_future(request)
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 STREAMING_TEXT = """(sel) => {
