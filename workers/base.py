@@ -84,6 +84,9 @@ class BaseModelWorker(abc.ABC):
     async def setup(self) -> None:
         """Load the model (off the event loop). Called once before registering."""
 
+    async def teardown(self) -> None:
+        """Release what ``setup`` took (engine threads, HTTP clients); runs however ``serve`` ends."""
+
     @abc.abstractmethod
     def generate(self, job: Job) -> AsyncIterator[dict[str, Any]]:
         """Yield protocol events (``delta``, ``choice_end``) and finish with ``done``.
@@ -108,6 +111,12 @@ class BaseModelWorker(abc.ABC):
     async def serve(self) -> None:
         """Run until drained. Returns normally after a clean drain."""
         await self.setup()
+        try:
+            await self._serve()
+        finally:
+            await self.teardown()
+
+    async def _serve(self) -> None:
         self._text = connect(self.settings.redis_url, decode=True)  # type: ignore[arg-type]
         self._raw = connect(self.settings.redis_url, decode=False)  # type: ignore[arg-type]
         self.registry = Registry(self._text, self.keys)

@@ -483,12 +483,9 @@ class HFWorker(BaseModelWorker):
                  "causal LM" if self.loaded.causal else "embeddings only", self.loaded.context_length,
                  self.loaded.device)
 
-    async def serve(self) -> None:
-        try:
-            await super().serve()
-        finally:
-            if self.batcher is not None:
-                await asyncio.to_thread(self.batcher.close)
+    async def teardown(self) -> None:
+        if self.batcher is not None:
+            await asyncio.to_thread(self.batcher.close)
 
     async def generate(self, job: Job) -> AsyncIterator[dict[str, Any]]:
         loaded, batcher = self.loaded, self.batcher

@@ -75,6 +75,10 @@ class ExternalAPIWorker(BaseModelWorker):
         limits = httpx.Limits(max_connections=self.settings.max_concurrency * 2)
         self.http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600.0, connect=10.0))
 
+    async def teardown(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+
     async def generate(self, job: Job) -> AsyncIterator[dict[str, Any]]:
         up = self.upstreams[job.model]
         path = "/chat/completions" if job.kind is JobKind.CHAT else "/completions"

@@ -293,12 +293,9 @@ class VLLMWorker(BaseModelWorker):
         log.info("vllm worker started %s (%s, context %d)", self.model_path,
                  "embeddings only" if self.vllm.pooling else "generation", self.vllm.context_length)
 
-    async def serve(self) -> None:
-        try:
-            await super().serve()
-        finally:
-            if self.vllm is not None:
-                await asyncio.to_thread(self.vllm.shutdown)
+    async def teardown(self) -> None:
+        if self.vllm is not None:
+            await asyncio.to_thread(self.vllm.shutdown)
 
     async def generate(self, job: Job) -> AsyncIterator[dict[str, Any]]:
         vllm = self.vllm
