@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-import httpx
 import openai
 import pytest
 
+from faults.faultkit import stream_chat
 from support import wait_for
 from workers.echo import echo_tokens
 from workers.openai_api import ExternalAPIWorker, load_upstreams
@@ -75,14 +75,8 @@ async def test_upstream_errors_keep_status_and_message(chain):
 
 async def test_cancel_propagates_to_the_upstream_worker(chain):
     gw_a, upstream_worker = chain
-    async with httpx.AsyncClient(base_url=gw_a.url, timeout=10) as http:
-        async with http.stream("POST", "/v1/chat/completions", json={
-            "model": "remote-echo", "messages": [{"role": "user", "content": "cancel me"}], "stream": True}) as r:
-            got = 0
-            async for line in r.aiter_lines():
-                got += line.startswith("data:")
-                if got == 3:
-                    break
+    seen = await stream_chat(gw_a.url, "cancel me", model="remote-echo", stop_after=2)  # then hang up
+    assert seen.chunks == 2
     assert upstream_worker.tasks  # the upstream job was running (40 tokens x 50 ms = 2 s)
     hung_up = time.monotonic()
     await wait_for(lambda: not upstream_worker.tasks, timeout=3)

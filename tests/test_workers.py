@@ -6,8 +6,8 @@ import asyncio
 import signal
 import time
 
-import httpx
 
+from faults.faultkit import stream_chat
 from support import wait_for
 from workers.echo import echo_tokens
 
@@ -93,14 +93,8 @@ async def test_two_gateways_share_one_pool_of_workers(stack, redis, keys):
 async def test_client_disconnect_cancels_the_job_on_the_worker(stack, redis, keys):
     w = await stack.worker(worker_id="w", echo_delay=0.2, echo_tokens=100)
     gw = await stack.gateway()
-    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
-        async with http.stream("POST", "/v1/chat/completions", json={
-            "model": "echo", "messages": [{"role": "user", "content": "long one"}], "stream": True}) as r:
-            got = 0
-            async for line in r.aiter_lines():
-                got += line.startswith("data:")
-                if got == 3:
-                    break
+    seen = await stream_chat(gw.url, "long one", stop_after=2)  # then hang up
+    assert seen.chunks == 2
     assert w.tasks  # still generating at the moment we hang up
     hung_up = time.monotonic()
     await wait_for(lambda: not w.tasks, timeout=3)
