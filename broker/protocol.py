@@ -135,12 +135,37 @@ class Reply:
 
     @classmethod
     def decode(cls, data: bytes) -> "Reply":
-        m = unpack(data)
+        return cls.from_map(unpack(data))
+
+    @classmethod
+    def from_map(cls, m: dict[str, Any]) -> "Reply":
         return cls(rid=m["rid"], seq=m["seq"], events=m["ev"], attempt=m.get("a", 0))
+
+    @staticmethod
+    def decode_all(data: bytes) -> list["Reply"]:
+        """The replies in one channel message: a single reply, or a bundle of them."""
+        m = unpack(data)
+        return [Reply.from_map(x) for x in m] if isinstance(m, list) else [Reply.from_map(m)]
 
     @property
     def terminal(self) -> bool:
         return any(ev["t"] in TERMINAL_EVENTS for ev in self.events)
+
+
+def bundle(encoded: list[bytes]) -> bytes:
+    """Several encoded replies as one channel message: a msgpack array of reply maps.
+
+    Built from the already-encoded replies (an array header, then the maps
+    back to back), so bundling costs no second encoding.
+    """
+    n = len(encoded)
+    if n < 16:
+        header = bytes((0x90 | n,))
+    elif n < 1 << 16:
+        header = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        header = b"\xdd" + n.to_bytes(4, "big")
+    return header + b"".join(encoded)
 
 
 def pack(obj: Any) -> bytes:

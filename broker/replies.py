@@ -80,9 +80,12 @@ class ReplyStream:
             if self.failed is not None:
                 raise self.failed
             try:
-                item = await asyncio.wait_for(self.queue.get(), self.timeout)
-            except asyncio.TimeoutError:
-                raise WorkerTimeout(f"No reply from the worker within {self.timeout:g} s.") from None
+                item = self.queue.get_nowait()  # under load the next message is usually here already
+            except asyncio.QueueEmpty:
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), self.timeout)
+                except asyncio.TimeoutError:
+                    raise WorkerTimeout(f"No reply from the worker within {self.timeout:g} s.") from None
             if isinstance(item, BaseException):
                 raise item
             if item.attempt != self.attempt:  # a superseded attempt still talking
@@ -160,10 +163,14 @@ class ReplyRouter:
 
     def _route(self, data: bytes) -> None:
         try:
-            reply = Reply.decode(data)
+            replies = Reply.decode_all(data)
         except Exception:  # a malformed message must not kill every stream of this gateway
             log.exception("undecodable reply message dropped")
             return
+        for reply in replies:
+            self._deliver(reply)
+
+    def _deliver(self, reply: Reply) -> None:
         stream = self.streams.get(reply.rid)
         if stream is None or stream.failed is not None:
             return

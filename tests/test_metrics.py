@@ -56,3 +56,6 @@ async def test_gateway_and_worker_metrics(stack, redis, keys):
     assert value(wm, "redserve_worker_generated_tokens_total", worker="m1", engine="echo") == 20
     assert value(wm, "redserve_worker_queue_length", worker="m1", engine="echo") == 0
     assert value(wm, "redserve_worker_running_jobs", worker="m1", engine="echo") == 0
+    messages = value(wm, "redserve_worker_reply_messages_total", worker="m1", engine="echo")
+    commands = value(wm, "redserve_worker_reply_commands_total", worker="m1", engine="echo")
+    assert messages >= 5 and 0 < commands <= messages  # never more than one Redis command per message

@@ -33,7 +33,8 @@ from broker.registry import Registry, WorkerRecord
 from broker.scripts import Scripts
 from broker.settings import Settings
 from workers.metrics import serve_metrics
-from workers.publish import Orphaned, ReplayLog, ReplyPublisher
+from workers.outbox import Outbox, ReplayLog
+from workers.publish import Orphaned, ReplyPublisher
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class BaseModelWorker(abc.ABC):
         self.metrics_port: int | None = None
         self._text: Redis | None = None
         self._raw: Redis | None = None
+        self.outbox: Outbox | None = None
 
     # --- what an engine implements ------------------------------------------
     async def setup(self) -> None:
@@ -121,6 +123,7 @@ class BaseModelWorker(abc.ABC):
         self._raw = connect(self.settings.redis_url, decode=False)  # type: ignore[arg-type]
         self.registry = Registry(self._text, self.keys)
         self.scripts = Scripts.register(self._raw)
+        self.outbox = Outbox(self._raw)
         if self.settings.metrics_port is not None:
             self.metrics_port = serve_metrics(self, self.settings.host, self.settings.metrics_port)
             log.info("worker %s metrics on http://%s:%d/metrics", self.id, self.settings.host, self.metrics_port)
@@ -131,9 +134,10 @@ class BaseModelWorker(abc.ABC):
             async with asyncio.TaskGroup() as tg:
                 beat = tg.create_task(self._heartbeat_loop())
                 control = tg.create_task(self._control_loop())
+                outbox = tg.create_task(self.outbox.run())
                 await self._read_loop()
-                beat.cancel()
-                control.cancel()
+                for task in (beat, control, outbox):
+                    task.cancel()
             await self.registry.deregister(self.record)
         finally:
             await self._text.aclose()
@@ -229,7 +233,7 @@ class BaseModelWorker(abc.ABC):
         assert self._raw is not None
         replay = ReplayLog(self.scripts.emit, self.keys.replay(job.request_id), job.replay_ms) \
             if job.replay_ms else None
-        publisher = ReplyPublisher(self._raw, job.reply_to, job.request_id, job.attempt, replay)
+        publisher = ReplyPublisher(self._raw, self.outbox, job.reply_to, job.request_id, job.attempt, replay)
         try:
             if job.expired():
                 log.info("job %s dropped: deadline passed before it started", job.request_id)

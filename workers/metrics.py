@@ -38,6 +38,12 @@ class WorkerCollector:
                      rec.max_concurrency)
         yield family(GaugeMetricFamily, "redserve_worker_draining", "1 while the worker drains.",
                      float(rec.status == "draining"))
+        if (outbox := self.worker.outbox) is not None:  # the ratio of these two is the outbox's batching
+            yield family(CounterMetricFamily, "redserve_worker_reply_messages", "Reply messages published.",
+                         outbox.messages)
+            yield family(CounterMetricFamily, "redserve_worker_reply_commands",
+                         "Redis commands that carried them (PUBLISH of a bundle, or EVALSHA of a logged message).",
+                         outbox.commands)
 
 
 def serve_metrics(worker: "BaseModelWorker", host: str, port: int) -> int:

@@ -1,9 +1,10 @@
 """Publishing one job's events, coalescing deltas that pile up behind a slow publish.
 
-While one PUBLISH is in flight the engine keeps producing; whatever it
+While one message is in flight the engine keeps producing; whatever it
 produced meanwhile goes out as *one* message (consecutive deltas of a choice
-merged), so a fast engine costs fewer Redis commands than tokens and a slow
-one costs exactly one per token.
+merged), so a fast engine costs fewer messages than tokens and a slow one
+exactly one per token. Messages go out through the worker's ``Outbox``, which
+bundles those of concurrent jobs.
 """
 
 from __future__ import annotations
@@ -12,32 +13,21 @@ import asyncio
 import contextlib
 from typing import Any, AsyncIterator
 
-from dataclasses import dataclass
-
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 
 from broker.protocol import TERMINAL_EVENTS, Reply, error
+from workers.outbox import Outbox, ReplayLog
 
 
 class Orphaned(Exception):
     """Nobody is subscribed to the reply channel any more: the gateway is gone."""
 
 
-@dataclass(frozen=True, slots=True)
-class ReplayLog:
-    """Where a job's messages are also kept, so a client that reconnects can resume its stream."""
-
-    emit: AsyncScript
-    key: str
-    ttl_ms: int
-    max_entries: int = 100_000
-
-
 class ReplyPublisher:
-    def __init__(self, redis: Redis, channel: str, rid: str, attempt: int = 0, replay: ReplayLog | None = None
-                 ) -> None:
+    def __init__(self, redis: Redis, outbox: Outbox, channel: str, rid: str, attempt: int = 0,
+                 replay: ReplayLog | None = None) -> None:
         self.redis = redis
+        self.outbox = outbox
         self.channel = channel
         self.rid = rid
         self.attempt = attempt
@@ -45,14 +35,13 @@ class ReplyPublisher:
         self.seq = 0
 
     async def send(self, events: list[dict[str, Any]]) -> None:
-        """Publish one message (one Redis command, log included); raises Orphaned when no gateway got it."""
+        """Publish one message (at most one Redis command, log included); raises Orphaned when no gateway got it."""
         data = Reply(self.rid, self.seq, events, self.attempt).encode()
         self.seq += 1
         if self.replay is None:
-            received = await self.redis.publish(self.channel, data)
+            received = await self.outbox.publish(self.channel, data)
         else:
-            r = self.replay
-            received = await r.emit(keys=[r.key], args=[self.channel, data, r.ttl_ms, r.max_entries])
+            received = await self.outbox.emit(self.replay, self.channel, data)
         if not received and self.replay is None:  # a resumable job keeps going into its log
             raise Orphaned(self.channel)
 

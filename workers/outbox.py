@@ -1,0 +1,132 @@
+"""One worker process's reply traffic, shipped in batches.
+
+Every job hands its reply messages here and awaits how many gateways got
+them. While one batch is on the wire the next one gathers; when it goes, the
+messages bound for one gateway travel as *one* PUBLISH (a bundle, see
+``broker.protocol.bundle``) and a resumable job's messages as one EVALSHA
+each (the replay log needs an entry per message), all in one pipeline: one
+write and one round trip per batch however many streams are open, and never
+more than one Redis command per message.
+
+Nothing waits on a timer: a lone message goes out at once, so batching adds
+no latency when the worker is idle and grows by itself under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Awaitable
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+from broker.protocol import bundle
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayLog:
+    """Where a job's messages are also kept, so a client that reconnects can resume its stream."""
+
+    emit: AsyncScript
+    key: str
+    ttl_ms: int
+    max_entries: int = 100_000
+
+    def args(self, channel: str, data: bytes) -> list[Any]:
+        return [channel, data, self.ttl_ms, self.max_entries]
+
+
+@dataclass(slots=True)
+class _Batch:
+    #: channel -> messages for it, and the publishers waiting on each.
+    plain: dict[str, tuple[list[bytes], list[asyncio.Future[int]]]] = field(default_factory=dict)
+    logged: list[tuple[ReplayLog, str, bytes, asyncio.Future[int]]] = field(default_factory=list)
+
+    def futures(self) -> list[asyncio.Future[int]]:
+        return [f for _, fs in self.plain.values() for f in fs] + [entry[3] for entry in self.logged]
+
+
+class Outbox:
+    def __init__(self, redis: Redis) -> None:
+        """``redis`` must be a raw (non-decoding) client."""
+        self.redis = redis
+        self._next = _Batch()
+        self._ready = asyncio.Event()
+        #: Counters for the metrics endpoint and the benchmark: messages in, commands out.
+        self.messages = 0
+        self.commands = 0
+
+    async def publish(self, channel: str, data: bytes) -> int:
+        """Publish one message; returns how many gateways received it."""
+        waiter = self._future()
+        messages, waiters = self._next.plain.setdefault(channel, ([], []))
+        messages.append(data)
+        waiters.append(waiter)
+        return await self._enqueued(waiter)
+
+    async def emit(self, log: ReplayLog, channel: str, data: bytes) -> int:
+        """Publish one message and append it to the job's replay log, in one command."""
+        waiter = self._future()
+        self._next.logged.append((log, channel, data, waiter))
+        return await self._enqueued(waiter)
+
+    async def run(self) -> None:
+        """Ship batches until cancelled; whoever is still waiting then hears the outbox closed."""
+        batch = self._next
+        try:
+            while True:
+                await self._ready.wait()
+                self._ready.clear()
+                batch, self._next = self._next, _Batch()
+                await self._ship(batch)
+        finally:
+            _fail(batch.futures() + self._next.futures(), ConnectionError("the worker's outbox closed"))
+
+    def _future(self) -> asyncio.Future[int]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _enqueued(self, waiter: asyncio.Future[int]) -> int:
+        self.messages += 1
+        self._ready.set()
+        return await waiter
+
+    async def _ship(self, batch: _Batch) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for channel, (messages, _) in batch.plain.items():
+            pipe.publish(channel, messages[0] if len(messages) == 1 else bundle(messages))
+        for log, channel, data, _ in batch.logged:
+            # EVALSHA by hand: redis-py's pipelined scripts cost a SCRIPT EXISTS per batch.
+            pipe.evalsha(log.emit.sha, 1, log.key, *log.args(channel, data))
+        self.commands += len(batch.plain) + len(batch.logged)
+        try:
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # Redis gone: every message of the batch failed alike
+            _fail(batch.futures(), exc)
+            return
+        for i, (log, channel, data, _) in enumerate(batch.logged, start=len(batch.plain)):
+            if isinstance(results[i], NoScriptError):  # Redis restarted since: EVAL loads it again
+                results[i] = await _settle(log.emit(keys=[log.key], args=log.args(channel, data)))
+        waiters = [fs for _, fs in batch.plain.values()] + [[entry[3]] for entry in batch.logged]
+        for futures, result in zip(waiters, results):
+            for f in futures:
+                if f.done():  # its job was cancelled meanwhile
+                    continue
+                if isinstance(result, Exception):
+                    f.set_exception(result)
+                else:
+                    f.set_result(result)
+
+
+async def _settle(call: Awaitable[int]) -> int | Exception:
+    try:
+        return await call
+    except Exception as exc:
+        return exc
+
+
+def _fail(futures: list[asyncio.Future[int]], exc: BaseException) -> None:
+    for f in futures:
+        if not f.done():
+            f.set_exception(exc)
