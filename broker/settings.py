@@ -15,6 +15,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DispatchMethod = Literal["shortest_queue", "lottery"]
+EventLoop = Literal["auto", "uvloop", "asyncio"]
 
 
 class Settings(BaseSettings):
@@ -27,6 +28,9 @@ class Settings(BaseSettings):
         description="Redis to meet in; unset means `redserve up` starts a private one.",
     )
     key_prefix: str = Field(default="redserve", description="Namespace of every key and channel.")
+    event_loop: EventLoop = Field(
+        default="auto", description="Event loop of every process: uvloop when installed (auto), or asyncio's own."
+    )
 
     # --- workers -------------------------------------------------------------
     worker_ttl: float = Field(default=10.0, gt=0, description="Seconds a worker record lives without a heartbeat.")

@@ -12,9 +12,9 @@ import typing
 from typing import Any, Sequence
 
 from broker.settings import Settings
-from redserve import batch_cli, chat
+from redserve import batch_cli, chat, loop
 
-REDIS_FLAGS = ["redis_url", "key_prefix"]
+REDIS_FLAGS = ["redis_url", "key_prefix", "event_loop"]
 WORKER_FLAGS = ["host", "metrics_port", "model_path", "vllm_engine_args", "api_config", "worker_ttl", "heartbeat_interval", "max_concurrency", "max_queue", "speed", "drain_timeout",
                 "echo_tokens", "echo_delay"]
 #: Engines that load a model directory from this machine.
@@ -124,10 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _need_redis(settings)
         from redserve.serve import run_gateway
 
-        return asyncio.run(run_gateway(settings, log_level=args.log_level))
+        return loop.run(run_gateway(settings, log_level=args.log_level), settings.event_loop)
     if args.command == "worker":
         _need_redis(settings)
-        return asyncio.run(run_worker(settings, args.engine, args.models, args.worker_id))
+        return loop.run(run_worker(settings, args.engine, args.models, args.worker_id), settings.event_loop)
     if args.command == "tiny-model":
         from workers.tiny_model import build_tiny_model
 
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _need_redis(settings)
         from broker.batch_runner import serve
 
-        asyncio.run(serve(settings))
+        loop.run(serve(settings), settings.event_loop)
         return 0
     if args.command == "batch":
         return batch_cli.run(args)

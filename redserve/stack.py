@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 from broker.settings import Settings
+from redserve import loop
 from redserve.redis_server import RedisServer
 from redserve.serve import gateway_server
 
@@ -32,7 +33,7 @@ def run_stack(settings: Settings, *, workers: int, engine: str, model: str, log_
         runner = [sys.executable, "-m", "redserve", "batch-runner", "--log-level", log_level]
         procs.append(subprocess.Popen(runner, env=env, start_new_session=True))
     try:
-        return asyncio.run(_serve(settings, model, redis, log_level))
+        return loop.run(_serve(settings, model, redis, log_level), settings.event_loop)
     finally:
         for p in procs:
             if p.poll() is None:

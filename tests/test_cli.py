@@ -149,3 +149,16 @@ async def test_inspect_says_where_a_request_is(stack, redis_url):
     assert "finished" in r.stdout
     r = await asyncio.to_thread(inspect, "nope")
     assert r.returncode == 1 and "unknown" in r.stdout
+
+
+def test_processes_run_on_uvloop_unless_told_otherwise():
+    import asyncio
+
+    from redserve import loop
+
+    async def kind() -> str:
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    assert loop.run(kind()) == "uvloop"  # a dependency (uvicorn[standard]) on Linux
+    assert loop.run(kind(), "asyncio") == "asyncio"
+    assert "--event-loop" in run("gateway", "--help").stdout
