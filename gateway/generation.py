@@ -8,7 +8,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import anyio
 from fastapi.responses import JSONResponse
-from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -22,7 +22,7 @@ from gateway.errors import APIError
 from gateway.metrics import GatewayMetrics, since
 from gateway.render import Shape
 from gateway.schemas import SamplingRequest
-from gateway.sse import StreamFormat, failure, opening, render
+from gateway.sse import StreamFormat, encode, failure, opening, render
 
 
 async def generate(
@@ -133,10 +133,10 @@ async def _collect(stream: ReplyStream, first: list[dict[str, Any]], shape: Shap
 
 
 async def _sse(broker: BrokerClient, stream: ReplyStream, first: list[dict[str, Any]], fmt: StreamFormat,
-               resumable: bool, account: Accountant, itl: Any) -> AsyncIterator[ServerSentEvent]:
+               resumable: bool, account: Accountant, itl: Any) -> AsyncIterator[bytes]:
     try:
-        for event in opening(fmt):
-            yield event
+        if head := opening(fmt):
+            yield encode(head)
         events = first
         last = time.perf_counter()
         while True:
@@ -146,15 +146,14 @@ async def _sse(broker: BrokerClient, stream: ReplyStream, first: list[dict[str, 
                 last = time.perf_counter()
                 sse, ended = render(fmt, events, stream.attempt, stream.last_seq)
                 stream.committed = stream.committed or any(ev["t"] == "d" for ev in events)
-                for event in sse:
-                    yield event
+                if sse:
+                    yield encode(sse)
                 if ended:
                     await account(next((ev["u"] for ev in events if ev["t"] == "done"), {}))
                     return
             events = await stream.next_events()
     except BrokerError as exc:
-        for event in failure(APIError.from_broker(exc).body):
-            yield event
+        yield encode(failure(APIError.from_broker(exc).body))
     except (asyncio.CancelledError, GeneratorExit):
         if resumable:  # the client may come back for the rest: let the job finish into its replay log
             stream.close()

@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+#: Compact JSON with UTF-8 text as is; one encoder for the process (``json.dumps`` with
+#: options builds a new one per call).
+dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+#: Stands in for the text while a delta chunk's template is built (``dumps`` writes it as ``"\u0000"``).
+_HOLE = "\0"
 
 
 def usage(u: dict[str, int]) -> dict[str, int]:
@@ -33,6 +37,8 @@ class Shape:
 
     #: Completions' ``text_offset`` runs across chunks: characters emitted so far, per choice.
     offsets: dict[int, int] = field(default_factory=dict)
+    #: A plain text delta's chunk around its text, per (choice, include_usage): the hot path.
+    templates: dict[tuple[int, bool], tuple[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -61,6 +67,12 @@ class Shape:
     # --- streaming -----------------------------------------------------------
     def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None, *,
               role: bool = False, include_usage: bool = False, lp: list[dict[str, Any]] | None = None) -> str:
+        if text and lp is None and finish_reason is None and not role:
+            return self._delta(index, text, include_usage)
+        return self._chunk(index, text, finish_reason, role=role, include_usage=include_usage, lp=lp)
+
+    def _chunk(self, index: int, text: str | None, finish_reason: str | None, *, role: bool, include_usage: bool,
+               lp: list[dict[str, Any]] | None) -> str:
         logprobs = self.logprobs(index, lp)
         if self.chat:
             d: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
@@ -72,6 +84,15 @@ class Shape:
         choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         extra = {"usage": None} if include_usage else {}
         return dumps(self._obj("text_completion", [choice], **extra))
+
+    def _delta(self, index: int, text: str, include_usage: bool) -> str:
+        """A plain text delta: the same JSON as the general path, but only the text is encoded per chunk."""
+        template = self.templates.get((index, include_usage))
+        if template is None:
+            chunk = self._chunk(index, _HOLE, None, role=False, include_usage=include_usage, lp=None)
+            head, _, tail = chunk.rpartition(dumps(_HOLE))  # the text is the last string in a chunk
+            template = self.templates[index, include_usage] = (head, tail)
+        return template[0] + dumps(text) + template[1]
 
     def usage_chunk(self, u: dict[str, int]) -> str:
         return dumps(self._obj("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage(u)))

@@ -13,14 +13,14 @@ import time
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
-from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import EventSourceResponse
 
 from broker.client import BrokerClient
 from broker.errors import WorkerTimeout
 from broker.protocol import Reply, unpack
 from gateway.errors import APIError
 from gateway.generation import request_id
-from gateway.sse import EventId, StreamFormat, failure, opening, render
+from gateway.sse import EventId, StreamFormat, encode, failure, opening, render
 
 router = APIRouter()
 
@@ -41,10 +41,9 @@ async def resume_stream(response_id: str, request: Request) -> EventSourceRespon
 
 
 async def _replay(broker: BrokerClient, key: str, fmt: StreamFormat, entries: list[Any], last: EventId | None
-                  ) -> AsyncIterator[ServerSentEvent]:
-    if last is None:
-        for event in opening(fmt):
-            yield event
+                  ) -> AsyncIterator[bytes]:
+    if last is None and (head := opening(fmt)):
+        yield encode(head)
     cursor = entries[-1][0] if entries else "0-0"
     replies = [Reply.decode(fields[b"r"]) for _, fields in entries]
     attempt = last.attempt if last else max((r.attempt for r in replies), default=0)
@@ -56,16 +55,15 @@ async def _replay(broker: BrokerClient, key: str, fmt: StreamFormat, entries: li
             sse, ended = render(fmt, reply.events, reply.attempt, reply.seq)
             if last is not None and reply.seq == last.seq:
                 sse = sse[last.chunk + 1:]
-            for event in sse:
-                yield event
+            if sse:
+                yield encode(sse)
             if ended:
                 return
         more = await broker.raw.xread({key: cursor}, count=1000, block=1000)
         if not more:
             if time.monotonic() - quiet_since > broker.settings.reply_timeout:
                 exc = WorkerTimeout(f"The stream got no new message within {broker.settings.reply_timeout:g} s.")
-                for event in failure(APIError.from_broker(exc).body):
-                    yield event
+                yield encode(failure(APIError.from_broker(exc).body))
                 return
             replies = []
             continue

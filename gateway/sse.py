@@ -3,14 +3,16 @@
 Event ids are ``p.<j>`` for the opening chunks and ``<attempt>.<seq>.<j>``
 for the ``j``-th chunk rendered from reply message ``seq``: given the replay
 log, a client's ``Last-Event-ID`` names exactly where it stopped.
+
+The events of one reply message leave as one pre-encoded write (``encode``):
+sse-starlette passes bytes through untouched, so a message costs one ASGI
+send however many chunks it renders to.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, NamedTuple
-
-from sse_starlette.sse import ServerSentEvent
 
 from gateway.errors import APIError
 from gateway.render import Shape, dumps
@@ -35,6 +37,19 @@ class StreamFormat:
         return cls(shape, meta["n"], meta["include_usage"], meta["prefix"])
 
 
+class Event(NamedTuple):
+    """One SSE event. ``data`` is compact JSON or ``[DONE]``: never a line break, so one ``data:`` line."""
+
+    data: str
+    id: str | None = None
+
+
+def encode(events: list[Event]) -> bytes:
+    """Events in SSE wire form (what sse-starlette writes for a ``ServerSentEvent``), as one write."""
+    return "".join(f"data: {e.data}\r\n\r\n" if e.id is None else f"id: {e.id}\r\ndata: {e.data}\r\n\r\n"
+                   for e in events).encode()
+
+
 class EventId(NamedTuple):
     attempt: int
     seq: int
@@ -52,7 +67,7 @@ class EventId(NamedTuple):
         return cls(a, s, j)
 
 
-def opening(fmt: StreamFormat) -> list[ServerSentEvent]:
+def opening(fmt: StreamFormat) -> list[Event]:
     """The role chunks (chat) and echoed prompt (completions) that precede any reply message."""
     data = []
     for i in range(fmt.n):
@@ -60,10 +75,10 @@ def opening(fmt: StreamFormat) -> list[ServerSentEvent]:
             data.append(fmt.shape.chunk(i, role=True, include_usage=fmt.include_usage))
         if fmt.prefix:
             data.append(fmt.shape.chunk(i, fmt.prefix, include_usage=fmt.include_usage))
-    return [ServerSentEvent(d, id=f"p.{j}") for j, d in enumerate(data)]
+    return [Event(d, f"p.{j}") for j, d in enumerate(data)]
 
 
-def render(fmt: StreamFormat, events: list[dict[str, Any]], attempt: int, seq: int) -> tuple[list[ServerSentEvent], bool]:
+def render(fmt: StreamFormat, events: list[dict[str, Any]], attempt: int, seq: int) -> tuple[list[Event], bool]:
     """The SSE events of one reply message, and whether it ended the stream."""
     out: list[str] = []
     ended = False
@@ -82,9 +97,9 @@ def render(fmt: StreamFormat, events: list[dict[str, Any]], attempt: int, seq: i
         elif t == "err":
             out += [dumps(APIError.from_event(ev).body), "[DONE]"]
             ended = True
-    return [ServerSentEvent(d, id=f"{attempt}.{seq}.{j}") for j, d in enumerate(out)], ended
+    return [Event(d, f"{attempt}.{seq}.{j}") for j, d in enumerate(out)], ended
 
 
-def failure(body: dict[str, Any]) -> list[ServerSentEvent]:
+def failure(body: dict[str, Any]) -> list[Event]:
     """An error that is not a worker's message (a lost worker, a timeout): no id, nothing to resume."""
-    return [ServerSentEvent(dumps(body)), ServerSentEvent("[DONE]")]
+    return [Event(dumps(body)), Event("[DONE]")]
