@@ -16,7 +16,7 @@ install: system-deps $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,hf]'
+	$(PY) -m pip install --quiet -e '.[dev,hf,bench]'
 	touch $@
 
 # redis-server (tests start their own on a free port), redis-cli (the schema test runs the

@@ -12,6 +12,12 @@ once per delay and is the reference for both worker counts. Each run sends
 max(rounds x C, min requests) requests after a small warm-up; every reply is
 checked (complete, echo text, T tokens). The machine is shared and noisy:
 compare the ratios, not the absolute numbers.
+
+For redserve each run also counts Redis commands (INFO commandstats on its
+private Redis) and the workers' reply messages (their /metrics). A last run
+opens --streams concurrent streams through one gateway (2 workers, 20 ms) and
+records errors and the gateway's peak RSS. RESULTS.md opens with the targets
+of the performance issue, each with its measured value.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from bench.loadgen import run
 BENCH = Path(__file__).resolve().parent
 SYSTEMS = ("redserve", "direct", "fastchat")
 FIELDS = ["tokens_per_s", "chunks_per_s", "ttft_p50_ms", "ttft_p99_ms", "latency_p50_ms", "latency_p99_ms", "errors",
-          "server_cpu_s"]
+          "server_cpu_s", "reply_cmds_per_msg", "redis_cmds_per_token"]
 
 
 def stack(system: str, workers: int, delay: float, max_tokens: int) -> contextlib.AbstractContextManager:
@@ -55,11 +61,13 @@ def measure(a: argparse.Namespace) -> list[dict]:
                     asyncio.run(run(st.url, st.model, 4, 8, a.max_tokens, **kw))  # warm-up
                     for c in a.concurrency:
                         n = max(a.rounds * c, a.min_requests if delay == 0 else a.min_requests_delayed)
-                        before = st.cpu()
+                        before, counted = st.cpu(), st.counters()
                         res = asyncio.run(run(st.url, st.model, c, n, a.max_tokens, **kw))
+                        use = redserve_stack.redis_use(counted, st.counters(), res.tokens, res.chunks)
                         row = {"system": system, "workers": workers, "delay_ms": delay_ms, "concurrency": c,
                                **{k: round(v, 2) for k, v in res.summary().items()},
-                               "server_cpu_s": round(st.cpu() - before, 2)}
+                               "server_cpu_s": round(st.cpu() - before, 2),
+                               **{k: round(v, 4) for k, v in use.items()}}
                         if res.errors:
                             row["first_error"] = res.errors[0][:200]
                         rows.append(row)
@@ -69,9 +77,26 @@ def measure(a: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def fmt(v: float) -> str:
-    if v != v:  # nan
+def scale(a: argparse.Namespace) -> dict:
+    """``a.streams`` concurrent streams (delay 20 ms) through one gateway: errors and the gateway's peak RSS."""
+    workers, delay = 2, 0.02
+    with redserve_stack.redserve(workers, delay, a.max_tokens) as st:
+        asyncio.run(run(st.url, st.model, 4, 8, a.max_tokens))
+        res = asyncio.run(run(st.url, st.model, a.streams, a.streams, a.max_tokens, check_echo=True))
+        out = {"streams": a.streams, "workers": workers, "delay_ms": delay * 1000,
+               **{k: round(v, 2) for k, v in res.summary().items()},
+               "gateway_peak_rss_mb": round(redserve_stack.peak_rss_mb(st.main_pid), 1)}
+    if res.errors:
+        out["first_error"] = res.errors[0][:200]
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def fmt(v: float | None) -> str:
+    if v is None or v != v:  # missing, nan
         return "–"
+    if abs(v) < 1:
+        return f"{v:.3f}"
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
 
 
@@ -79,22 +104,62 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.1f}×" if a and b and a == a and b == b else "–"
 
 
-def render_md(rows: list[dict], meta: dict) -> str:
-    def get(system: str, workers: int, delay: float, c: int) -> dict | None:
-        if system == "direct":
-            workers = 1
-        return next((r for r in rows if (r["system"], r["workers"], r["delay_ms"], r["concurrency"])
-                     == (system, workers, delay, c)), None)
+def _get(rows: list[dict], system: str, workers: int, delay: float, c: int) -> dict | None:
+    if system == "direct":
+        workers = 1
+    return next((r for r in rows if (r["system"], r["workers"], r["delay_ms"], r["concurrency"])
+                 == (system, workers, delay, c)), None)
 
+
+def targets(rows: list[dict], scaled: dict | None) -> list[str]:
+    """The issue's targets, each with what this run measured and whether it is met."""
+    out = ["| target | measured | met? |", "|---|---|---|"]
+
+    def line(target: str, measured: str, ok: bool | None) -> None:
+        out.append(f"| {target} | {measured} | {'–' if ok is None else 'yes' if ok else '**no**'} |")
+
+    redserve = [r for r in rows if r["system"] == "redserve"]
+    for w in sorted({r["workers"] for r in redserve}):
+        r, f = _get(rows, "redserve", w, 0.0, 64), _get(rows, "fastchat", w, 0.0, 64)
+        if r and f:
+            x = r["tokens_per_s"] / f["tokens_per_s"]
+            line(f"delay 0, C = 64, {w} worker(s): tok/s at least 10x FastChat's", f"{x:.1f}x", x >= 10)
+        if r := _get(rows, "redserve", w, 0.0, 1):
+            line(f"delay 0, C = 1, {w} worker(s): TTFT p50 at most 5 ms", f"{r['ttft_p50_ms']:.2f} ms",
+                 r["ttft_p50_ms"] <= 5)
+        if r := _get(rows, "redserve", w, 20.0, 256):
+            share = r["tokens_per_s"] / (256 * 50)
+            d = _get(rows, "direct", w, 20.0, 256)
+            direct_share = f"; direct: {d['tokens_per_s'] / (256 * 50):.0%}" if d else ""
+            line(f"delay 20 ms, C = 256, {w} worker(s): at least 80% of the ideal 256 x 50 tok/s",
+                 f"{r['tokens_per_s']:,.0f} tok/s = {share:.0%}{direct_share}", share >= 0.8)
+    if scaled:
+        ok = scaled["errors"] == 0 and scaled["requests"] == scaled["streams"] and scaled["gateway_peak_rss_mb"] < 250
+        line(f"{scaled['streams']:,} concurrent streams (delay 20 ms) through one gateway: no errors, RSS under 250 MB",
+             f"{scaled['errors']} errors, {scaled['requests']:,} complete, gateway peak RSS "
+             f"{scaled['gateway_peak_rss_mb']:.0f} MB, TTFT p50 {scaled['ttft_p50_ms']:,.0f} ms", ok)
+    per_msg = [v for r in redserve if (v := r.get("reply_cmds_per_msg")) is not None and v == v]  # not nan
+    if per_msg:
+        line("at most one Redis command per streamed message (PUBLISH or EVALSHA per worker reply message)",
+             f"{max(per_msg):.3f} at most, {min(per_msg):.3f} at least, over all redserve runs", max(per_msg) <= 1)
+    loaded = [r for r in redserve if r["concurrency"] >= 64 and "redis_cmds_per_token" in r]
+    if loaded:
+        worst = max(r["redis_cmds_per_token"] for r in loaded)
+        line("fewer than one Redis command per token under load (C >= 64; every command Redis served, "
+             "those inside scripts included)", f"{worst:.3f} at most", worst < 1)
+    return out
+
+
+def render_md(rows: list[dict], meta: dict, scaled: dict | None = None) -> str:
     delays = sorted({r["delay_ms"] for r in rows})
     conc = sorted({r["concurrency"] for r in rows})
     workers = sorted({r["workers"] for r in rows if r["system"] != "direct"}) or [1]
     out = ["# Benchmark results", "",
            "Generated by `python -m bench.matrix` "
            f"({' '.join(meta.get('argv', [])) or 'defaults'}) on {meta.get('date', '?')}, "
-           f"{meta.get('machine', '?')}. Load generator on the same machine. Synthetic echo engine, "
-           f"T = {meta.get('max_tokens', 64)} tokens per reply, streamed; every reply checked "
-           "(complete, echo text, T tokens). The machine is shared and noisy: quote the ratios.", "",
+           f"{meta.get('machine', '?')}, in {meta.get('elapsed_s', '?')} s. Load generator (aiohttp) on the same "
+           f"machine. Synthetic echo engine, T = {meta.get('max_tokens', 64)} tokens per reply, streamed; every "
+           "reply checked (complete, echo text, T tokens). The machine is shared and noisy: quote the ratios.", "",
            "Systems: **redserve** (gateway + echo workers + Redis), **direct** (one SSE server generating the "
            "tokens itself, no relay: the practical upper bound; it has no workers, so its one run is the "
            "reference for both worker counts), **FastChat 0.2.36** (controller + openai_api_server + "
@@ -102,9 +167,13 @@ def render_md(rows: list[dict], meta: dict) -> str:
            "delivered per wall second (redserve may pack several tokens into one SSE chunk; FastChat sends "
            "no streamed usage, so its tokens are its content chunks). Because redserve coalesces tokens into "
            "fewer SSE chunks under load while the direct server sends one chunk per token, redserve can exceed "
-           "'direct' in tok/s at delay 0; the SSE chunks/s column shows the difference. Server CPU s = user+system CPU of all "
-           "serving processes during the run.", "",
+           "'direct' in tok/s at delay 0; the SSE chunks/s column shows the difference. Server CPU s = "
+           "user+system CPU of all serving processes during the run. Reply cmds/msg = Redis commands that "
+           "carried the workers' reply messages (one PUBLISH per gateway per outbox batch) per message; "
+           "Redis cmds/token = every command Redis served during the run (INFO commandstats, those inside "
+           "Lua scripts included) per completion token.", "",
            "![tokens/s and TTFT p50 against concurrency](results.png)", "",
+           "## Targets", "", *targets(rows, scaled), "",
            "## Ratios", "",
            "| delay ms | workers | C | tok/s redserve/FastChat | tok/s redserve/direct | "
            "TTFT p50 FastChat/redserve | TTFT p50 redserve ms |",
@@ -112,20 +181,20 @@ def render_md(rows: list[dict], meta: dict) -> str:
     for d in delays:
         for w in workers:
             for c in conc:
-                r, f, x = get("redserve", w, d, c), get("fastchat", w, d, c), get("direct", w, d, c)
+                r, f, x = (_get(rows, s, w, d, c) for s in ("redserve", "fastchat", "direct"))
                 out.append(f"| {d:g} | {w} | {c} | {ratio(r and r['tokens_per_s'], f and f['tokens_per_s'])} | "
                            f"{ratio(r and r['tokens_per_s'], x and x['tokens_per_s'])} | "
                            f"{ratio(f and f['ttft_p50_ms'], r and r['ttft_p50_ms'])} | "
                            f"{fmt(r['ttft_p50_ms']) if r else '–'} |")
     out += ["", "## All runs", "",
             "| system | delay ms | workers | C | requests | tok/s | SSE chunks/s | TTFT p50 ms | TTFT p99 ms | "
-            "latency p50 ms | latency p99 ms | errors | server CPU s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "latency p50 ms | latency p99 ms | errors | server CPU s | reply cmds/msg | Redis cmds/token |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     order = {s: i for i, s in enumerate(SYSTEMS)}
     for r in sorted(rows, key=lambda r: (r["delay_ms"], order[r["system"]], r["workers"], r["concurrency"])):
         out.append(f"| {r['system']} | {r['delay_ms']:g} | {r['workers'] if r['system'] != 'direct' else '–'} | "
                    f"{r['concurrency']} | {r['requests'] + r['errors']} | "
-                   + " | ".join(fmt(r[k]) if k != "errors" else str(r[k]) for k in FIELDS) + " |")
+                   + " | ".join(str(r[k]) if k == "errors" else fmt(r.get(k)) for k in FIELDS) + " |")
     errs = [r for r in rows if r.get("first_error")]
     if errs:
         out += ["", "Errors (first per run):", ""]
@@ -177,7 +246,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=4, help="requests per run = max(rounds x C, min requests)")
     p.add_argument("--min-requests", type=int, default=256, help="at delay 0")
-    p.add_argument("--min-requests-delayed", type=int, default=8, help="at a non-zero delay")
+    p.add_argument("--min-requests-delayed", type=int, default=16, help="at a non-zero delay")
+    p.add_argument("--streams", type=int, default=1000,
+                   help="the scale run: this many concurrent streams through one gateway (0: skip)")
     p.add_argument("--json", type=Path, default=BENCH / "results.json")
     p.add_argument("--md", type=Path, default=BENCH / "RESULTS.md")
     p.add_argument("--png", type=Path, default=BENCH / "results.png")
@@ -194,12 +265,13 @@ def main() -> None:
             fastchat_stack.ensure_venv()
         t0 = time.perf_counter()
         rows = measure(a)
+        scaled = scale(a) if a.streams and "redserve" in a.systems and not a.quick else None
         data = {"meta": {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                          "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} CPUs",
                          "max_tokens": a.max_tokens, "elapsed_s": round(time.perf_counter() - t0)},
-                "rows": rows}
+                "rows": rows, "scale": scaled}
         a.json.write_text(json.dumps(data, indent=1) + "\n")
-    a.md.write_text(render_md(data["rows"], data["meta"]))
+    a.md.write_text(render_md(data["rows"], data["meta"], data.get("scale")))
     render_png(data["rows"], a.png)
     print(f"wrote {a.md} and {a.png}", file=sys.stderr)
 

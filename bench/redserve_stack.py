@@ -18,9 +18,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
+import redis
 
 from bench.loadgen import run
 from broker.settings import Settings
@@ -50,9 +51,40 @@ class Stack:
     model: str
     pids: list[int]
     main_pid: int  # the process whose peak RSS is reported (redserve: the gateway)
+    redis_url: str | None = None
+    worker_metrics: list[str] = field(default_factory=list)
 
     def cpu(self) -> float:
         return sum(cpu_seconds(pid) for pid in self.pids)
+
+    def counters(self) -> dict[str, float]:
+        """Redis commands served (INFO commandstats) and the workers' reply messages; empty if not redserve."""
+        if self.redis_url is None:
+            return {}
+        with redis.Redis.from_url(self.redis_url) as r:
+            stats = r.info("commandstats")
+        out = {"redis_cmds": sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info"),
+               "publish_cmds": sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("publish", "evalsha")),
+               "reply_msgs": 0.0, "reply_cmds": 0.0}
+        for url in self.worker_metrics:
+            for line in httpx.get(url, timeout=5).text.splitlines():
+                name = line.partition("{")[0]
+                if name == "redserve_worker_reply_messages_total":
+                    out["reply_msgs"] += float(line.rsplit(" ", 1)[1])
+                elif name == "redserve_worker_reply_commands_total":
+                    out["reply_cmds"] += float(line.rsplit(" ", 1)[1])
+        return out
+
+
+def redis_use(before: dict[str, float], after: dict[str, float], tokens: int, chunks: int) -> dict[str, float]:
+    """Redis commands per streamed message and per token over one run (empty when not measured)."""
+    if not before:
+        return {}
+    d = {k: after[k] - before[k] for k in before}
+    return {"reply_msgs": d["reply_msgs"], "reply_cmds": d["reply_cmds"], "redis_cmds": d["redis_cmds"],
+            "reply_cmds_per_msg": d["reply_cmds"] / d["reply_msgs"] if d["reply_msgs"] else float("nan"),
+            "redis_cmds_per_token": d["redis_cmds"] / tokens if tokens else float("nan"),
+            "redis_cmds_per_chunk": d["redis_cmds"] / chunks if chunks else float("nan")}
 
 
 def wait_ready(url: str, ready, tries: int = 600) -> None:  # noqa: ANN001
@@ -91,14 +123,15 @@ def redserve(workers: int = 1, delay: float = 0.0, max_tokens: int = 64, engine:
         worker = [*py, "worker", "--log-level", "warning", "--engine", engine, "--model", model]
         if model_path:
             worker += ["--model-path", model_path]
-        procs = [subprocess.Popen(worker, env=env) for _ in range(workers)]
+        metrics_ports = [free_port() for _ in range(workers)]
+        procs = [subprocess.Popen([*worker, "--metrics-port", str(mp)], env=env) for mp in metrics_ports]
         procs.append(subprocess.Popen([*py, "gateway", "--log-level", "warning"], env=env))
         try:
             url = f"http://127.0.0.1:{port}"
             # an hf worker loads torch first
             wait_ready(f"{url}/v1/models", lambda r: r.json()["data"][0]["workers"] == workers)
             yield Stack(url, model, [pr.pid for pr in procs] + [redis.proc.pid],  # type: ignore[union-attr]
-                        procs[-1].pid)
+                        procs[-1].pid, redis.url, [f"http://127.0.0.1:{mp}/metrics" for mp in metrics_ports])
         finally:
             stop(procs)
 
@@ -116,14 +149,15 @@ def main() -> None:
 
     with redserve(a.workers, a.delay, a.max_tokens, a.engine, a.model_path) as st:
         for c in a.concurrency:
-            before = st.cpu()
+            before, counted = st.cpu(), st.counters()
             res = asyncio.run(run(st.url, st.model, c, max(a.requests, c), a.max_tokens,
                                   check_echo=a.engine == "echo"))
             cpu = st.cpu() - before
+            use = redis_use(counted, st.counters(), res.tokens, res.chunks)
             print(json.dumps({"system": "redserve", "engine": a.engine, "workers": a.workers,
                               "delay_ms": a.delay * 1000,
                               "concurrency": c, **{k: round(v, 2) for k, v in res.summary().items()},
-                              "server_cpu_s": round(cpu, 2),
+                              "server_cpu_s": round(cpu, 2), **{k: round(v, 3) for k, v in use.items()},
                               "gateway_peak_rss_mb": round(peak_rss_mb(st.main_pid), 1)}), flush=True)
             for e in res.errors[:3]:
                 print("  error:", e)
