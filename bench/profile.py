@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -68,7 +70,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("bench/profiles"))
     a = p.parse_args()
-    spy = shutil.which("py-spy")
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))  # venv unactivated
     if spy is None:
         raise SystemExit("py-spy not found: pip install -e '.[bench]'")
     a.out.mkdir(parents=True, exist_ok=True)

@@ -83,8 +83,9 @@ class ReplyStream:
                 item = self.queue.get_nowait()  # under load the next message is usually here already
             except asyncio.QueueEmpty:
                 try:
-                    item = await asyncio.wait_for(self.queue.get(), self.timeout)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(self.timeout):  # no task per wait, unlike wait_for on 3.11
+                        item = await self.queue.get()
+                except TimeoutError:
                     raise WorkerTimeout(f"No reply from the worker within {self.timeout:g} s.") from None
             if isinstance(item, BaseException):
                 raise item
