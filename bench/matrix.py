@@ -36,14 +36,16 @@ from bench import direct, fastchat_stack, redserve_stack
 from bench.loadgen import run
 
 BENCH = Path(__file__).resolve().parent
-SYSTEMS = ("redserve", "direct", "fastchat")
+#: redserve-2gw: the same stack with two gateway processes on its one port (--gateway-processes 2).
+SYSTEMS = ("redserve", "redserve-2gw", "direct", "fastchat")
+GATEWAYS = {"redserve": 1, "redserve-2gw": 2}
 FIELDS = ["tokens_per_s", "chunks_per_s", "ttft_p50_ms", "ttft_p99_ms", "latency_p50_ms", "latency_p99_ms", "errors",
           "server_cpu_s", "reply_cmds_per_msg", "redis_cmds_per_token"]
 
 
 def stack(system: str, workers: int, delay: float, max_tokens: int) -> contextlib.AbstractContextManager:
-    if system == "redserve":
-        return redserve_stack.redserve(workers, delay, max_tokens)
+    if system in GATEWAYS:
+        return redserve_stack.redserve(workers, delay, max_tokens, gateways=GATEWAYS[system])
     if system == "direct":
         return direct.serve(delay)
     return fastchat_stack.fastchat(workers, delay)
@@ -85,7 +87,7 @@ def scale(a: argparse.Namespace) -> dict:
         res = asyncio.run(run(st.url, st.model, a.streams, a.streams, a.max_tokens, check_echo=True))
         out = {"streams": a.streams, "workers": workers, "delay_ms": delay * 1000,
                **{k: round(v, 2) for k, v in res.summary().items()},
-               "gateway_peak_rss_mb": round(redserve_stack.peak_rss_mb(st.main_pid), 1)}
+               "gateway_peak_rss_mb": round(st.gateway_peak_rss_mb(), 1)}
     if res.errors:
         out["first_error"] = res.errors[0][:200]
     print(json.dumps(out), flush=True)
@@ -118,21 +120,23 @@ def targets(rows: list[dict], scaled: dict | None) -> list[str]:
     def line(target: str, measured: str, ok: bool | None) -> None:
         out.append(f"| {target} | {measured} | {'–' if ok is None else 'yes' if ok else '**no**'} |")
 
-    redserve = [r for r in rows if r["system"] == "redserve"]
-    for w in sorted({r["workers"] for r in redserve}):
-        r, f = _get(rows, "redserve", w, 0.0, 64), _get(rows, "fastchat", w, 0.0, 64)
-        if r and f:
-            x = r["tokens_per_s"] / f["tokens_per_s"]
-            line(f"delay 0, C = 64, {w} worker(s): tok/s at least 10x FastChat's", f"{x:.1f}x", x >= 10)
-        if r := _get(rows, "redserve", w, 0.0, 1):
-            line(f"delay 0, C = 1, {w} worker(s): TTFT p50 at most 5 ms", f"{r['ttft_p50_ms']:.2f} ms",
-                 r["ttft_p50_ms"] <= 5)
-        if r := _get(rows, "redserve", w, 20.0, 256):
-            share = r["tokens_per_s"] / (256 * 50)
-            d = _get(rows, "direct", w, 20.0, 256)
-            direct_share = f"; direct: {d['tokens_per_s'] / (256 * 50):.0%}" if d else ""
-            line(f"delay 20 ms, C = 256, {w} worker(s): at least 80% of the ideal 256 x 50 tok/s",
-                 f"{r['tokens_per_s']:,.0f} tok/s = {share:.0%}{direct_share}", share >= 0.8)
+    redserve = [r for r in rows if r["system"] in GATEWAYS]
+    for system in [s for s in GATEWAYS if any(r["system"] == s for r in rows)]:
+        name = "redserve" if system == "redserve" else "redserve, 2 gateway processes"
+        for w in sorted({r["workers"] for r in rows if r["system"] == system}):
+            r, f = _get(rows, system, w, 0.0, 64), _get(rows, "fastchat", w, 0.0, 64)
+            if r and f:
+                x = r["tokens_per_s"] / f["tokens_per_s"]
+                line(f"{name}, delay 0, C = 64, {w} worker(s): tok/s at least 10x FastChat's", f"{x:.1f}x", x >= 10)
+            if r := _get(rows, system, w, 0.0, 1):
+                line(f"{name}, delay 0, C = 1, {w} worker(s): TTFT p50 at most 5 ms", f"{r['ttft_p50_ms']:.2f} ms",
+                     r["ttft_p50_ms"] <= 5)
+            if r := _get(rows, system, w, 20.0, 256):
+                share = r["tokens_per_s"] / (256 * 50)
+                d = _get(rows, "direct", w, 20.0, 256)
+                direct_share = f"; direct: {d['tokens_per_s'] / (256 * 50):.0%}" if d else ""
+                line(f"{name}, delay 20 ms, C = 256, {w} worker(s): at least 80% of the ideal 256 x 50 tok/s",
+                     f"{r['tokens_per_s']:,.0f} tok/s = {share:.0%}{direct_share}", share >= 0.8)
     if scaled:
         ok = scaled["errors"] == 0 and scaled["requests"] == scaled["streams"] and scaled["gateway_peak_rss_mb"] < 250
         line(f"{scaled['streams']:,} concurrent streams (delay 20 ms) through one gateway: no errors, RSS under 250 MB",
@@ -160,7 +164,8 @@ def render_md(rows: list[dict], meta: dict, scaled: dict | None = None) -> str:
            f"{meta.get('machine', '?')}, in {meta.get('elapsed_s', '?')} s. Load generator (aiohttp) on the same "
            f"machine. Synthetic echo engine, T = {meta.get('max_tokens', 64)} tokens per reply, streamed; every "
            "reply checked (complete, echo text, T tokens). The machine is shared and noisy: quote the ratios.", "",
-           "Systems: **redserve** (gateway + echo workers + Redis), **direct** (one SSE server generating the "
+           "Systems: **redserve** (one gateway process + echo workers + Redis), **redserve-2gw** (the same with "
+           "`--gateway-processes 2`: two gateway processes accepting on the one port), **direct** (one SSE server generating the "
            "tokens itself, no relay: the practical upper bound; it has no workers, so its one run is the "
            "reference for both worker counts), **FastChat 0.2.36** (controller + openai_api_server + "
            "synthetic `BaseModelWorker` subclasses, worker concurrency limit 4096). tok/s = completion tokens "
@@ -176,16 +181,19 @@ def render_md(rows: list[dict], meta: dict, scaled: dict | None = None) -> str:
            "## Targets", "", *targets(rows, scaled), "",
            "## Ratios", "",
            "| delay ms | workers | C | tok/s redserve/FastChat | tok/s redserve/direct | "
-           "TTFT p50 FastChat/redserve | TTFT p50 redserve ms |",
-           "|---:|---:|---:|---:|---:|---:|---:|"]
+           "TTFT p50 FastChat/redserve | TTFT p50 redserve ms | tok/s redserve-2gw/direct | "
+           "TTFT p50 redserve-2gw ms |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for d in delays:
         for w in workers:
             for c in conc:
-                r, f, x = (_get(rows, s, w, d, c) for s in ("redserve", "fastchat", "direct"))
+                r, r2, f, x = (_get(rows, s, w, d, c) for s in ("redserve", "redserve-2gw", "fastchat", "direct"))
                 out.append(f"| {d:g} | {w} | {c} | {ratio(r and r['tokens_per_s'], f and f['tokens_per_s'])} | "
                            f"{ratio(r and r['tokens_per_s'], x and x['tokens_per_s'])} | "
                            f"{ratio(f and f['ttft_p50_ms'], r and r['ttft_p50_ms'])} | "
-                           f"{fmt(r['ttft_p50_ms']) if r else '–'} |")
+                           f"{fmt(r['ttft_p50_ms']) if r else '–'} | "
+                           f"{ratio(r2 and r2['tokens_per_s'], x and x['tokens_per_s'])} | "
+                           f"{fmt(r2['ttft_p50_ms']) if r2 else '–'} |")
     out += ["", "## All runs", "",
             "| system | delay ms | workers | C | requests | tok/s | SSE chunks/s | TTFT p50 ms | TTFT p99 ms | "
             "latency p50 ms | latency p99 ms | errors | server CPU s | reply cmds/msg | Redis cmds/token |",
@@ -211,7 +219,7 @@ def render_png(rows: list[dict], path: Path) -> None:
 
     delays = sorted({r["delay_ms"] for r in rows})
     fig, axes = plt.subplots(len(delays), 2, figsize=(11, 4.2 * len(delays)), squeeze=False)
-    colors = {"redserve": "tab:red", "direct": "tab:green", "fastchat": "tab:blue"}
+    colors = {"redserve": "tab:red", "redserve-2gw": "tab:orange", "direct": "tab:green", "fastchat": "tab:blue"}
     for i, d in enumerate(delays):
         series = sorted({(r["system"], r["workers"]) for r in rows if r["delay_ms"] == d},
                         key=lambda s: (SYSTEMS.index(s[0]), s[1]))
@@ -231,7 +239,7 @@ def render_png(rows: list[dict], path: Path) -> None:
             ax.set_title(f"{title}, inter-token delay {d:g} ms")
             ax.grid(True, which="both", alpha=0.3)
         axes[i][0].legend(fontsize=8)
-    fig.suptitle("redserve vs direct vs FastChat 0.2.36 (echo engine, T=64; ratios matter, not absolutes)")
+    fig.suptitle("redserve (1 and 2 gateway processes) vs direct vs FastChat 0.2.36 (echo engine, T=64; ratios matter, not absolutes)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

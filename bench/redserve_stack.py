@@ -34,6 +34,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it (a gateway group's children, say)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for p in descendants(pid):
+        try:
+            total += cpu_seconds(p)
+        except OSError:  # exited meanwhile
+            pass
+    return total
+
+
 def peak_rss_mb(pid: int) -> float:
     """The process's high-water resident set (VmHWM), in MB."""
     with open(f"/proc/{pid}/status") as f:
@@ -55,7 +79,11 @@ class Stack:
     worker_metrics: list[str] = field(default_factory=list)
 
     def cpu(self) -> float:
-        return sum(cpu_seconds(pid) for pid in self.pids)
+        return sum(tree_cpu_seconds(pid) for pid in self.pids)
+
+    def gateway_peak_rss_mb(self) -> float:
+        """The largest peak RSS among the gateway processes (a group's supervisor only holds the socket)."""
+        return max(peak_rss_mb(p) for p in descendants(self.main_pid))
 
     def counters(self) -> dict[str, float]:
         """Redis commands served (INFO commandstats) and the workers' reply messages; empty if not redserve."""
@@ -111,12 +139,12 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 @contextlib.contextmanager
 def redserve(workers: int = 1, delay: float = 0.0, max_tokens: int = 64, engine: str = "echo",
-             model_path: str | None = None) -> Iterator[Stack]:
-    """Private Redis + ``workers`` echo (or hf) workers + one gateway, as separate processes."""
+             model_path: str | None = None, gateways: int = 1) -> Iterator[Stack]:
+    """Private Redis + ``workers`` echo (or hf) workers + a gateway (of ``gateways`` processes)."""
     with RedisServer() as redis:
         port = free_port()
         s = Settings(redis_url=redis.url, port=port, echo_tokens=max_tokens, echo_delay=delay,
-                     max_concurrency=1024)
+                     max_concurrency=1024, gateway_processes=gateways)
         env = os.environ | s.to_env()
         py = [sys.executable, "-m", "redserve"]
         model = "echo" if engine == "echo" else "tiny"
@@ -139,6 +167,7 @@ def redserve(workers: int = 1, delay: float = 0.0, max_tokens: int = 64, engine:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--gateways", type=int, default=1, help="gateway processes on the one port")
     p.add_argument("--engine", default="echo", choices=["echo", "hf"])
     p.add_argument("--model-path", default=None, help="hf: the model directory (redserve tiny-model DIR)")
     p.add_argument("--delay", type=float, default=0.0, help="seconds between echo tokens")
@@ -147,18 +176,18 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     a = p.parse_args()
 
-    with redserve(a.workers, a.delay, a.max_tokens, a.engine, a.model_path) as st:
+    with redserve(a.workers, a.delay, a.max_tokens, a.engine, a.model_path, a.gateways) as st:
         for c in a.concurrency:
             before, counted = st.cpu(), st.counters()
             res = asyncio.run(run(st.url, st.model, c, max(a.requests, c), a.max_tokens,
                                   check_echo=a.engine == "echo"))
             cpu = st.cpu() - before
             use = redis_use(counted, st.counters(), res.tokens, res.chunks)
-            print(json.dumps({"system": "redserve", "engine": a.engine, "workers": a.workers,
+            print(json.dumps({"system": "redserve", "engine": a.engine, "workers": a.workers, "gateways": a.gateways,
                               "delay_ms": a.delay * 1000,
                               "concurrency": c, **{k: round(v, 2) for k, v in res.summary().items()},
                               "server_cpu_s": round(cpu, 2), **{k: round(v, 3) for k, v in use.items()},
-                              "gateway_peak_rss_mb": round(peak_rss_mb(st.main_pid), 1)}), flush=True)
+                              "gateway_peak_rss_mb": round(st.gateway_peak_rss_mb(), 1)}), flush=True)
             for e in res.errors[:3]:
                 print("  error:", e)
 

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
 
     # --- dispatch and gateway ----------------------------------------------
     dispatch_method: DispatchMethod = "shortest_queue"
+    gateway_processes: int = Field(
+        default=1, ge=1,
+        description="Gateway processes sharing one listening socket, each a whole gateway with its own reply "
+                    "channel: spreads HTTP and SSE work over cores.",
+    )
     reply_timeout: float = Field(
         default=60.0, gt=0, description="Seconds of worker silence before a request fails (504 / error event)."
     )

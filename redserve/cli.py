@@ -19,7 +19,7 @@ WORKER_FLAGS = ["host", "metrics_port", "model_path", "vllm_engine_args", "api_c
                 "echo_tokens", "echo_delay"]
 #: Engines that load a model directory from this machine.
 LOCAL_ENGINES = ("hf", "vllm")
-GATEWAY_FLAGS = ["host", "port", "dispatch_method", "reply_timeout", "max_attempts", "replay_window",
+GATEWAY_FLAGS = ["host", "port", "gateway_processes", "dispatch_method", "reply_timeout", "max_attempts", "replay_window",
                  "stream_buffer", "send_timeout", "api_keys", "api_keys_file", "open_paths", "rpm_limit", "tpm_limit",
                  "max_body_bytes", "max_prompt_chars", "max_tokens_cap", "max_messages", "max_n",
                  "batch_max_file_bytes", "batch_max_requests", "batch_ttl"]
@@ -74,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "served under its folder name.")
     _add_settings_flags(up, REDIS_FLAGS + GATEWAY_FLAGS + WORKER_FLAGS)
 
-    gw = sub.add_parser("gateway", parents=[common], help="Run one OpenAI-compatible gateway process.")
+    gw = sub.add_parser("gateway", parents=[common],
+                        help="Run an OpenAI-compatible gateway (one process, or --gateway-processes on one port).")
+    gw.add_argument("--listen-fd", type=int, default=None,
+                    help="Accept on this inherited listening socket instead of binding host:port "
+                         "(how --gateway-processes shares one port).")
     _add_settings_flags(gw, REDIS_FLAGS + GATEWAY_FLAGS)
 
     wk = sub.add_parser("worker", parents=[common], help="Run one model worker process.")
@@ -122,9 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                          batch_runner=not args.no_batch_runner)
     if args.command == "gateway":
         _need_redis(settings)
+        if settings.gateway_processes > 1 and args.listen_fd is None:
+            from redserve.gateways import GatewayGroup
+
+            return GatewayGroup(settings, args.log_level).run()
         from redserve.serve import run_gateway
 
-        return loop.run(run_gateway(settings, log_level=args.log_level), settings.event_loop)
+        return loop.run(run_gateway(settings, log_level=args.log_level, listen_fd=args.listen_fd),
+                        settings.event_loop)
     if args.command == "worker":
         _need_redis(settings)
         return loop.run(run_worker(settings, args.engine, args.models, args.worker_id), settings.event_loop)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import threading
 from typing import Iterator
 
@@ -49,7 +50,20 @@ def gateway_server(settings: Settings, *, log_level: str = "info") -> GatewaySer
     return GatewayServer(config)
 
 
-async def run_gateway(settings: Settings, *, log_level: str = "info") -> int:
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket that several gateway processes can accept on (port 0: any free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def run_gateway(settings: Settings, *, log_level: str = "info", listen_fd: int | None = None) -> int:
+    """One gateway process; on ``listen_fd`` it accepts on a socket inherited from a ``GatewayGroup``."""
     server = gateway_server(settings, log_level=log_level)
-    await server.serve()
+    sockets = None if listen_fd is None else [socket.socket(fileno=listen_fd)]
+    await server.serve(sockets=sockets)
     return 0 if server.started else 1

@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 from broker.settings import Settings
 from redserve import loop
 from redserve.redis_server import RedisServer
-from redserve.serve import gateway_server
+from redserve.gateways import spawn_gateway
+from redserve.serve import gateway_server, listen
 
 
 def run_stack(settings: Settings, *, workers: int, engine: str, model: str, log_level: str = "info",
@@ -32,8 +34,11 @@ def run_stack(settings: Settings, *, workers: int, engine: str, model: str, log_
     if batch_runner:  # so /v1/batches and `redserve batch submit` work out of the box
         runner = [sys.executable, "-m", "redserve", "batch-runner", "--log-level", log_level]
         procs.append(subprocess.Popen(runner, env=env, start_new_session=True))
+    sock = listen(settings.host, settings.port) if settings.gateway_processes > 1 else None
+    if sock is not None:  # the other gateways accept on the socket this process serves on too
+        procs += [spawn_gateway(settings, log_level, sock.fileno()) for _ in range(settings.gateway_processes - 1)]
     try:
-        return loop.run(_serve(settings, model, redis, log_level), settings.event_loop)
+        return loop.run(_serve(settings, model, redis, log_level, sock), settings.event_loop)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -47,9 +52,10 @@ def run_stack(settings: Settings, *, workers: int, engine: str, model: str, log_
             redis.close()
 
 
-async def _serve(settings: Settings, model: str, redis: RedisServer | None, log_level: str) -> int:
+async def _serve(settings: Settings, model: str, redis: RedisServer | None, log_level: str,
+                 sock: socket.socket | None) -> int:
     server = gateway_server(settings, log_level=log_level)
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=None if sock is None else [sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:

@@ -162,3 +162,52 @@ def test_processes_run_on_uvloop_unless_told_otherwise():
     assert loop.run(kind()) == "uvloop"  # a dependency (uvicorn[standard]) on Linux
     assert loop.run(kind(), "asyncio") == "asyncio"
     assert "--event-loop" in run("gateway", "--help").stdout
+
+
+async def test_gateway_processes_share_one_port_and_a_dead_one_is_replaced(stack, redis_url):
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    await stack.worker(max_concurrency=32)
+    port = free_port()
+    env = os.environ | {"REDIS_URL": redis_url}
+    group = subprocess.Popen([sys.executable, "-m", "redserve", "gateway", "--gateway-processes", "2",
+                              "--port", str(port), "--log-level", "warning"], env=env)
+    raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
+
+    async def reply_channels() -> list[str]:
+        return sorted(await raw.pubsub_channels("redserve:replies:*"))
+
+    async def wait_channels(n: int, other_than: list[str] | None = None) -> list[str]:
+        for _ in range(300):
+            chans = await reply_channels()
+            if len(chans) == n and chans != other_than:
+                return chans
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"reply channels: {await reply_channels()}")
+
+    async def ids(n: int) -> set[str]:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            async def one() -> str:
+                async with http.stream("POST", "/v1/chat/completions", json={
+                        "model": "echo", "messages": [{"role": "user", "content": "hi"}], "stream": True}) as r:
+                    assert r.status_code == 200
+                    await r.aread()
+                return (await http.get("/health")).json()["gateway_id"]
+            return set(await asyncio.gather(*(one() for _ in range(n))))
+
+    try:
+        first = await wait_channels(2)  # two gateways, each with its own reply channel
+        served = await ids(40)
+        assert served <= {c.rsplit(":", 1)[1] for c in first} and served  # all answered on the one port
+        children = [int(p) for p in open(f"/proc/{group.pid}/task/{group.pid}/children").read().split()]
+        os.kill(children[0], signal.SIGKILL)
+        replaced = await wait_channels(2, other_than=first)  # the supervisor started a replacement
+        assert len(set(replaced) & set(first)) == 1
+        assert await ids(10)
+    finally:
+        group.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(group.wait, 30) == 0
+        await raw.aclose()
+    assert await asyncio.wait_for(wait_channels(0), 10) == []
