@@ -16,7 +16,8 @@ compare the ratios, not the absolute numbers.
 For redserve each run also counts Redis commands (INFO commandstats on its
 private Redis) and the workers' reply messages (their /metrics). A last run
 opens --streams concurrent streams through one gateway (2 workers, 20 ms) and
-records errors and the gateway's peak RSS. RESULTS.md opens with the targets
+records errors and the gateway's peak RSS; bench.floor then measures a
+gateway's CPU per request against FastAPI and sse-starlette alone. RESULTS.md opens with the targets
 of the performance issue, each with its measured value.
 """
 
@@ -32,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import direct, fastchat_stack, redserve_stack
+from bench import direct, fastchat_stack, floor, redserve_stack
 from bench.loadgen import run
 
 BENCH = Path(__file__).resolve().parent
@@ -154,7 +155,26 @@ def targets(rows: list[dict], scaled: dict | None) -> list[str]:
     return out
 
 
-def render_md(rows: list[dict], meta: dict, scaled: dict | None = None) -> str:
+def per_request(floors: list[dict], rows: list[dict]) -> list[str]:
+    """The per-request CPU table, and what it means for the one-gateway target."""
+    out = ["| server answering one one-token stream | CPU µs per request | requests/s (C = 64) | errors |",
+           "|---|---:|---:|---:|"]
+    out += [f"| {f['server']} | {f['cpu_us_per_request']:,} | {f['requests_per_s']:,} | {f['errors']} |" for f in floors]
+    by = {f["server"]: f["cpu_us_per_request"] for f in floors}
+    one, two, d = (_get(rows, s, 1, 20.0, 256) for s in ("redserve", "redserve-2gw", "direct"))
+    if not (len(by) == 3 and one and two and d):
+        return out
+    gw, sse, bare = by["redserve gateway"], by["fastapi + sse-starlette"], by["fastapi"]
+    return out + ["", f"A gateway process spends {gw:,} µs of CPU on a request before its tokens flow; FastAPI "
+                  f"with sse-starlette answering the same request with nothing behind it spends {sse:,} µs "
+                  f"(FastAPI with a plain StreamingResponse: {bare:,} µs). When the 256 streams of a round start "
+                  f"together, one process pays that cost request after request: TTFT p50 "
+                  f"{one['ttft_p50_ms']:,.0f} ms at delay 20 ms, C = 256 (direct server: {d['ttft_p50_ms']:,.0f} ms), "
+                  f"and each of the run's four rounds loses that time. Two gateway processes on the same port take "
+                  f"those requests in parallel: TTFT p50 {two['ttft_p50_ms']:,.0f} ms."]
+
+
+def render_md(rows: list[dict], meta: dict, scaled: dict | None = None, floors: list[dict] | None = None) -> str:
     delays = sorted({r["delay_ms"] for r in rows})
     conc = sorted({r["concurrency"] for r in rows})
     workers = sorted({r["workers"] for r in rows if r["system"] != "direct"}) or [1]
@@ -179,6 +199,7 @@ def render_md(rows: list[dict], meta: dict, scaled: dict | None = None) -> str:
            "Lua scripts included) per completion token.", "",
            "![tokens/s and TTFT p50 against concurrency](results.png)", "",
            "## Targets", "", *targets(rows, scaled), "",
+           *(["## Per-request cost of a gateway process", "", *per_request(floors, rows), ""] if floors else []),
            "## Ratios", "",
            "| delay ms | workers | C | tok/s redserve/FastChat | tok/s redserve/direct | "
            "TTFT p50 FastChat/redserve | TTFT p50 redserve ms | tok/s redserve-2gw/direct | "
@@ -274,12 +295,13 @@ def main() -> None:
         t0 = time.perf_counter()
         rows = measure(a)
         scaled = scale(a) if a.streams and "redserve" in a.systems and not a.quick else None
+        floors = floor.measure() if "redserve" in a.systems and not a.quick else None
         data = {"meta": {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                          "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} CPUs",
                          "max_tokens": a.max_tokens, "elapsed_s": round(time.perf_counter() - t0)},
-                "rows": rows, "scale": scaled}
+                "rows": rows, "scale": scaled, "floor": floors}
         a.json.write_text(json.dumps(data, indent=1) + "\n")
-    a.md.write_text(render_md(data["rows"], data["meta"], data.get("scale")))
+    a.md.write_text(render_md(data["rows"], data["meta"], data.get("scale"), data.get("floor")))
     render_png(data["rows"], a.png)
     print(f"wrote {a.md} and {a.png}", file=sys.stderr)
 

@@ -29,3 +29,11 @@ def test_the_harness_checks_replies_and_counts_redis_commands():
              **{k: round(v, 2) for k, v in good.summary().items()}, "server_cpu_s": 0.5, **use}]
     md = render_md(rows, {"argv": [], "max_tokens": 16})
     assert "| at most one Redis command per streamed message" in md and "| redserve | 0 | 1 | 4 | 16 |" in md
+
+
+def test_the_floor_servers_answer_like_the_gateway():
+    from bench import floor
+
+    rows = floor.measure(concurrency=4, requests=16)
+    assert [r["server"] for r in rows] == ["fastapi", "fastapi + sse-starlette", "redserve gateway"]
+    assert all(r["errors"] == 0 and r["requests"] == 16 and r["cpu_us_per_request"] > 0 for r in rows)

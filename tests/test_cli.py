@@ -211,3 +211,20 @@ async def test_gateway_processes_share_one_port_and_a_dead_one_is_replaced(stack
         assert await asyncio.to_thread(group.wait, 30) == 0
         await raw.aclose()
     assert await asyncio.wait_for(wait_channels(0), 10) == []
+
+
+def test_up_with_two_gateway_processes_serves_on_one_port():
+    import redis as sync_redis
+
+    proc, base, models = start_up("--gateway-processes", "2", "--no-batch-runner")
+    try:
+        assert models == ["echo"]
+        client = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        for _ in range(4):
+            assert client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}])
+        url = re.search(r"private Redis at (redis://\S+)", proc.stdout.readline() + "".join(
+            proc.stdout.readline() for _ in range(6))).group(1)
+        with sync_redis.Redis.from_url(url) as r:
+            assert len(r.pubsub_channels("redserve:replies:*")) == 2  # one reply channel per gateway process
+    finally:
+        stop(proc)
