@@ -61,7 +61,8 @@ def fastchat(workers: int = 1, delay: float = 0.0, model: str = "echo") -> Itera
         out = open(os.path.join(logdir, "stdout.log"), "wb")  # FastChat logs every request at INFO
         cport, aport = free_port(), free_port()
         controller = f"http://127.0.0.1:{cport}"
-        spawn = lambda *args: subprocess.Popen([py, *args], env=env, stdout=out, stderr=subprocess.STDOUT)  # noqa: E731
+        spawn = lambda *args: subprocess.Popen([py, *args], env=env, stdout=out, stderr=subprocess.STDOUT,  # noqa: E731
+                                               cwd=logdir)  # its api server writes a log file into the cwd
         procs = [spawn("-m", "fastchat.serve.controller", "--host", "127.0.0.1", "--port", str(cport))]
         try:
             wait_ready(f"{controller}/docs", lambda r: r.status_code == 200)
