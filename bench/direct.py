@@ -13,8 +13,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -62,17 +60,10 @@ def app(delay: float) -> Starlette:
 @contextlib.contextmanager
 def serve(delay: float = 0.0) -> Iterator["Stack"]:  # noqa: F821
     """This server in its own process, for the matrix (bench/matrix.py)."""
-    from bench.redserve_stack import Stack, stop, wait_ready
-    from redserve.redis_server import free_port
+    from bench.redserve_stack import server_process
 
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.direct", "--port", str(port), "--delay", str(delay)])
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(f"{url}/v1/models", lambda r: r.status_code == 200)
-        yield Stack(url, "echo", [proc.pid], proc.pid)
-    finally:
-        stop([proc])
+    with server_process(["bench.direct", "--delay", str(delay)]) as stack:
+        yield stack
 
 
 def main() -> None:

@@ -24,10 +24,8 @@ import argparse
 import asyncio
 import contextlib
 import json
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import uvicorn
 from fastapi import FastAPI
@@ -35,9 +33,8 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.responses import StreamingResponse
 
 from bench.loadgen import run
-from bench.redserve_stack import Stack, cpu_seconds, redserve, stop, wait_ready
+from bench.redserve_stack import Stack, cpu_seconds, redserve, server_process
 from gateway.schemas import ChatCompletionRequest
-from redserve.redis_server import free_port
 
 FLOORS = ("fastapi", "fastapi + sse-starlette")
 
@@ -65,16 +62,8 @@ def floor_app(kind: str) -> FastAPI:
     return app
 
 
-@contextlib.contextmanager
-def floor_server(kind: str) -> Iterator[Stack]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.floor", "--serve", kind, "--port", str(port)])
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(f"{url}/v1/models", lambda r: r.status_code == 200)
-        yield Stack(url, "echo", [proc.pid], proc.pid)
-    finally:
-        stop([proc])
+def floor_server(kind: str) -> contextlib.AbstractContextManager[Stack]:
+    return server_process(["bench.floor", "--serve", kind])
 
 
 def measure(concurrency: int = 64, requests: int = 2000) -> list[dict]:

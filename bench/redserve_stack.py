@@ -138,6 +138,19 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 
 @contextlib.contextmanager
+def server_process(module_args: list[str], model: str = "echo") -> Iterator[Stack]:
+    """A one-process server (``python -m MODULE ARGS --port P``), ready once /v1/models answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", *module_args, "--port", str(port)])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(f"{url}/v1/models", lambda r: r.status_code == 200)
+        yield Stack(url, model, [proc.pid], proc.pid)
+    finally:
+        stop([proc])
+
+
+@contextlib.contextmanager
 def redserve(workers: int = 1, delay: float = 0.0, max_tokens: int = 64, engine: str = "echo",
              model_path: str | None = None, gateways: int = 1) -> Iterator[Stack]:
     """Private Redis + ``workers`` echo (or hf) workers + a gateway (of ``gateways`` processes)."""
