@@ -36,4 +36,5 @@ def test_the_floor_servers_answer_like_the_gateway():
 
     rows = floor.measure(concurrency=4, requests=16)
     assert [r["server"] for r in rows] == ["fastapi", "fastapi + sse-starlette", "redserve gateway"]
-    assert all(r["errors"] == 0 and r["requests"] == 16 and r["cpu_us_per_request"] > 0 for r in rows)
+    # (CPU is read in 10 ms clock ticks: a run this short may read 0, so only its presence is checked)
+    assert all(r["errors"] == 0 and r["requests"] == 16 and r["cpu_us_per_request"] >= 0 for r in rows)
