@@ -11,6 +11,8 @@ import sys
 import typing
 from typing import Any, Sequence
 
+from pydantic import ValidationError
+
 from broker.settings import Settings
 from redserve import batch_cli, chat, loop
 
@@ -114,7 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = settings_from(args)
+    try:
+        settings = settings_from(args)
+    except ValidationError as exc:  # a bad flag or REDSERVE_* variable: say which, no traceback
+        for err in exc.errors():
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            print(f"redserve: --{name.replace('_', '-')} (env REDSERVE_{name.upper()}): {err['msg']}, "
+                  f"got {err.get('input')!r}", file=sys.stderr)
+        return 2
     if args.command == "up":
         from redserve.stack import run_stack
 

@@ -55,14 +55,25 @@ class GatewayGroup:
         """Start the gateways and keep them running until a signal; returns 0 after a clean stop."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._stop)
-        self.procs = [self._spawn() for _ in range(self.settings.gateway_processes)]
-        log.info("%d gateway processes on http://%s:%d", len(self.procs), self.settings.host, self.port)
+        n = self.settings.gateway_processes
+        self.procs = [self._spawn() for _ in range(n)]
+        started = [time.monotonic()] * n
+        delay = [0.0] * n
+        restart_at: list[float | None] = [None] * n
+        log.info("%d gateway processes on http://%s:%d", n, self.settings.host, self.port)
         while not self.stopping:
+            now = time.monotonic()
             for i, proc in enumerate(self.procs):
-                if proc.poll() is not None and not self.stopping:
-                    log.warning("gateway process %d exited with %s; starting another", proc.pid, proc.returncode)
-                    self.procs[i] = self._spawn()
-            time.sleep(0.2)
+                if proc.poll() is None:
+                    continue
+                if restart_at[i] is None:  # just noticed: one that died young is retried ever more slowly
+                    delay[i] = min(max(2 * delay[i], 0.5), 10.0) if now - started[i] < 10 else 0.0
+                    restart_at[i] = now + delay[i]
+                    log.warning("gateway process %d exited with %s; starting another in %.1f s",
+                                proc.pid, proc.returncode, delay[i])
+                elif now >= restart_at[i] and not self.stopping:
+                    self.procs[i], started[i], restart_at[i] = self._spawn(), now, None
+            time.sleep(0.1)
         return self._wait()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
