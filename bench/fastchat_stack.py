@@ -43,12 +43,14 @@ def ensure_venv() -> Path:
     """Create bench/.venv-fastchat with FastChat 0.2.36 unless it is already there."""
     check = [str(PY), "-c", "import fastchat, fastchat.serve.openai_api_server, pydantic; "
              "assert fastchat.__version__ == '0.2.36' and pydantic.VERSION.startswith('1.')"]
-    if PY.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+    # importing its api server opens a log file in LOGDIR (default: the cwd): keep it out of the checkout
+    check_env = os.environ | {"LOGDIR": tempfile.gettempdir()}
+    if PY.exists() and subprocess.run(check, capture_output=True, env=check_env).returncode == 0:
         return PY
     print(f"installing {' '.join(REQUIREMENTS)} into {VENV}", file=sys.stderr, flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     subprocess.run([str(PY), "-m", "pip", "install", "-q", *REQUIREMENTS], check=True)
-    subprocess.run(check, check=True)
+    subprocess.run(check, check=True, env=check_env)
     return PY
 
 
