@@ -230,7 +230,7 @@ class BaseModelWorker(abc.ABC):
 
     # --- one job ---------------------------------------------------------------
     async def _run_job(self, job: Job) -> None:
-        assert self._raw is not None
+        assert self._raw is not None and self.outbox is not None
         replay = ReplayLog(self.scripts.emit, self.keys.replay(job.request_id), job.replay_ms) \
             if job.replay_ms else None
         publisher = ReplyPublisher(self._raw, self.outbox, job.reply_to, job.request_id, job.attempt, replay)
