@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
-import redis
+from prometheus_client.parser import text_string_to_metric_families
+from redis import Redis as SyncRedis
 
 from bench.loadgen import run
 from broker.settings import Settings
@@ -89,18 +90,17 @@ class Stack:
         """Redis commands served (INFO commandstats) and the workers' reply messages; empty if not redserve."""
         if self.redis_url is None:
             return {}
-        with redis.Redis.from_url(self.redis_url) as r:
+        with SyncRedis.from_url(self.redis_url) as r:
             stats = r.info("commandstats")
         out = {"redis_cmds": sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info"),
-               "publish_cmds": sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("publish", "evalsha")),
                "reply_msgs": 0.0, "reply_cmds": 0.0}
+        names = {"redserve_worker_reply_messages_total": "reply_msgs",
+                 "redserve_worker_reply_commands_total": "reply_cmds"}
         for url in self.worker_metrics:
-            for line in httpx.get(url, timeout=5).text.splitlines():
-                name = line.partition("{")[0]
-                if name == "redserve_worker_reply_messages_total":
-                    out["reply_msgs"] += float(line.rsplit(" ", 1)[1])
-                elif name == "redserve_worker_reply_commands_total":
-                    out["reply_cmds"] += float(line.rsplit(" ", 1)[1])
+            for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
+                for sample in family.samples:
+                    if sample.name in names:
+                        out[names[sample.name]] += sample.value
         return out
 
 
