@@ -115,10 +115,10 @@ def redis_use(before: dict[str, float], after: dict[str, float], tokens: int, ch
             "redis_cmds_per_chunk": d["redis_cmds"] / chunks if chunks else float("nan")}
 
 
-def wait_ready(url: str, ready, tries: int = 600) -> None:  # noqa: ANN001
+def wait_ready(url: str, ready, tries: int = 600, headers: dict[str, str] | None = None) -> None:  # noqa: ANN001
     for _ in range(tries):
         try:
-            if ready(httpx.get(url, timeout=2)):
+            if ready(httpx.get(url, timeout=2, headers=headers)):
                 return
         except Exception:
             pass
@@ -152,12 +152,14 @@ def server_process(module_args: list[str], model: str = "echo") -> Iterator[Stac
 
 @contextlib.contextmanager
 def redserve(workers: int = 1, delay: float = 0.0, max_tokens: int = 64, engine: str = "echo",
-             model_path: str | None = None, gateways: int = 1) -> Iterator[Stack]:
-    """Private Redis + ``workers`` echo (or hf) workers + a gateway (of ``gateways`` processes)."""
+             model_path: str | None = None, gateways: int = 1, extra: dict | None = None) -> Iterator[Stack]:
+    """Private Redis + ``workers`` echo (or hf) workers + a gateway (of ``gateways`` processes).
+
+    ``extra``: more settings for every process (API keys and limits, say)."""
     with RedisServer() as redis:
         port = free_port()
         s = Settings(redis_url=redis.url, port=port, echo_tokens=max_tokens, echo_delay=delay,
-                     max_concurrency=1024, gateway_processes=gateways)
+                     max_concurrency=1024, gateway_processes=gateways, **(extra or {}))
         env = os.environ | s.to_env()
         py = [sys.executable, "-m", "redserve"]
         model = "echo" if engine == "echo" else "tiny"
@@ -170,7 +172,8 @@ def redserve(workers: int = 1, delay: float = 0.0, max_tokens: int = 64, engine:
         try:
             url = f"http://127.0.0.1:{port}"
             # an hf worker loads torch first
-            wait_ready(f"{url}/v1/models", lambda r: r.json()["data"][0]["workers"] == workers)
+            wait_ready(f"{url}/api/fleet", lambda r: len(r.json()["workers"]) == workers,
+                       headers={"Authorization": f"Bearer {s.api_keys[0]}"} if s.api_keys else None)
             yield Stack(url, model, [pr.pid for pr in procs] + [redis.proc.pid],  # type: ignore[union-attr]
                         procs[-1].pid, redis.url, [f"http://127.0.0.1:{mp}/metrics" for mp in metrics_ports])
         finally:

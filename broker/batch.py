@@ -31,6 +31,7 @@ from broker.batch_store import BatchStore, Request, line_problem
 from broker.keys import Keys
 from broker.protocol import pack, unpack
 from broker.settings import Settings
+from broker.tenants import ANONYMOUS, Tenant
 
 log = logging.getLogger(__name__)
 
@@ -231,42 +232,50 @@ class BatchClient:
         return True
 
     # --- OpenAI batches --------------------------------------------------------
-    async def create_file(self, content: bytes, *, filename: str, purpose: str = "batch") -> dict[str, Any]:
-        return await self.store.create_file(content, filename=filename, purpose=purpose)
+    # ``tenant``: who asks. A tenant sees and acts on only what it owns; the default (no API keys) sees all.
+    async def create_file(self, content: bytes, *, filename: str, purpose: str = "batch",
+                          tenant: Tenant = ANONYMOUS) -> dict[str, Any]:
+        return await self.store.create_file(content, filename=filename, purpose=purpose, owner=tenant)
 
-    async def file(self, file_id: str) -> dict[str, Any]:
-        return await self.store.file(file_id)
+    async def file(self, file_id: str, *, tenant: Tenant = ANONYMOUS) -> dict[str, Any]:
+        return await self.store.file(file_id, tenant)
 
-    async def file_content(self, file_id: str) -> bytes:
-        return await self.store.file_content(file_id)
+    async def file_content(self, file_id: str, *, tenant: Tenant = ANONYMOUS) -> bytes:
+        return await self.store.file_content(file_id, tenant)
+
+    async def delete_file(self, file_id: str, *, tenant: Tenant = ANONYMOUS) -> dict[str, Any]:
+        return await self.store.delete_file(file_id, tenant)
 
     async def create_batch(self, *, input_file_id: str, endpoint: str, completion_window: str = "24h",
-                           metadata: dict[str, str] | None = None) -> dict[str, Any]:
+                           metadata: dict[str, str] | None = None, tenant: Tenant = ANONYMOUS) -> dict[str, Any]:
         """Record the batch (``validating``) and hand it to the runners, which validate and run it."""
         batch = await self.store.create_batch(input_file_id=input_file_id, endpoint=endpoint,
-                                              completion_window=completion_window, metadata=metadata)
+                                              completion_window=completion_window, metadata=metadata, owner=tenant)
         await self._enqueue(Task.START, {"batch": batch["id"]}, f"{batch['id']}:start")
         return batch
 
-    async def batch(self, batch_id: str) -> dict[str, Any]:
-        return await self.store.batch(batch_id)
+    async def batch(self, batch_id: str, *, tenant: Tenant = ANONYMOUS) -> dict[str, Any]:
+        return await self.store.batch(batch_id, tenant)
 
-    async def batches(self, *, after: str | None = None, limit: int = 20) -> tuple[list[dict[str, Any]], bool]:
-        return await self.store.batches(after=after, limit=limit)
+    async def batches(self, *, after: str | None = None, limit: int = 20,
+                      tenant: Tenant = ANONYMOUS) -> tuple[list[dict[str, Any]], bool]:
+        return await self.store.batches(after=after, limit=limit, tenant=tenant)
 
-    async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
-        return await self.store.cancel(batch_id)
+    async def cancel_batch(self, batch_id: str, *, tenant: Tenant = ANONYMOUS) -> dict[str, Any]:
+        return await self.store.cancel(batch_id, tenant)
 
     async def runner_alive(self) -> bool:
         """Whether any batch runner reported in lately."""
         return bool(await self.redis.exists(self.keys.batch_runner_health()))
 
     # --- what runners enqueue --------------------------------------------------
-    async def enqueue_requests(self, batch_id: str, requests: Iterable[Request]) -> None:
-        """One job per request of a batch; job ids are derived from the batch, so a repeat enqueues nothing new."""
+    async def enqueue_requests(self, batch_id: str, requests: Iterable[Request], owner: str) -> None:
+        """One job per request of a batch, run as its ``owner``; job ids are derived from the batch, so a repeat
+        enqueues nothing new."""
         await self._enqueue_all(
             (Task.REQUEST, {"batch": batch_id, "index": r.index, "custom_id": r.custom_id, "method": r.method,
-                            "url": r.url, "body": r.body}, f"{batch_id}:{r.index}") for r in requests)
+                            "url": r.url, "body": r.body, "owner": owner}, f"{batch_id}:{r.index}")
+            for r in requests)
 
     async def enqueue_finish(self, batch_id: str) -> None:
         await self._enqueue(Task.FINISH, {"batch": batch_id}, f"{batch_id}:finish")

@@ -28,11 +28,14 @@ from broker.batch_store import TERMINAL, NotFound, Request, line_problem, parse_
 from broker.client import BrokerClient
 from broker.keys import Keys
 from broker.settings import Settings
+from broker.tenants import ANONYMOUS, Tenant
 
 log = logging.getLogger(__name__)
 
 #: 503 codes that mean "not now" (no live worker, Redis was restarted): the request is sent again.
 NOT_NOW = frozenset({"no_worker", "reply_lost", "redis_unavailable"})
+#: How the runner tells its in-process app which tenant a request runs as; only its own transport reads it.
+_OWNER_HEADER = "x-redserve-batch-owner"
 EXPIRED = "This request could not be executed before the batch's completion window expired."
 
 
@@ -52,7 +55,7 @@ class Runner:
     async def create(cls, settings: Settings) -> "Runner":
         """Start an in-process gateway app (its lifespan opens the broker) and a client to call it."""
         from gateway.app import create_app  # the gateway is what runs each request
-        from gateway.security import load_keys
+        from gateway.security import TENANT
 
         settings = settings.model_copy(update={"dispatch_method": "shortest_queue"})
         app = create_app(settings)
@@ -60,11 +63,15 @@ class Runner:
         await stack.enter_async_context(app.router.lifespan_context(app))
         broker: BrokerClient = app.state.broker
         broker.dispatcher = _Announcing(broker.dispatcher)  # type: ignore[assignment]
-        keys = load_keys(settings)
-        headers = {"Authorization": f"Bearer {keys[0].decode()}"} if keys else {}
+
+        async def as_owner(scope: Any, receive: Any, send: Any) -> None:
+            """Each request runs as its batch's owner (its limits, its requests): in process, no key needed."""
+            owner = dict(scope["headers"]).get(_OWNER_HEADER.encode(), b"").decode()
+            await app({**scope, TENANT: Tenant(owner) if owner else ANONYMOUS}, receive, send)
+
         http = await stack.enter_async_context(httpx.AsyncClient(
-            transport=httpx.ASGITransport(app, raise_app_exceptions=False), base_url="http://batch-runner",
-            headers=headers, timeout=None))
+            transport=httpx.ASGITransport(as_owner, raise_app_exceptions=False), base_url="http://batch-runner",
+            timeout=None))
         batches = await stack.enter_async_context(BatchClient(settings=settings))
         return cls(settings, http, broker, batches, stack)
 
@@ -84,14 +91,15 @@ class Runner:
                 await self.store.finalize(payload["batch"])
 
     # --- requests --------------------------------------------------------------
-    async def answer(self, url: str, body: dict[str, Any],
-                     wanted: Callable[[], Awaitable[bool]]) -> tuple[int, dict[str, Any]] | None:
+    async def answer(self, url: str, body: dict[str, Any], wanted: Callable[[], Awaitable[bool]],
+                     owner: str = "") -> tuple[int, dict[str, Any]] | None:
         """Run one request through the gateway once there is room for it; (status code, response body).
 
         ``wanted`` is asked once room is found, just before the request is
         sent: a job aborted (or a batch cancelled) while it waited is not sent
         at all (None). A 429 (every worker full, or a rate limit) or a 503
         ``no_worker`` means "not now": the request waits and is sent again.
+        ``owner``: the tenant it runs as (its batch's owner; "" for a Python API job).
         """
         model = body.get("model") if isinstance(body.get("model"), str) else None
         delay = 0.05
@@ -99,7 +107,7 @@ class Runner:
             async with self.admission.admit(model):
                 if not await wanted():
                     return None
-                response = await self.http.post(url, json=body)
+                response = await self.http.post(url, json=body, headers={_OWNER_HEADER: owner} if owner else None)
             try:
                 content = response.json()
             except ValueError:
@@ -138,7 +146,7 @@ class Runner:
         if attempt.number > MAX_TRIES:
             answered = 500, _gave_up()
         elif await runnable():
-            answered = await self.answer(request.url, request.body, runnable)
+            answered = await self.answer(request.url, request.body, runnable, p.get("owner", ""))
         if answered is not None:
             counts = await self.store.record(batch_id, request, *answered)
         else:
@@ -188,7 +196,7 @@ class Runner:
                     batch_id, r, "invalid_request", problem))
             else:
                 runnable.append(r)
-        await self.batches.enqueue_requests(batch_id, runnable)
+        await self.batches.enqueue_requests(batch_id, runnable, (await self.store.owner(batch_id)).id)
 
     async def _validate(self, batch: dict[str, Any]) -> list[Request] | None:
         """The batch's requests; None, and the batch failed with the reasons, if its file is missing or malformed."""

@@ -22,6 +22,7 @@ from broker.errors import BrokerError
 from broker.keys import Keys
 from broker.protocol import pack, unpack
 from broker.settings import Settings
+from broker.tenants import ANONYMOUS, Tenant, well_formed
 
 #: The endpoints a batch (or a Python API job) may target.
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -40,6 +41,12 @@ class InvalidBatch(BrokerError):
 
 class NotFound(BrokerError):
     status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class QuotaExceeded(BrokerError):
+    """A tenant's stored files would pass its quota."""
+
+    status, type, code = 400, "invalid_request_error", "quota_exceeded"
 
 
 class Finished(BrokerError):
@@ -152,80 +159,107 @@ class BatchStore:
         self.ttl_ms = int(settings.batch_ttl * 1000)
         self._record = redis.register_script(_script("batch_record"))
         self._transition = redis.register_script(_script("batch_transition"))
+        self._file_store = redis.register_script(_script("file_store"))
+        self._file_delete = redis.register_script(_script("file_delete"))
 
     # --- files ---------------------------------------------------------------
-    async def create_file(self, content: bytes, *, filename: str, purpose: str,
-                          file_id: str | None = None) -> dict[str, Any]:
+    async def create_file(self, content: bytes, *, filename: str, purpose: str, owner: Tenant = ANONYMOUS,
+                          quota: bool = True) -> dict[str, Any]:
+        """Store a file for ``owner``, within its quota (``quota=False`` charges it regardless: batch output)."""
         if len(content) > self.settings.batch_max_file_bytes:
             raise InvalidBatch(f"The file is {len(content)} bytes; files are limited to "
                                f"{self.settings.batch_max_file_bytes} bytes (batch_max_file_bytes).", param="file")
-        meta = {"id": file_id or f"file-{uuid.uuid4().hex[:24]}", "bytes": str(len(content)),
-                "created_at": str(int(time.time())), "filename": filename, "purpose": purpose}
-        key = self.keys.file(meta["id"])
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={**meta, "content": content})
-            pipe.pexpire(key, self.ttl_ms)
-            await pipe.execute()
+        meta = {"id": f"file-{uuid.uuid4().hex[:24]}", "bytes": str(len(content)),
+                "created_at": str(int(time.time())), "filename": filename, "purpose": purpose, "owner": owner.id}
+        s = self.settings
+        stored, used, files = await self._file_store(
+            keys=[self.keys.file(meta["id"]), self.keys.tenant_files(owner.id)],
+            args=[int(time.time() * 1000), self.ttl_ms, meta["id"], len(content), s.tenant_max_bytes,
+                  s.tenant_max_files, int(quota), *[x for kv in meta.items() for x in kv], "content", content])
+        if not stored:
+            raise QuotaExceeded(f"Storing {len(content)} more bytes would pass this key's quota: it keeps {files} "
+                                f"files of {used} bytes, and may keep {s.tenant_max_files or 'any number of'} files "
+                                f"of {s.tenant_max_bytes or 'any number of'} bytes (tenant_max_files, "
+                                "tenant_max_bytes). Delete files or wait for them to expire.", param="file")
         return _file_object(meta)
 
-    async def file(self, file_id: str) -> dict[str, Any]:
-        values = await self.redis.hmget(self.keys.file(file_id), ["id", "bytes", "created_at", "filename", "purpose"])
-        if values[0] is None:
+    async def file(self, file_id: str, tenant: Tenant = ANONYMOUS) -> dict[str, Any]:
+        names = ["id", "bytes", "created_at", "filename", "purpose", "owner"]
+        values = await self.redis.hmget(self.keys.file(file_id), names) if well_formed("file", file_id) else [None]
+        if values[0] is None or not tenant.owns(_s(values[-1] or b"")):
             raise NotFound(f"No file found with id '{file_id}'.", param="file_id")
-        return _file_object(dict(zip(["id", "bytes", "created_at", "filename", "purpose"], map(_s, values))))
+        return _file_object(dict(zip(names, map(_s, values))))
 
-    async def file_content(self, file_id: str) -> bytes:
-        content = await self.redis.hget(self.keys.file(file_id), "content")
-        if content is None:
+    async def file_content(self, file_id: str, tenant: Tenant = ANONYMOUS) -> bytes:
+        found = await self.redis.hmget(self.keys.file(file_id), ["content", "owner"]) \
+            if well_formed("file", file_id) else [None, None]
+        if found[0] is None or not tenant.owns(_s(found[1] or b"")):
             raise NotFound(f"No file found with id '{file_id}'.", param="file_id")
-        return content
+        return found[0]
+
+    async def delete_file(self, file_id: str, tenant: Tenant = ANONYMOUS) -> dict[str, Any]:
+        """Delete a file and give its bytes back to its owner's quota."""
+        owner = await self.redis.hget(self.keys.file(file_id), "owner") if well_formed("file", file_id) else None
+        if owner is None or not tenant.owns(_s(owner)) or not await self._file_delete(
+                keys=[self.keys.file(file_id), self.keys.tenant_files(_s(owner))], args=[file_id, owner]):
+            raise NotFound(f"No file found with id '{file_id}'.", param="file_id")
+        return {"id": file_id, "object": "file", "deleted": True}
 
     # --- batches -------------------------------------------------------------
     async def create_batch(self, *, input_file_id: str, endpoint: str, completion_window: str = COMPLETION_WINDOW,
-                           metadata: dict[str, str] | None = None) -> dict[str, Any]:
-        """Record a new batch as ``validating``; a runner validates its file and runs it."""
+                           metadata: dict[str, str] | None = None, owner: Tenant = ANONYMOUS) -> dict[str, Any]:
+        """Record a new batch of ``owner``'s as ``validating``; a runner validates its file and runs it."""
         if endpoint not in ENDPOINTS:
             raise InvalidBatch(f"endpoint must be one of {', '.join(ENDPOINTS)}.", param="endpoint")
         if completion_window != COMPLETION_WINDOW:
             raise InvalidBatch(f"completion_window must be {COMPLETION_WINDOW!r}.", param="completion_window")
-        purpose = await self.redis.hget(self.keys.file(input_file_id), "purpose")
-        if purpose is None:
-            raise NotFound(f"No file found with id '{input_file_id}'.", param="input_file_id")
-        if _s(purpose) != "batch":
-            raise InvalidBatch(f"File '{input_file_id}' was uploaded with purpose {_s(purpose)!r}, not 'batch'.",
+        try:
+            purpose = (await self.file(input_file_id, owner))["purpose"]
+        except NotFound:
+            raise NotFound(f"No file found with id '{input_file_id}'.", param="input_file_id") from None
+        if purpose != "batch":
+            raise InvalidBatch(f"File '{input_file_id}' was uploaded with purpose {purpose!r}, not 'batch'.",
                                param="input_file_id")
         now = time.time()
         batch_id = f"batch_{uuid.uuid4().hex}"
         fields = {"id": batch_id, "endpoint": endpoint, "input_file_id": input_file_id,
                   "completion_window": completion_window, "status": "validating", "created_at": str(int(now)),
                   "expires_at": str(int(now) + 24 * 3600), "metadata": json.dumps(metadata) if metadata else "",
-                  "total": "0", "completed": "0", "failed": "0"}
+                  "total": "0", "completed": "0", "failed": "0", "owner": owner.id}
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.batch(batch_id), mapping=fields)
             pipe.pexpire(self.keys.batch(batch_id), self.ttl_ms)
-            pipe.zadd(self.keys.batches(), {batch_id: int(now * 1000)})
+            for index in (self.keys.batches(), self.keys.tenant_batches(owner.id)):
+                pipe.zadd(index, {batch_id: int(now * 1000)})
+                pipe.pexpire(index, self.ttl_ms)
             await pipe.execute()
         return _batch_object(fields)
 
-    async def batch(self, batch_id: str) -> dict[str, Any]:
-        return _batch_object(await self._fields(batch_id))
+    async def batch(self, batch_id: str, tenant: Tenant = ANONYMOUS) -> dict[str, Any]:
+        return _batch_object(await self._fields(batch_id, tenant))
 
-    async def batches(self, *, after: str | None = None, limit: int = 20) -> tuple[list[dict[str, Any]], bool]:
-        """Newest first, from just past ``after``; and whether more follow."""
+    async def owner(self, batch_id: str) -> Tenant:
+        """The tenant a batch belongs to (its requests run as that tenant)."""
+        return Tenant(_s(await self.redis.hget(self.keys.batch(batch_id), "owner") or ANONYMOUS.id))
+
+    async def batches(self, *, after: str | None = None, limit: int = 20,
+                      tenant: Tenant = ANONYMOUS) -> tuple[list[dict[str, Any]], bool]:
+        """Newest first, from just past ``after``; and whether more follow. A tenant lists its own, an admin all."""
+        index = self.keys.batches() if tenant.admin else self.keys.tenant_batches(tenant.id)
         start = 0
         if after is not None:
-            rank = await self.redis.zrevrank(self.keys.batches(), after)
+            rank = await self.redis.zrevrank(index, after)
             if rank is None:
                 raise NotFound(f"No batch found with id '{after}'.", param="after")
             start = rank + 1
-        ids = [_s(i) for i in await self.redis.zrevrange(self.keys.batches(), start, start + limit)]
+        ids = [_s(i) for i in await self.redis.zrevrange(index, start, start + limit)]
         async with self.redis.pipeline(transaction=False) as pipe:
             for batch_id in ids[:limit]:
                 pipe.hgetall(self.keys.batch(batch_id))
             rows = await pipe.execute()
         gone = [i for i, row in zip(ids, rows) if not row]
         if gone:  # expired batches: forget them in the index too
-            await self.redis.zrem(self.keys.batches(), *gone)
+            await self.redis.zrem(index, *gone)
         return [_batch_object(_decode(row)) for row in rows if row], len(ids) > limit
 
     async def transition(self, batch_id: str, allowed: Iterable[str], to: str, **fields: str) -> str:
@@ -237,8 +271,9 @@ class BatchStore:
             raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
         return _s(before)
 
-    async def cancel(self, batch_id: str) -> dict[str, Any]:
+    async def cancel(self, batch_id: str, tenant: Tenant = ANONYMOUS) -> dict[str, Any]:
         """Ask a batch to stop: requests not yet started are skipped, the rest finish into its output."""
+        await self._fields(batch_id, tenant)  # another tenant's batch reads as absent
         before = await self.transition(batch_id, ("validating", "in_progress"), "cancelling")
         if before in TERMINAL or before == "finalizing":
             raise Finished(f"Batch '{batch_id}' is {before} and can no longer be cancelled.", param="batch_id")
@@ -307,20 +342,21 @@ class BatchStore:
             elif mark in (_ERROR, _EXPIRED):
                 errors.append(line)
                 expired = expired or mark == _EXPIRED
-        hex_id = batch_id.removeprefix("batch_")
+        owner = Tenant(fields.get("owner") or ANONYMOUS.id)
         files = {}
         for name, lines, suffix in (("output_file_id", output, "output"), ("error_file_id", errors, "errors")):
-            if lines:
+            if lines and not fields.get(name):  # a repeated finalize (its runner died) keeps the files it made
                 meta = await self.create_file(b"\n".join(lines) + b"\n", filename=f"{batch_id}_{suffix}.jsonl",
-                                              purpose="batch_output", file_id=f"file-{hex_id}-{suffix}")
+                                              purpose="batch_output", owner=owner, quota=False)
                 files[name] = meta["id"]
+                await self.redis.hset(self.keys.batch(batch_id), name, meta["id"])
         final = "cancelled" if status == "cancelling" else "expired" if expired else "completed"
         await self.transition(batch_id, ("finalizing", "cancelling"), final, **files)
         return await self.batch(batch_id)
 
-    async def _fields(self, batch_id: str) -> dict[str, str]:
-        fields = _decode(await self.redis.hgetall(self.keys.batch(batch_id)))
-        if not fields:
+    async def _fields(self, batch_id: str, tenant: Tenant = ANONYMOUS) -> dict[str, str]:
+        fields = _decode(await self.redis.hgetall(self.keys.batch(batch_id))) if well_formed("batch", batch_id) else {}
+        if not fields or not tenant.owns(fields.get("owner", ANONYMOUS.id)):
             raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
         return fields
 

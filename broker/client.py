@@ -22,6 +22,7 @@ from broker.registry import Registry
 from broker.replies import ReplyRouter, ReplyStream
 from broker.scripts import Scripts
 from broker.settings import DispatchMethod, Settings
+from broker.tenants import ANONYMOUS, Tenant, well_formed
 
 
 class BrokerClient:
@@ -72,12 +73,14 @@ class BrokerClient:
         timeout: float | None = None,
         method: DispatchMethod | None = None,
         replay_meta: dict[str, Any] | None = None,
+        owner: Tenant = ANONYMOUS,
     ) -> ReplyStream:
         """Dispatch one job; the returned stream yields its reply events.
 
         Raises UnknownModel, NoWorker or Busy (and closes the stream) when
         the job could not be placed. With ``replay_meta`` (what a resumer needs
         to render the stream) the worker also keeps a replay log of its replies.
+        The request (cancel, resume) belongs to ``owner``.
         """
         timeout = timeout or self.settings.reply_timeout
         stream = self.router.open(timeout)
@@ -92,7 +95,7 @@ class BrokerClient:
         )
         stream.retry = self._retry
         try:
-            placed = await self.dispatcher.dispatch(stream.job, method, meta=pack(replay_meta or {}))
+            placed = await self.dispatcher.dispatch(stream.job, method, meta=pack(replay_meta or {}), owner=owner.id)
         except BaseException:
             stream.close()
             raise
@@ -116,11 +119,17 @@ class BrokerClient:
         fields = {**job.to_fields(), "reason": reason, "failed_at": f"{time.time():.3f}"}
         await self.raw.xadd(self.keys.dead_letters(), fields, maxlen=10_000, approximate=True)
 
-    async def cancel(self, request_id: str) -> str | None:
-        """Cancel a request wherever it runs (any gateway may ask); returns its worker id, None if unknown."""
+    async def cancel(self, request_id: str, tenant: Tenant = ANONYMOUS) -> str | None:
+        """Cancel a request wherever it runs (any gateway may ask); returns its worker id.
+
+        None if it is unknown, finished, or not ``tenant``'s to cancel.
+        """
+        if not well_formed("request", request_id):
+            return None
         prefix, suffix = self.keys.worker_control_parts()
         wid = await self.scripts.cancel(keys=[self.keys.request(request_id)],
-                                        args=[prefix, suffix, pack({"cancel": request_id})])
+                                        args=[prefix, suffix, pack({"cancel": request_id}),
+                                              "" if tenant.admin else tenant.id])
         return wid.decode() if isinstance(wid, bytes) else wid
 
     async def release(self, stream: ReplyStream) -> None:

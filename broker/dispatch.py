@@ -50,13 +50,15 @@ class Dispatcher:
 
     async def dispatch(
         self, job: Job, method: DispatchMethod | None = None, *, move_from: tuple[str, str] | None = None,
-        meta: bytes = b"",
+        meta: bytes = b"", owner: str = "",
     ) -> Dispatched:
         """Enqueue ``job`` on the chosen worker's stream; raises UnknownModel, NoWorker or Busy.
 
         ``move_from=(stream, entry_id)`` moves a job off a dead worker's stream in
         the same atomic step (Gone if another janitor moved it first). ``meta``
         starts the request's replay log when ``job.replay_ms`` asks for one.
+        ``owner`` records the tenant the request belongs to (empty on a
+        re-dispatch, which keeps the owner already recorded).
         """
         k = self.keys
         wpre, jsuf = k.worker_parts()
@@ -68,7 +70,7 @@ class Dispatcher:
             wid, entry, queue = await self.scripts.dispatch(
                 keys=[k.model_workers(job.model), k.models(), k.request(job.request_id), k.replay(job.request_id)],
                 args=[method or self.method, self._rng.random(), wpre, jsuf, mpre, msuf, job.model, ttl_ms,
-                      source, entry_id, job.replay_ms, meta, *fields],
+                      source, entry_id, job.replay_ms, meta, owner, *fields],
             )
         except ResponseError as exc:
             word, _, message = str(exc).partition(" ")

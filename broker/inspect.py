@@ -36,7 +36,7 @@ class Location:
 
 async def locate(redis: Redis, keys: Keys, request_id: str) -> Location:
     """``redis`` must decode responses (stream payloads are skipped, only routing fields are read)."""
-    worker = await redis.get(keys.request(request_id))
+    worker = await redis.hget(keys.request(request_id), "worker")
     if worker is None:
         return Location(request_id, "unknown")
     alive = bool(await redis.exists(keys.worker(worker)))

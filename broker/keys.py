@@ -46,11 +46,11 @@ class Keys:
 
     # --- requests ------------------------------------------------------------
     def request(self, request_id: str) -> str:
-        """String with a TTL: the worker a request was last dispatched to (for cancel and inspect)."""
+        """Hash with a TTL: ``worker`` (where the request was last dispatched, for cancel and inspect), ``owner``."""
         return f"{self.prefix}:request:{request_id}"
 
     def replay(self, request_id: str) -> str:
-        """Stream with a TTL: a request's reply messages (and a ``meta`` entry first), for resuming streams."""
+        """Stream with a TTL: a request's reply messages (and a ``meta``/``owner`` entry first), for resuming streams."""
         return f"{self.prefix}:replay:{request_id}"
 
     def dead_letters(self) -> str:
@@ -62,9 +62,17 @@ class Keys:
         return f"{self.prefix}:reclaim:{worker_id}"
 
     # --- API keys ----------------------------------------------------------
-    def rate(self, key_id: str, minute: int, what: str) -> str:
-        """Counter with a TTL: an API key's ``requests`` or ``tokens`` in one clock minute."""
-        return f"{self.prefix}:rate:{key_id}:{minute}:{what}"
+    def rate(self, tenant: str, minute: int, what: str) -> str:
+        """Counter with a TTL: a tenant's ``requests`` or ``tokens`` (reserved, then settled) in one clock minute."""
+        return f"{self.prefix}:rate:{tenant}:{minute}:{what}"
+
+    def tenant_batches(self, tenant: str) -> str:
+        """Sorted set: one tenant's OpenAI batch ids, score = created_at (ms), for listing its own newest first."""
+        return f"{self.prefix}:tenant:{tenant}:batches"
+
+    def tenant_files(self, tenant: str) -> str:
+        """Hash: one tenant's stored files, field = file id, value = ``<bytes> <expires ms>``, for its quota."""
+        return f"{self.prefix}:tenant:{tenant}:files"
 
     # --- replies -------------------------------------------------------------
     def replies(self, gateway_id: str) -> str:
@@ -90,7 +98,7 @@ class Keys:
         return f"{self.prefix}:batch:result:{job_id}"
 
     def batch(self, batch_id: str) -> str:
-        """Hash with a TTL: one OpenAI batch (status, timestamps, request counts, file ids)."""
+        """Hash with a TTL: one OpenAI batch (status, timestamps, request counts, file ids, owner)."""
         return f"{self.prefix}:batch:{batch_id}"
 
     def batch_results(self, batch_id: str) -> str:
@@ -102,7 +110,7 @@ class Keys:
         return f"{self.prefix}:batches"
 
     def file(self, file_id: str) -> str:
-        """Hash with a TTL: an uploaded or generated file (``content`` plus OpenAI's file fields)."""
+        """Hash with a TTL: an uploaded or generated file (``content``, ``owner`` and OpenAI's file fields)."""
         return f"{self.prefix}:file:{file_id}"
 
     # --- pieces for Lua -----------------------------------------------------

@@ -83,11 +83,30 @@ class Settings(BaseSettings):
         default_factory=list, description="Accepted API keys; none = no authentication."
     )
     api_keys_file: str | None = Field(default=None, description="File of accepted API keys, one per line.")
+    admin_api_keys: list[str] = Field(
+        default_factory=list,
+        description="Operators' keys: they see every tenant's files, batches and requests, and /metrics needs one.",
+    )
     open_paths: list[str] = Field(
-        default_factory=lambda: ["/health", "/metrics"], description="Routes reachable without an API key."
+        default_factory=lambda: ["/health"],
+        description="Routes reachable without an API key (e.g. /metrics for an unauthenticated scraper).",
+    )
+    api_docs: bool = Field(
+        default=True, description="Serve /docs, /redoc and /openapi.json (behind the API key when keys are set)."
     )
     rpm_limit: int = Field(default=0, ge=0, description="Requests per minute per API key, across all gateways; 0 = none.")
-    tpm_limit: int = Field(default=0, ge=0, description="Tokens per minute per API key, across all gateways; 0 = none.")
+    tpm_limit: int = Field(
+        default=0, ge=0,
+        description="Tokens per minute per API key, across all gateways, reserved at admission (prompt estimate + "
+                    "max_tokens) and settled to the true usage; 0 = none.",
+    )
+    tpm_default_max_tokens: int = Field(
+        default=1024, ge=1,
+        description="Under a tpm_limit, max_tokens for a request that sets none (what its reservation holds).",
+    )
+    max_in_flight_per_key: int = Field(
+        default=256, ge=0, description="Requests one API key may have in flight on one gateway process; 0 = no cap."
+    )
     max_body_bytes: int = Field(default=4 * 2**20, ge=1024, description="Largest request body accepted.")
     max_prompt_chars: int = Field(default=1_000_000, ge=1, description="Longest prompt (all messages) in characters.")
     max_tokens_cap: int = Field(default=32_768, ge=1, description="Largest max_tokens a request may ask for.")
@@ -105,6 +124,17 @@ class Settings(BaseSettings):
                                         "runner's jobs run again after it.",
     )
     batch_max_file_bytes: int = Field(default=32 * 2**20, ge=1024, description="Largest file /v1/files stores.")
+    tenant_max_bytes: int = Field(
+        default=256 * 2**20, ge=0,
+        description="Bytes of files (uploads and batch output) one tenant may keep stored; 0 = no quota.",
+    )
+    tenant_max_files: int = Field(default=100, ge=0, description="Files one tenant may keep stored; 0 = no quota.")
+    max_concurrent_uploads: int = Field(
+        default=2, ge=1, description="File uploads one gateway process stores at once (each is held in memory)."
+    )
+    votes_max_entries: int = Field(
+        default=100_000, ge=1, description="Votes kept in the votes stream; older ones are trimmed."
+    )
     batch_max_requests: int = Field(default=50_000, ge=1, description="Most requests in one batch.")
     batch_ttl: float = Field(
         default=7 * 86400.0, gt=0, description="Seconds files, batches and job results stay in Redis."

@@ -17,6 +17,9 @@ from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.routes import router
 from gateway.security import APIKeyMiddleware, BodyLimitMiddleware, RateLimiter, load_keys
 
+#: Room for the multipart envelope (boundaries, part headers) around an uploaded file of the largest size.
+UPLOAD_ENVELOPE = 64 * 1024
+
 
 def create_app(settings: Settings) -> FastAPI:
     """Build a gateway. Its Redis connections open in the lifespan, not at import."""
@@ -32,15 +35,18 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await broker.close()
 
-    app = FastAPI(title="redserve", version=__version__, lifespan=lifespan)
+    docs = settings.api_docs
+    app = FastAPI(title="redserve", version=__version__, lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.state.settings = settings
     app.state.broker = broker
     app.state.limiter = limiter
     app.state.metrics = metrics = GatewayMetrics(broker)
     errors.install(app)
-    # The last added runs first: metrics see every answer, then the body cap, then the API key.
-    app.add_middleware(APIKeyMiddleware, keys=load_keys(settings), open_paths=settings.open_paths, limiter=limiter)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, exempt=("/v1/files",))
+    # The last added runs first: metrics see every answer, then the API key (before any body is read),
+    # then the body cap.
+    app.add_middleware(BodyLimitMiddleware, cap=lambda path: body_cap(settings, path))
+    app.add_middleware(APIKeyMiddleware, keys=load_keys(settings), settings=settings, limiter=limiter)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(router)
     app.include_router(resume.router)
@@ -49,3 +55,10 @@ def create_app(settings: Settings) -> FastAPI:
     ui_dir = resources.files("ui")
     app.mount("/", StaticFiles(directory=str(ui_dir), html=True), name="ui")
     return app
+
+
+def body_cap(settings: Settings, path: str) -> tuple[int, str]:
+    """The largest body a path takes, and the setting that says so: file uploads have their own."""
+    if path == "/v1/files":
+        return settings.batch_max_file_bytes + UPLOAD_ENVELOPE, "batch_max_file_bytes"
+    return settings.max_body_bytes, "max_body_bytes"

@@ -8,34 +8,34 @@ output and error files out.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import re
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from pydantic import Field
+from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
 from broker.batch import BatchClient
 from broker.batch_store import COMPLETION_WINDOW
 from gateway.errors import APIError
-from gateway.schemas import StrictModel
-
-#: Room for the multipart envelope (boundaries, part headers) around a file of the largest size.
-_ENVELOPE = 64 * 1024
+from gateway.schemas import RequestBody
+from gateway.security import tenant_of
 
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with BatchClient(settings=app.state.settings) as client:
         app.state.batches = client
+        app.state.uploads = asyncio.Semaphore(app.state.settings.max_concurrent_uploads)
         yield
 
 
 router = APIRouter(lifespan=_lifespan)
 
 
-class CreateBatch(StrictModel):
+class CreateBatch(RequestBody):
     input_file_id: str = Field(min_length=1)
     endpoint: str
     completion_window: str = COMPLETION_WINDOW
@@ -48,74 +48,64 @@ def _client(request: Request) -> BatchClient:
 
 @router.post("/v1/files")
 async def create_file(request: Request) -> dict[str, Any]:
-    """multipart/form-data with ``file`` and ``purpose=batch``; the file is kept in Redis (``batch_max_file_bytes``)."""
+    """multipart/form-data with ``file`` and ``purpose=batch``; kept in Redis within the tenant's quota.
+
+    The body cap (``batch_max_file_bytes``) holds while the form is read; the
+    form is spooled to disk, and only ``max_concurrent_uploads`` files per
+    gateway are in memory at once, on their way to Redis.
+    """
     client = _client(request)
-    form = await _multipart(request, client.settings.batch_max_file_bytes)
-    purpose = form.get("purpose", (None, b""))[1].decode(errors="replace")
-    if purpose != "batch":
-        raise APIError(400, f"purpose must be 'batch' (the only files this server keeps), not {purpose!r}.",
-                       param="purpose", code="invalid_value")
-    if "file" not in form:
-        raise APIError(400, "Missing the `file` field.", param="file", code="missing_required_parameter")
-    filename, content = form["file"]
-    return await client.create_file(content, filename=filename or "upload.jsonl", purpose=purpose)
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise APIError(400, "Upload the file as multipart/form-data with the fields `file` and `purpose`.",
+                       param="file", code="invalid_value")
+    async with request.app.state.uploads, request.form(max_files=1, max_fields=4) as form:
+        purpose, upload = form.get("purpose"), form.get("file")
+        if purpose != "batch":
+            raise APIError(400, f"purpose must be 'batch' (the only files this server keeps), not {purpose!r}.",
+                           param="purpose", code="invalid_value")
+        if not isinstance(upload, UploadFile):
+            raise APIError(400, "Missing the `file` field.", param="file", code="missing_required_parameter")
+        return await client.create_file(await upload.read(), filename=upload.filename or "upload.jsonl",
+                                        purpose=purpose, tenant=tenant_of(request))
 
 
 @router.get("/v1/files/{file_id}")
 async def retrieve_file(file_id: str, request: Request) -> dict[str, Any]:
-    return await _client(request).file(file_id)
+    return await _client(request).file(file_id, tenant=tenant_of(request))
+
+
+@router.delete("/v1/files/{file_id}")
+async def delete_file(file_id: str, request: Request) -> dict[str, Any]:
+    """Delete a file; its bytes go back to the tenant's quota."""
+    return await _client(request).delete_file(file_id, tenant=tenant_of(request))
 
 
 @router.get("/v1/files/{file_id}/content")
 async def file_content(file_id: str, request: Request) -> Response:
-    return Response(await _client(request).file_content(file_id), media_type="application/octet-stream")
+    content = await _client(request).file_content(file_id, tenant=tenant_of(request))
+    return Response(content, media_type="application/octet-stream")
 
 
 @router.post("/v1/batches")
 async def create_batch(body: CreateBatch, request: Request) -> dict[str, Any]:
     return await _client(request).create_batch(input_file_id=body.input_file_id, endpoint=body.endpoint,
-                                                completion_window=body.completion_window, metadata=body.metadata)
+                                                completion_window=body.completion_window, metadata=body.metadata,
+                                                tenant=tenant_of(request))
 
 
 @router.get("/v1/batches")
 async def list_batches(request: Request, after: str | None = None,
                        limit: int = Query(default=20, ge=1, le=100)) -> dict[str, Any]:
-    data, has_more = await _client(request).batches(after=after, limit=limit)
+    data, has_more = await _client(request).batches(after=after, limit=limit, tenant=tenant_of(request))
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": has_more}
 
 
 @router.get("/v1/batches/{batch_id}")
 async def retrieve_batch(batch_id: str, request: Request) -> dict[str, Any]:
-    return await _client(request).batch(batch_id)
+    return await _client(request).batch(batch_id, tenant=tenant_of(request))
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
 async def cancel_batch(batch_id: str, request: Request) -> dict[str, Any]:
-    return await _client(request).cancel_batch(batch_id)
-
-
-async def _multipart(request: Request, limit: int) -> dict[str, tuple[str | None, bytes]]:
-    """The parts of a multipart/form-data body by field name: (filename, bytes), read up to ``limit``."""
-    mime, _, params = request.headers.get("content-type", "").partition(";")
-    found = re.search(r'boundary="?([^";]+)"?', params)
-    if mime.strip().lower() != "multipart/form-data" or not found:
-        raise APIError(400, "Upload the file as multipart/form-data with the fields `file` and `purpose`.",
-                       param="file", code="invalid_value")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit + _ENVELOPE:
-            raise APIError(400, f"The file exceeds the limit of {limit} bytes (batch_max_file_bytes).",
-                           param="file", code="file_too_large")
-    parts: dict[str, tuple[str | None, bytes]] = {}
-    for part in bytes(body).split(b"--" + found.group(1).encode())[1:]:
-        if part.startswith(b"--"):  # the closing delimiter
-            break
-        head, sep, content = part.partition(b"\r\n\r\n")
-        headers = head.decode("utf-8", errors="replace")
-        name = re.search(r'\bname="([^"]*)"', headers)
-        if sep and name:
-            filename = re.search(r'\bfilename="([^"]*)"', headers)
-            parts[name.group(1)] = (filename.group(1) if filename else None, content.removesuffix(b"\r\n"))
-    return parts
+    return await _client(request).cancel_batch(batch_id, tenant=tenant_of(request))

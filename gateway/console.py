@@ -16,12 +16,11 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import Field
-from redis.exceptions import RedisError
 
 from broker.client import BrokerClient
 from broker.registry import WorkerRecord
-from gateway.errors import APIError
-from gateway.schemas import StrictModel
+from gateway.schemas import RequestBody
+from gateway.security import tenant_of
 
 router = APIRouter(prefix="/api", tags=["web UI"])
 
@@ -29,7 +28,7 @@ router = APIRouter(prefix="/api", tags=["web UI"])
 MAX_TEXT = 100_000
 
 
-class Vote(StrictModel):
+class Vote(RequestBody):
     """One judgement of two replies to the same prompt."""
 
     winner: Literal["left", "right", "tie", "both_bad"]
@@ -65,20 +64,16 @@ def fleet_row(w: WorkerRecord) -> dict[str, Any]:
 @router.get("/fleet")
 async def fleet(request: Request) -> dict[str, Any]:
     """The live workers now, with this gateway's clock so ages do not depend on the browser's."""
-    try:
-        workers = await _broker(request).registry.live_workers()
-    except (RedisError, OSError) as exc:
-        raise APIError(503, f"Redis is unreachable: {exc}", code="redis_unavailable") from None
+    workers = await _broker(request).registry.live_workers()
     rows = [fleet_row(w) for w in sorted(workers, key=lambda w: (w.models, w.id))]
     return {"now": time.time(), "workers": rows}
 
 
 @router.post("/votes", status_code=201)
 async def cast_vote(vote: Vote, request: Request) -> dict[str, str]:
-    """Append a vote to the votes stream; the entry id (its time) comes back."""
+    """Append a vote to the votes stream (trimmed to ``votes_max_entries``); the entry id (its time) comes back."""
     broker = _broker(request)
-    try:
-        entry_id = await broker.text.xadd(broker.keys.votes(), vote.to_fields())  # type: ignore[arg-type]
-    except (RedisError, OSError) as exc:
-        raise APIError(503, f"Redis is unreachable: {exc}", code="redis_unavailable") from None
+    fields = {**vote.to_fields(), "tenant": tenant_of(request).id}
+    entry_id = await broker.text.xadd(broker.keys.votes(), fields,  # type: ignore[arg-type]
+                                      maxlen=broker.settings.votes_max_entries, approximate=True)
     return {"id": entry_id}

@@ -7,12 +7,19 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
 from broker.errors import BrokerError
+from gateway.schemas import BadInput
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-          429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable", 504: "timeout"}
+#: Replies with which a reachable Redis refuses writes or reads for now (out of memory, loading, read-only).
+_UNAVAILABLE = ("OOM", "LOADING", "READONLY", "MASTERDOWN", "MISCONF", "BUSY", "NOREPLICAS", "TRYAGAIN")
 
 
 class APIError(Exception):
@@ -41,7 +48,37 @@ class APIError(Exception):
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    """The error object; a message or param quoting the client's own bad text (a lone surrogate) stays encodable."""
+    return {"error": {"message": _encodable(message), "type": type, "param": param and _encodable(param),
+                      "code": code}}
+
+
+def _encodable(text: str) -> str:
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` the moment a body passes its cap; FastAPI lets an HTTPException through as is."""
+
+    def __init__(self, limit: int, setting: str) -> None:
+        super().__init__(413, f"The request body exceeds the limit of {limit} bytes ({setting}).")
+
+    def api_error(self) -> APIError:
+        # The rest of the body is never read: the connection closes after the answer.
+        return APIError(413, str(self.detail), code="body_too_large", headers={"Connection": "close"})
+
+
+def redis_error(exc: RedisError) -> APIError:
+    """What a client hears when Redis fails under a request: 503 and when to retry, for an outage or a full Redis."""
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+        return APIError(503, "Redis is unreachable; try again shortly.", code="redis_unavailable",
+                        headers={"Retry-After": "1"})
+    reason = str(exc).split(" ", 1)[0]
+    if isinstance(exc, ResponseError) and reason in _UNAVAILABLE:
+        code = "redis_out_of_memory" if reason == "OOM" else "redis_unavailable"
+        return APIError(503, f"Redis refused the request for now ({reason}); try again shortly.", code=code,
+                        headers={"Retry-After": "1"})
+    return APIError(500, "The server failed while talking to Redis.", type="server_error", code="redis_error")
 
 
 def install(app: FastAPI) -> None:
@@ -55,13 +92,24 @@ def install(app: FastAPI) -> None:
     async def _broker(_: Request, exc: BrokerError) -> JSONResponse:
         return APIError.from_broker(exc).response()
 
+    @app.exception_handler(RedisError)
+    async def _redis(_: Request, exc: RedisError) -> JSONResponse:
+        return redis_error(exc).response()
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
+        return exc.api_error().response()
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         msg = first.get("msg", "Invalid request body.")
-        if first.get("type") == "extra_forbidden":
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, BadInput):
+            param, msg = cause.param, f"Invalid value: {cause}."
+        elif first.get("type") == "extra_forbidden":
             msg = f"Unrecognized request argument supplied: {param}"
         elif first.get("type") == "json_invalid":
             msg = "The request body is not valid JSON."

@@ -13,15 +13,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from broker.client import BrokerClient
-from broker.errors import BrokerError, WorkerTimeout
+from broker.errors import BrokerError, UnknownModel, WorkerTimeout
 from broker.protocol import JobKind, error
 from broker.replies import RESTART, ReplyStream
+from broker.tenants import well_formed
 from gateway import limits
 from gateway.disconnect import ClientGone, unless_disconnected
 from gateway.errors import APIError
 from gateway.metrics import GatewayMetrics, since
 from gateway.render import Shape
 from gateway.schemas import SamplingRequest
+from gateway.security import RateLimiter, Reservation, tenant_of
 from gateway.sse import StreamFormat, encode, failure, opening, render
 
 
@@ -34,14 +36,23 @@ async def generate(
     worker reports up front (a bad parameter, a prompt too long) becomes a
     proper HTTP status even for a streaming request.
     """
-    limits.check(body, broker.settings)
-    request.state.model = body.model
+    settings = broker.settings
+    limits.check(body, settings)
+    tenant = tenant_of(request)
+    limiter: RateLimiter = request.app.state.limiter
+    if limiter.tpm and tenant.limited and body.max_tokens is None:
+        body.max_tokens = settings.tpm_default_max_tokens  # what the reservation can hold
+    held = await limiter.reserve(tenant, limits.estimate_tokens(body))
     metrics: GatewayMetrics = request.app.state.metrics
     started = time.perf_counter()
     shape = Shape(chat=kind is JobKind.CHAT, model=body.model)
     fmt = StreamFormat(shape, body.n, body.include_usage, prefix)
     meta = fmt.meta(str(kind)) if body.resumable else None
-    stream = await broker.submit(body.model, kind, body.engine_params(), replay_meta=meta)
+    try:
+        stream = await submit(request, broker, body.model, kind, body.engine_params(), replay_meta=meta)
+    except BaseException:
+        await limiter.settle(held, 0)
+        raise
     shape.id = response_id(kind, stream.rid)
     try:
         try:
@@ -56,12 +67,14 @@ async def generate(
             metrics.ttft.labels(body.model).observe(since(started))
     except ClientGone:
         await _release(broker, stream)
+        await limiter.settle(held, 0)
         return Response(status_code=499)  # nobody reads it; the job was cancelled
     except BaseException:
         await _release(broker, stream)
+        await limiter.settle(held, 0)  # nothing was generated
         raise
 
-    account = _usage_hook(request, body.model)
+    account = _usage_hook(request, body.model, held)
     if body.stream:
         events = _sse(broker, stream, first, fmt, body.resumable, account, metrics.itl.labels(body.model))
         return EventSourceResponse(events, ping=15, send_timeout=broker.settings.send_timeout,
@@ -76,19 +89,36 @@ async def generate(
         await _release(broker, stream)
 
 
+async def submit(request: Request, broker: BrokerClient, model: str, kind: JobKind, params: dict[str, Any],
+                 **options: Any) -> ReplyStream:
+    """Dispatch a job owned by the request's tenant. Once the dispatcher knows the model, it labels metrics;
+    a name it does not know stays out of them (``unknown``), so untrusted input cannot grow the series."""
+    try:
+        stream = await broker.submit(model, kind, params, owner=tenant_of(request), **options)
+    except UnknownModel:
+        raise
+    except BrokerError:
+        request.state.model = model
+        raise
+    request.state.model = model
+    return stream
+
+
 Accountant = Callable[[dict[str, int]], Awaitable[None]]
 
 
-def _usage_hook(request: Request, model: str) -> Accountant:
-    """What happens to a finished request's usage: metrics, and the API key's per-minute token budget."""
-    kid = request.scope.get("state", {}).get("api_key_id")
-    limiter = request.app.state.limiter
+def _usage_hook(request: Request, model: str, held: Reservation | None) -> Accountant:
+    """What happens to a finished request's usage: metrics, and settling its token reservation.
+
+    A request that never gets here (the client left, it was cancelled, it
+    failed after its first token) keeps its whole reservation as its charge.
+    """
+    limiter: RateLimiter = request.app.state.limiter
     tokens = request.app.state.metrics.tokens.labels(model)
 
     async def account(usage: dict[str, int]) -> None:
         tokens.inc(usage.get("completion_tokens", 0))
-        if kid and limiter.enabled:
-            await limiter.spend(kid, usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0))
+        await limiter.settle(held, usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0))
 
     return account
 
@@ -98,8 +128,10 @@ def response_id(kind: JobKind, rid: str) -> str:
     return ("chatcmpl-" if kind is JobKind.CHAT else "cmpl-") + rid
 
 
-def request_id(response_id: str) -> str:
-    return response_id.removeprefix("chatcmpl-").removeprefix("cmpl-")
+def request_id(response_id: str) -> str | None:
+    """The request id inside a response id; None when it has not the shape of one redserve hands out."""
+    rid = response_id.removeprefix("chatcmpl-").removeprefix("cmpl-")
+    return rid if well_formed("request", rid) else None
 
 
 async def _first_reply(stream: ReplyStream) -> list[dict[str, Any]]:

@@ -22,6 +22,26 @@ def check(body: SamplingRequest, settings: Settings) -> None:
         _over("prompt", len(body.prompt), settings.max_prompt_chars, "max_prompt_chars", unit=" characters")
 
 
+def estimate_tokens(body: SamplingRequest) -> int:
+    """What a request may spend against a token budget: its prompt, estimated, plus all the tokens it may generate.
+
+    The prompt estimate is about four characters a token plus a few for each
+    message's template; the reservation is settled to the true usage when the
+    request ends, so the estimate only decides admission.
+    """
+    if isinstance(body, ChatCompletionRequest):
+        prompt = sum(_chars(m.content) for m in body.messages) // 4 + 4 * len(body.messages)
+    elif isinstance(body, CompletionRequest):
+        prompt = len(body.prompt) // 4 + 1
+    else:
+        prompt = 0
+    return prompt + (body.max_tokens or 0) * body.n
+
+
+def estimate_text_tokens(texts: list[str]) -> int:
+    return sum(len(t) // 4 + 1 for t in texts)
+
+
 def check_texts(texts: list[str], param: str, settings: Settings) -> None:
     chars = sum(len(t) for t in texts)
     if chars > settings.max_prompt_chars:

@@ -60,7 +60,12 @@ class _BrokerCollector:
 
 
 class MetricsMiddleware:
-    """Counts every API response by route, model (set by the route on request.state) and status."""
+    """Counts every API response by route, model and status.
+
+    Only values the system knows become labels, so untrusted input cannot grow the series: the route's
+    template (or ``unmatched``), the model only once a dispatch found it live (set by the route on
+    request.state), else ``unknown``.
+    """
 
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
         self.app = app
@@ -84,7 +89,7 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             name = getattr(route, "path", None) or "unmatched"
-            model = scope.get("state", {}).get("model", "")
+            model = scope.get("state", {}).get("model", "unknown")
             self.metrics.requests.labels(name, model, str(status)).inc()
 
 

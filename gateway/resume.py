@@ -20,6 +20,7 @@ from broker.errors import WorkerTimeout
 from broker.protocol import Reply, unpack
 from gateway.errors import APIError
 from gateway.generation import request_id
+from gateway.security import tenant_of
 from gateway.sse import EventId, StreamFormat, encode, failure, opening, render
 
 router = APIRouter()
@@ -28,9 +29,12 @@ router = APIRouter()
 @router.get("/v1/streams/{response_id}")
 async def resume_stream(response_id: str, request: Request) -> EventSourceResponse:
     broker: BrokerClient = request.app.state.broker
-    key = broker.keys.replay(request_id(response_id))
-    entries = await broker.raw.xrange(key)
-    if not entries or b"meta" not in entries[0][1]:
+    rid = request_id(response_id)
+    key = broker.keys.replay(rid) if rid else ""
+    entries = await broker.raw.xrange(key) if rid else []
+    head = entries[0][1] if entries else {}
+    owner = head.get(b"owner", b"").decode() if b"meta" in head else None
+    if not tenant_of(request).owns(owner):  # another tenant's stream reads as absent
         raise APIError(404, f"No resumable stream `{response_id}` (unknown, not streamed, or its replay window "
                             "has passed).", param="id", code="stream_not_found")
     fmt = StreamFormat.from_meta(unpack(entries[0][1][b"meta"]), response_id)

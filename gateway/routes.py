@@ -14,8 +14,9 @@ from broker.protocol import JobKind
 from gateway import limits
 from gateway.disconnect import ClientGone, unless_disconnected
 from gateway.errors import APIError
-from gateway.generation import generate, request_id
+from gateway.generation import generate, request_id, submit
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest
+from gateway.security import RateLimiter, tenant_of
 
 router = APIRouter()
 
@@ -26,12 +27,9 @@ def _broker(request: Request) -> BrokerClient:
 
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
-    broker = _broker(request)
-    try:
-        workers = await broker.registry.live_workers()
-    except Exception as exc:  # Redis unreachable: this gateway cannot serve
-        raise APIError(503, f"Redis is unreachable: {exc}", code="redis_unavailable") from None
-    return {"status": "ok", "workers": len(workers), "gateway_id": broker.router.gateway_id}
+    """What a load balancer needs: 200 while this gateway reaches Redis, 503 (from the Redis handler) when not."""
+    await _broker(request).text.ping()
+    return {"status": "ok"}
 
 
 @router.get("/metrics", include_in_schema=False)
@@ -78,7 +76,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 @router.post("/v1/requests/{response_id}/cancel")
 async def cancel_request(response_id: str, request: Request) -> dict[str, Any]:
     """Cancel a running or queued request by the id its response carries (any gateway may be asked)."""
-    worker = await _broker(request).cancel(request_id(response_id))
+    rid = request_id(response_id)
+    worker = await _broker(request).cancel(rid, tenant_of(request)) if rid else None
     if worker is None:
         raise APIError(404, f"No request `{response_id}` is known (it may have finished long ago).",
                        param="id", code="request_not_found")
@@ -89,7 +88,7 @@ async def cancel_request(response_id: str, request: Request) -> dict[str, Any]:
 @router.post("/v1/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> Any:
     """Count a prompt's tokens on a worker of the model, and say whether it fits the context."""
-    ev = await _one_reply(request, body.model, JobKind.TOKENIZE, body.engine_params())
+    ev = await _one_reply(request, body.model, JobKind.TOKENIZE, body.engine_params(), 0)
     if isinstance(ev, Response):
         return ev
     ctx = ev["ctx"] or None
@@ -97,27 +96,40 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Any:
     return {"model": body.model, "count": ev["n"], "max_model_len": ctx, "fits": fits, "tokens": ev["ids"]}
 
 
-async def _one_reply(request: Request, model: str, kind: JobKind, params: dict[str, Any]) -> dict[str, Any] | Response:
-    """Submit a job whose answer is a single terminal event; errors become OpenAI errors."""
+async def _one_reply(request: Request, model: str, kind: JobKind, params: dict[str, Any],
+                     tokens: int) -> dict[str, Any] | Response:
+    """Submit a job whose answer is a single terminal event; errors become OpenAI errors.
+
+    ``tokens`` are reserved against the tenant's token budget and settled to the reply's prompt tokens.
+    """
     broker = _broker(request)
-    stream = await broker.submit(model, kind, params)
+    tenant = tenant_of(request)
+    limiter: RateLimiter = request.app.state.limiter
+    held = await limiter.reserve(tenant, tokens) if tokens else None
+    used = 0
     try:
-        events = await unless_disconnected(request, stream.next_events())
-    except ClientGone:
-        return Response(status_code=499)
+        stream = await submit(request, broker, model, kind, params)
+        try:
+            events = await unless_disconnected(request, stream.next_events())
+        except ClientGone:
+            return Response(status_code=499)
+        finally:
+            await broker.release(stream)
+        ev = events[-1]
+        if ev["t"] == "err":
+            raise APIError.from_event(ev)
+        used = (ev.get("u") or {}).get("prompt_tokens", 0)
+        return ev
     finally:
-        await broker.release(stream)
-    ev = events[-1]
-    if ev["t"] == "err":
-        raise APIError.from_event(ev)
-    return ev
+        await limiter.settle(held, used)
 
 
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     inputs = [body.input] if isinstance(body.input, str) else body.input
     limits.check_texts(inputs, "input", _broker(request).settings)
-    ev = await _one_reply(request, body.model, JobKind.EMBEDDING, {"input": inputs})
+    ev = await _one_reply(request, body.model, JobKind.EMBEDDING, {"input": inputs},
+                          limits.estimate_text_tokens(inputs))
     if isinstance(ev, Response):
         return ev
     data = [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}

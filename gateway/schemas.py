@@ -2,13 +2,65 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+#: What msgpack and every engine can carry: 64-bit signed integers.
+_INT_RANGE = range(-(2**63), 2**63)
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class BadInput(ValueError):
+    """A value no model field rejects but nothing downstream can carry; names the field (the error's ``param``)."""
+
+    def __init__(self, param: str, problem: str) -> None:
+        super().__init__(f"'{param}' {problem}")
+        self.param = param
+
+
+class RequestBody(StrictModel):
+    """A whole request body: checked once, at the boundary, for values that cannot travel.
+
+    A lone surrogate (``"\\ud800"`` in JSON) is a valid Python string that no
+    UTF-8 codec encodes; an integer past 64 bits or a non-finite float has no
+    msgpack or JSON form. Each is a 400 naming the field, never a 500 later.
+    """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _carriable(cls, data: Any) -> Any:
+        _check_carriable(data, "")
+        return data
+
+
+def _check_carriable(value: Any, path: str) -> None:
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadInput(path or "body", "is not valid Unicode text (it holds a lone surrogate)") from None
+    elif isinstance(value, bool):
+        pass
+    elif isinstance(value, int):
+        if value not in _INT_RANGE:
+            raise BadInput(path or "body", "is out of range (integers must fit in 64 bits)")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise BadInput(path or "body", "must be a finite number")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            name = f"{path}.{k}" if path else str(k)
+            _check_carriable(k, name)
+            _check_carriable(v, name)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_carriable(v, f"{path}.{i}" if path else str(i))
 
 
 class StreamOptions(StrictModel):
@@ -40,7 +92,7 @@ class Message(StrictModel):
         return v
 
 
-class SamplingRequest(StrictModel):
+class SamplingRequest(RequestBody):
     """Parameters shared by chat and completions; their meaning is the engine's to honour."""
 
     #: Fields the gateway handles itself; they do not travel to the worker.
@@ -49,7 +101,8 @@ class SamplingRequest(StrictModel):
     model: str = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1, description="Extension: sample from the k most likely tokens.")
+    top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1,
+                              description="Extension: sample from the k most likely tokens.")
     n: int = Field(default=1, ge=1, le=16)
     max_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
@@ -139,7 +192,7 @@ class CompletionRequest(SamplingRequest):
         return None
 
 
-class EmbeddingRequest(StrictModel):
+class EmbeddingRequest(RequestBody):
     model: str = Field(min_length=1)
     input: str | list[str] = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
@@ -147,7 +200,7 @@ class EmbeddingRequest(StrictModel):
     user: str | None = None
 
 
-class TokenizeRequest(StrictModel):
+class TokenizeRequest(RequestBody):
     """Either ``prompt`` (completions) or ``messages`` (chat, through the model's template)."""
 
     model: str = Field(min_length=1)

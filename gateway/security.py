@@ -1,158 +1,226 @@
-"""API keys, per-key rate limits shared by every gateway, and the request body size cap.
+"""Who is asking, how much they may ask, and how much they may send: API keys, limits and the body cap.
 
-Both checks are plain ASGI middleware: they answer before FastAPI parses a
-body, and cost nothing when not configured.
+The key is checked from the headers before a byte of the body is read: an
+unauthenticated request gets its 401 at once and its connection closed.
+A body is counted while it is read and refused (413) the moment it passes
+its cap, so nothing past the cap is ever buffered. Each key (tenant) may
+have a bounded number of requests in flight on one gateway. Requests per
+minute are counted before the body is read; tokens per minute are reserved
+once the request is validated (``RateLimiter.reserve``) and settled when it
+ends. All of it costs nothing when not configured.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
+import logging
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from redis.exceptions import RedisError
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.client import BrokerClient
 from broker.settings import Settings
-from gateway.errors import error_body
+from broker.tenants import ANONYMOUS, Tenant, tenant_id
+from gateway.errors import APIError, BodyTooLarge, error_body, redis_error
+
+log = logging.getLogger(__name__)
+
+#: Where the tenant of a request lives in its ASGI scope. An in-process caller (the batch runner) may set it
+#: before calling the app, to act as a batch's owner; no ASGI server ever sets it from the network.
+TENANT = "redserve.tenant"
+#: Paths behind the API key. Everything else is the web UI's static files, which hold no data.
+PROTECTED = ("/v1/", "/api/", "/tokenize", "/metrics", "/health", "/docs", "/redoc", "/openapi.json")
+#: Paths that need an admin key once admin keys are configured (operators' data).
+ADMIN_ONLY = ("/metrics",)
+_WINDOW_MS = 120_000
 
 
-def load_keys(settings: Settings) -> list[bytes]:
+def load_keys(settings: Settings) -> dict[bytes, Tenant]:
+    """Every accepted key and the tenant it stands for."""
     keys = list(settings.api_keys)
     if settings.api_keys_file:
         keys += [line.strip() for line in Path(settings.api_keys_file).read_text().splitlines() if line.strip()]
-    return [k.encode() for k in keys]
+    tenants = {k.encode(): Tenant(tenant_id(k.encode())) for k in keys}
+    tenants.update({k.encode(): Tenant(tenant_id(k.encode()), admin=True) for k in settings.admin_api_keys})
+    return tenants
 
 
-def key_id(key: bytes) -> str:
-    """What Redis and the logs see of a key: a short hash, never the key."""
-    return hashlib.sha256(key).hexdigest()[:16]
+def tenant_of(conn: HTTPConnection) -> Tenant:
+    """The tenant the API-key middleware found for this request."""
+    return conn.scope.get(TENANT, ANONYMOUS)
+
+
+@dataclass(slots=True)
+class Reservation:
+    """Tokens held against a tenant's per-minute budget until the request's true usage is known."""
+
+    key: str
+    tokens: int
 
 
 class RateLimiter:
-    """Requests and tokens per API key per clock minute, counted atomically in Redis."""
+    """Requests and tokens per tenant per clock minute, counted atomically in Redis (exact across gateways)."""
 
     def __init__(self, broker: BrokerClient, rpm: int, tpm: int) -> None:
         self.broker = broker
         self.rpm = rpm
         self.tpm = tpm
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.rpm or self.tpm)
-
-    async def admit(self, kid: str) -> float | None:
-        """None if admitted (and counted); else the seconds until the next window."""
+    async def admit(self, tenant: Tenant) -> float | None:
+        """Count one request; None if admitted, else the seconds until the next window."""
+        if not self.rpm or not tenant.limited:
+            return None
         now = time.time()
-        minute = int(now // 60)
-        k = self.broker.keys
-        ok = await self.broker.scripts.ratelimit(
-            keys=[k.rate(kid, minute, "requests"), k.rate(kid, minute, "tokens")],
-            args=[self.rpm, self.tpm, 120_000])
+        key = self.broker.keys.rate(tenant.id, int(now // 60), "requests")
+        ok = await self.broker.scripts.ratelimit(keys=[key], args=[self.rpm, 1, _WINDOW_MS])
         return None if ok else 60 - (now % 60)
 
-    async def spend(self, kid: str, tokens: int) -> None:
-        if not self.tpm or not tokens:
-            return
-        key = self.broker.keys.rate(kid, int(time.time() // 60), "tokens")
-        async with self.broker.raw.pipeline(transaction=True) as pipe:
-            pipe.incrby(key, tokens)
-            pipe.pexpire(key, 120_000)
-            await pipe.execute()
+    async def reserve(self, tenant: Tenant, tokens: int) -> Reservation | None:
+        """Hold ``tokens`` of this minute's budget, or raise a 429 when the budget is spent.
+
+        A request is admitted while the tenant's tokens (reserved or used)
+        are under the limit, so concurrent requests overshoot by at most one
+        reservation. None when no token limit applies.
+        """
+        if not self.tpm or not tenant.limited:
+            return None
+        now = time.time()
+        key = self.broker.keys.rate(tenant.id, int(now // 60), "tokens")
+        if not await self.broker.scripts.ratelimit(keys=[key], args=[self.tpm, tokens, _WINDOW_MS]):
+            raise APIError(429, f"Rate limit reached for this API key: {self.tpm} tokens per minute (tpm_limit).",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(max(1, int(61 - now % 60)))})
+        return Reservation(key, tokens)
+
+    async def settle(self, held: Reservation | None, used: int) -> None:
+        """Replace a reservation by the tokens really used (0 for a request that produced nothing).
+
+        Best effort: with Redis away the reservation stays charged, which errs on the tenant's side of the limit.
+        """
+        if held is not None and used != held.tokens:
+            try:
+                await self.broker.scripts.ratelimit(keys=[held.key], args=[0, used - held.tokens, _WINDOW_MS])
+            except RedisError as exc:
+                log.warning("could not settle a token reservation (%s); it stays charged", exc)
 
 
 class APIKeyMiddleware:
-    """Every route but the open ones needs ``Authorization: Bearer <key>``; keys compare in constant time.
+    """Every protected path needs ``Authorization: Bearer <key>``; keys compare in constant time.
 
-    The web UI's static files stay open (they hold no data); the UI sends the
-    key with its API calls.
+    Runs before anything reads the body. Also caps each tenant's requests in
+    flight on this gateway (slow bodies and slow readers hold a slot) and
+    counts requests per minute.
     """
 
-    def __init__(self, app: ASGIApp, keys: list[bytes], open_paths: list[str], limiter: RateLimiter) -> None:
+    def __init__(self, app: ASGIApp, keys: dict[bytes, Tenant], settings: Settings, limiter: RateLimiter) -> None:
         self.app = app
         self.keys = keys
-        self.open_paths = set(open_paths)
+        self.open_paths = set(settings.open_paths)
+        self.admins = any(t.admin for t in keys.values())
         self.limiter = limiter
+        self.max_in_flight = settings.max_in_flight_per_key
+        self.in_flight: Counter[str] = Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or self._open(scope["path"]):
+        if scope["type"] != "http" or TENANT in scope:  # set by a trusted in-process caller
             await self.app(scope, receive, send)
             return
-        presented = _bearer(scope)
-        match = None
-        for key in self.keys:  # no early exit: timing tells nothing about which key nearly matched
-            if hmac.compare_digest(presented, key):
-                match = key
-        if match is None:
-            message = "Missing API key: send 'Authorization: Bearer <key>'." if not presented \
-                else "Incorrect API key provided."
-            await _reply(send, 401, error_body(message, "authentication_error", None, "invalid_api_key"))
+        path = scope["path"]
+        if not self.keys or path in self.open_paths or not path.startswith(PROTECTED):
+            scope[TENANT] = ANONYMOUS
+            await self.app(scope, receive, send)
             return
-        kid = key_id(match)
-        scope.setdefault("state", {})["api_key_id"] = kid
-        if self.limiter.enabled and scope["method"] == "POST":
-            wait = await self.limiter.admit(kid)
-            if wait is not None:
-                body = error_body(f"Rate limit reached for this API key ({self.limiter.rpm} requests or "
-                                  f"{self.limiter.tpm} tokens per minute).", "rate_limit_error", None,
-                                  "rate_limit_exceeded")
-                await _reply(send, 429, body, {"retry-after": str(max(1, int(wait + 0.999)))})
+        tenant = self._authenticate(scope)
+        if tenant is None:
+            message = "Missing API key: send 'Authorization: Bearer <key>'." if not _bearer(scope) \
+                else "Incorrect API key provided."
+            await reply(send, 401, error_body(message, "authentication_error", None, "invalid_api_key"), close=True)
+            return
+        if self.admins and not tenant.admin and path.startswith(ADMIN_ONLY):
+            await reply(send, 403, error_body("This route needs an admin key (admin_api_keys).",
+                                              "permission_error", None, "admin_only"), close=True)
+            return
+        if self.max_in_flight and self.in_flight[tenant.id] >= self.max_in_flight:
+            await reply(send, 429, error_body(
+                f"This API key has {self.max_in_flight} requests in flight on this gateway "
+                "(max_in_flight_per_key); wait for one to end.", "rate_limit_error", None, "too_many_in_flight"),
+                {"retry-after": "1"}, close=True)
+            return
+        scope[TENANT] = tenant
+        self.in_flight[tenant.id] += 1
+        try:
+            if scope["method"] == "POST" and not await self._admitted(send, tenant):
                 return
-        await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight[tenant.id] -= 1
+            if not self.in_flight[tenant.id]:
+                del self.in_flight[tenant.id]
 
-    def _open(self, path: str) -> bool:
-        return path in self.open_paths or not (path.startswith("/v1/") or path.startswith("/api/")
-                                                or path == "/tokenize" or path in ("/health", "/metrics"))
+    def _authenticate(self, scope: Scope) -> Tenant | None:
+        presented = _bearer(scope)
+        found = None
+        for key, tenant in self.keys.items():  # no early exit: timing tells nothing about which key nearly matched
+            if hmac.compare_digest(presented, key):
+                found = tenant
+        return found
+
+    async def _admitted(self, send: Send, tenant: Tenant) -> bool:
+        try:
+            wait = await self.limiter.admit(tenant)
+        except RedisError as exc:
+            failure = redis_error(exc)
+            await reply(send, failure.status, failure.body, failure.headers)
+            return False
+        if wait is None:
+            return True
+        await reply(send, 429, error_body(f"Rate limit reached for this API key: {self.limiter.rpm} requests per "
+                                          "minute (rpm_limit).", "rate_limit_error", None, "rate_limit_exceeded"),
+                    {"retry-after": str(max(1, int(wait + 0.999)))})
+        return False
 
 
 class BodyLimitMiddleware:
-    """Refuse bodies over the cap: by Content-Length up front; a chunked body is read (up to the cap) first."""
+    """Refuse bodies over the cap: by Content-Length up front, a chunked body as soon as it passes the cap.
 
-    def __init__(self, app: ASGIApp, max_bytes: int, exempt: tuple[str, ...] = ()) -> None:
-        """``exempt``: path prefixes that enforce their own, larger cap (batch file uploads)."""
+    Nothing is buffered here: the app reads the body through a counting
+    ``receive``, so memory per request is bounded by the cap, never by what a
+    client keeps sending.
+    """
+
+    def __init__(self, app: ASGIApp, cap: Callable[[str], tuple[int, str]]) -> None:
+        """``cap(path)``: the byte limit of a path and the setting that sets it."""
         self.app = app
-        self.max_bytes = max_bytes
-        self.exempt = exempt
+        self.cap = cap
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(self.exempt):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit, setting = self.cap(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                await _reply(send, 400, self._error())
-                return
-            await self.app(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            failure = BodyTooLarge(limit, setting).api_error()
+            await reply(send, failure.status, failure.body, failure.headers)
             return
-        body = bytearray()
-        more = scope["method"] in ("POST", "PUT", "PATCH")
-        while more:
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
             message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                await _reply(send, 400, self._error())
-                return
-            more = message.get("more_body", False)
-        replayed = False
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(limit, setting)
+            return message
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    def _error(self) -> dict[str, Any]:
-        return error_body(f"The request body exceeds the limit of {self.max_bytes} bytes (max_body_bytes).",
-                          "invalid_request_error", None, "body_too_large")
+        await self.app(scope, counted, send)
 
 
 def _bearer(scope: Scope) -> bytes:
@@ -161,9 +229,13 @@ def _bearer(scope: Scope) -> bytes:
     return token.strip() if scheme.lower() == b"bearer" else b""
 
 
-async def _reply(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+async def reply(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None, *,
+                close: bool = False) -> None:
+    """Answer from middleware; ``close`` ends the connection, so an unread body is never read."""
     data = json.dumps(body).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    if close:
+        raw.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": data})

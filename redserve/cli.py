@@ -22,11 +22,15 @@ WORKER_FLAGS = ["host", "metrics_port", "model_path", "vllm_engine_args", "api_c
 #: Engines that load a model directory from this machine.
 LOCAL_ENGINES = ("hf", "vllm")
 GATEWAY_FLAGS = ["host", "port", "gateway_processes", "dispatch_method", "reply_timeout", "max_attempts", "replay_window",
-                 "stream_buffer", "send_timeout", "api_keys", "api_keys_file", "open_paths", "rpm_limit", "tpm_limit",
+                 "stream_buffer", "send_timeout", "api_keys", "api_keys_file", "admin_api_keys", "open_paths",
+                 "api_docs", "rpm_limit", "tpm_limit", "tpm_default_max_tokens", "max_in_flight_per_key",
                  "max_body_bytes", "max_prompt_chars", "max_tokens_cap", "max_messages", "max_n",
-                 "batch_max_file_bytes", "batch_max_requests", "batch_ttl"]
+                 "batch_max_file_bytes", "batch_max_requests", "batch_ttl", "tenant_max_bytes", "tenant_max_files",
+                 "max_concurrent_uploads", "votes_max_entries"]
+#: A runner runs each batch line as its batch's owner, under the owner's limits (no key needed in process).
 BATCH_RUNNER_FLAGS = ["reply_timeout", "max_attempts", "batch_concurrency", "batch_share", "batch_lease",
-                      "batch_max_requests", "batch_ttl", "api_keys", "api_keys_file"]
+                      "batch_max_requests", "batch_ttl", "rpm_limit", "tpm_limit", "tpm_default_max_tokens",
+                      "tenant_max_bytes"]
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:

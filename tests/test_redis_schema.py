@@ -23,10 +23,11 @@ def test_every_key_builder_is_documented():
         "workers": k.workers(), "model_workers": k.model_workers("<model>"), "models": k.models(),
         "replies": k.replies("<gateway-id>"), "request": k.request("<request-id>"),
         "dead_letters": k.dead_letters(), "reclaim_lock": k.reclaim_lock("<id>"), "votes": k.votes(),
-        "replay": k.replay("<request-id>"), "rate": k.rate("<key-id>", "<minute>", "requests"),
+        "replay": k.replay("<request-id>"), "rate": k.rate("<tenant-id>", "<minute>", "requests"),
         "batch_queue": k.batch_queue(), "batch_runner_health": k.batch_runner_health(),
         "batch_job_result": k.batch_job_result("<job-id>"), "batch": k.batch("<batch-id>"),
         "batch_results": k.batch_results("<batch-id>"), "batches": k.batches(), "file": k.file("<file-id>"),
+        "tenant_batches": k.tenant_batches("<tenant-id>"), "tenant_files": k.tenant_files("<tenant-id>"),
     }
     public = {n for n in dir(Keys) if not n.startswith("_") and callable(getattr(Keys, n)) and not n.endswith("_parts")}
     assert public == samples.keys(), "a new key builder needs a row in docs/redis.md and here"

@@ -90,11 +90,11 @@ async def test_body_size_limit(stack):
     big = {**CHAT, "messages": [{"role": "user", "content": "y" * 5000}]}
     async with httpx.AsyncClient(base_url=gw.url) as http:
         r = await http.post("/v1/chat/completions", json=big)
-        assert r.status_code == 400 and "max_body_bytes" in r.json()["error"]["message"]
+        assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]["message"]
 
         async def chunks():
             for _ in range(10):
                 yield b"z" * 1024
 
         r = await http.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "body_too_large"
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"

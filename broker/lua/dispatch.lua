@@ -2,13 +2,15 @@
 --
 -- KEYS[1]  sorted set of the model's workers (score = queue length)
 -- KEYS[2]  sorted set of known models (to tell "unknown model" from "no worker")
--- KEYS[3]  the request's key (-> worker id), for cancel and inspect
+-- KEYS[3]  the request's hash (worker, owner), for cancel and inspect
 -- KEYS[4]  the request's replay log (stream), started with a ``meta`` entry
+--          that also names its owner
 -- ARGV     method, random in [0,1), worker key prefix, jobs suffix,
 --          model key prefix, model key suffix, model name, request key TTL (ms),
 --          source stream and entry id ("" unless moving a job off a dead
---          worker), replay TTL (ms, 0 = no log) and the meta blob, then the
---          job's stream fields as name/value pairs.
+--          worker), replay TTL (ms, 0 = no log) and the meta blob, the
+--          owning tenant ("" keeps the owner already recorded: a re-dispatch),
+--          then the job's stream fields as name/value pairs.
 --
 -- Workers whose record has expired are pruned from the set; draining workers
 -- and workers whose queue is at their max_queue are skipped. When moving, the
@@ -75,11 +77,16 @@ for m in string.gmatch(models, '[^,]+') do
 end
 redis.call('HINCRBY', wpre .. wid, 'queue', 1)
 local fields = {}
-for i = 13, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 14, #ARGV do fields[#fields + 1] = ARGV[i] end
 if tonumber(ARGV[11]) > 0 and redis.call('EXISTS', KEYS[4]) == 0 then
-  redis.call('XADD', KEYS[4], '*', 'meta', ARGV[12])
+  redis.call('XADD', KEYS[4], '*', 'meta', ARGV[12], 'owner', ARGV[13])
   redis.call('PEXPIRE', KEYS[4], ARGV[11])
 end
 local entry = redis.call('XADD', wpre .. wid .. jsuf, '*', unpack(fields))
-redis.call('SET', KEYS[3], wid, 'PX', ARGV[8])
+if ARGV[13] ~= '' then
+  redis.call('HSET', KEYS[3], 'worker', wid, 'owner', ARGV[13])
+else
+  redis.call('HSET', KEYS[3], 'worker', wid)
+end
+redis.call('PEXPIRE', KEYS[3], ARGV[8])
 return {wid, entry, tostring(queues[pick] + 1)}
