@@ -75,5 +75,5 @@ async def cast_vote(vote: Vote, request: Request) -> dict[str, str]:
     broker = _broker(request)
     fields = {**vote.to_fields(), "tenant": tenant_of(request).id}
     entry_id = await broker.text.xadd(broker.keys.votes(), fields,  # type: ignore[arg-type]
-                                      maxlen=broker.settings.votes_max_entries, approximate=True)
+                                      maxlen=broker.settings.votes_max_entries, approximate=False)
     return {"id": entry_id}

@@ -13,7 +13,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
 from broker.errors import BrokerError
-from gateway.schemas import BadInput
+from gateway.schemas import BadInput, printable
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
@@ -49,12 +49,8 @@ class APIError(Exception):
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """The error object; a message or param quoting the client's own bad text (a lone surrogate) stays encodable."""
-    return {"error": {"message": _encodable(message), "type": type, "param": param and _encodable(param),
+    return {"error": {"message": printable(message), "type": type, "param": param and printable(param),
                       "code": code}}
-
-
-def _encodable(text: str) -> str:
-    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class BodyTooLarge(HTTPException):

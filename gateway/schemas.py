@@ -19,8 +19,14 @@ class BadInput(ValueError):
     """A value no model field rejects but nothing downstream can carry; names the field (the error's ``param``)."""
 
     def __init__(self, param: str, problem: str) -> None:
+        param = printable(param)  # a field name may itself hold the bad text
         super().__init__(f"'{param}' {problem}")
         self.param = param
+
+
+def printable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot carry (lone surrogates) written as ``\\udXXX`` escapes."""
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class RequestBody(StrictModel):

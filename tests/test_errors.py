@@ -131,3 +131,49 @@ async def test_full_queues_answer_429_with_retry_after(stack, redis, keys):
     assert r.headers["retry-after"] == "1"
     assert_openai_error(r.json(), code="queue_full")
     first.cancel()
+
+
+async def test_every_route_answers_503_when_redis_is_down():
+    """Walk every route of the app's OpenAPI schema with Redis stopped: 503 and Retry-After, never a 500."""
+    from broker.settings import Settings
+    from gateway.app import create_app
+    from redserve.redis_server import RedisServer
+    from support import Stack
+
+    hexid = "0123456789abcdef" * 2
+    params = {"file_id": f"file-{hexid[:24]}", "batch_id": f"batch_{hexid}", "response_id": f"chatcmpl-{hexid}",
+              "model": "echo"}
+    chat = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+    bodies = {"/v1/chat/completions": chat, "/v1/completions": {"model": "echo", "prompt": "hi"},
+              "/v1/embeddings": {"model": "echo", "input": "hi"}, "/tokenize": {"model": "echo", "prompt": "hi"},
+              "/v1/tokenize": {"model": "echo", "prompt": "hi"},
+              "/v1/batches": {"input_file_id": params["file_id"], "endpoint": "/v1/chat/completions"},
+              "/api/votes": {"winner": "tie", "left_model": "a", "right_model": "b", "prompt": "p"}}
+    with RedisServer() as server:
+        settings = Settings(redis_url=server.url, reply_timeout=5, api_keys=["sk-k"], rpm_limit=1000,
+                            tpm_limit=100_000, admin_api_keys=["sk-admin"])
+        stack = Stack(settings)
+        try:
+            gw = await stack.gateway()
+            server.stop()
+            schema = create_app(settings).openapi()["paths"]
+            routes = [(m.upper(), path) for path, ops in schema.items() for m in ops]
+            assert len(routes) >= 15
+            async with httpx.AsyncClient(base_url=gw.url, timeout=10,
+                                         headers={"Authorization": "Bearer sk-admin"}) as http:
+                for method, template in routes:
+                    path = template.format(**{k: v for k, v in params.items() if "{" + k in template})
+                    path = path.replace(":path}", "")
+                    kw: dict = {}
+                    if template == "/v1/files" and method == "POST":
+                        kw["files"] = {"file": ("x.jsonl", b"{}\n")}
+                        kw["data"] = {"purpose": "batch"}
+                    elif method == "POST":
+                        kw["json"] = bodies.get(template, {})
+                    r = await http.request(method, path, **kw)
+                    assert r.status_code == 503, (method, path, r.status_code, r.text)
+                    assert r.headers.get("retry-after") == "1", (method, path)
+                    assert r.json()["error"]["code"] == "redis_unavailable", (method, path)
+                assert (await http.get("/metrics")).status_code == 200  # this process's own counters
+        finally:
+            await stack.close()

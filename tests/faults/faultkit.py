@@ -24,11 +24,12 @@ class StreamResult:
 
 
 async def stream_chat(base_url: str, content: str, *, timeout: float = 30.0, model: str = "echo",
-                      stop_after: int | None = None, **body: Any) -> StreamResult:
+                      stop_after: int | None = None, headers: dict[str, str] | None = None,
+                      **body: Any) -> StreamResult:
     """Stream one chat request, recording deltas, an in-band error and [DONE]; never waits past ``timeout``."""
     res = StreamResult()
     payload = {"model": model, "messages": [{"role": "user", "content": content}], "stream": True, **body}
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout) as http:
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=headers) as http:
         async with asyncio.timeout(timeout):
             async with http.stream("POST", "/v1/chat/completions", json=payload) as r:
                 if r.status_code != 200:
