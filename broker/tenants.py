@@ -42,6 +42,8 @@ class Tenant:
 
 #: The only tenant of a server without API keys.
 ANONYMOUS = Tenant("anonymous", admin=True)
+#: Who calls an open path (``open_paths``) of a server with API keys: owns nothing, sees nothing.
+PUBLIC = Tenant("public")
 
 
 def tenant_id(key: bytes) -> str:

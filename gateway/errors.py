@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
@@ -18,8 +18,8 @@ from gateway.schemas import BadInput, printable
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
           503: "service_unavailable", 504: "timeout"}
-#: Replies with which a reachable Redis refuses writes or reads for now (out of memory, loading, read-only).
-_UNAVAILABLE = ("OOM", "LOADING", "READONLY", "MASTERDOWN", "MISCONF", "BUSY", "NOREPLICAS", "TRYAGAIN")
+#: Error replies with which a reachable Redis refuses work for now (redis-py has no class of their own for these).
+_UNAVAILABLE = ("MASTERDOWN", "MISCONF", "BUSY", "NOREPLICAS", "TRYAGAIN")
 
 
 class APIError(Exception):
@@ -66,13 +66,14 @@ class BodyTooLarge(HTTPException):
 
 def redis_error(exc: RedisError) -> APIError:
     """What a client hears when Redis fails under a request: 503 and when to retry, for an outage or a full Redis."""
-    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):  # down, loading, refusing us
         return APIError(503, "Redis is unreachable; try again shortly.", code="redis_unavailable",
                         headers={"Retry-After": "1"})
-    reason = str(exc).split(" ", 1)[0]
-    if isinstance(exc, ResponseError) and reason in _UNAVAILABLE:
-        code = "redis_out_of_memory" if reason == "OOM" else "redis_unavailable"
-        return APIError(503, f"Redis refused the request for now ({reason}); try again shortly.", code=code,
+    if isinstance(exc, OutOfMemoryError):  # maxmemory with noeviction: writes refused, nothing evicted
+        return APIError(503, "Redis is full and takes no new work for now; try again later.",
+                        code="redis_out_of_memory", headers={"Retry-After": "1"})
+    if isinstance(exc, ReadOnlyError) or (isinstance(exc, ResponseError) and str(exc).startswith(_UNAVAILABLE)):
+        return APIError(503, "Redis refused the request for now; try again shortly.", code="redis_unavailable",
                         headers={"Retry-After": "1"})
     return APIError(500, "The server failed while talking to Redis.", type="server_error", code="redis_error")
 

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.client import BrokerClient
 from broker.settings import Settings
-from broker.tenants import ANONYMOUS, Tenant, tenant_id
+from broker.tenants import ANONYMOUS, PUBLIC, Tenant, tenant_id
 from gateway.errors import APIError, BodyTooLarge, error_body, redis_error
 
 log = logging.getLogger(__name__)
@@ -132,17 +132,19 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        if not self.keys or path in self.open_paths or not path.startswith(PROTECTED):
-            scope[TENANT] = ANONYMOUS
+        if not self.keys or not path.startswith(PROTECTED):  # no keys at all, or the UI's static files
+            scope[TENANT] = PUBLIC if self.keys else ANONYMOUS
             await self.app(scope, receive, send)
             return
         tenant = self._authenticate(scope)
+        if tenant is None and path in self.open_paths:
+            tenant = PUBLIC  # an opened route: a key is optional, and without one the caller owns nothing
         if tenant is None:
             message = "Missing API key: send 'Authorization: Bearer <key>'." if not _bearer(scope) \
                 else "Incorrect API key provided."
             await reply(send, 401, error_body(message, "authentication_error", None, "invalid_api_key"), close=True)
             return
-        if self.admins and not tenant.admin and path.startswith(ADMIN_ONLY):
+        if self.admins and not tenant.admin and path.startswith(ADMIN_ONLY) and path not in self.open_paths:
             await reply(send, 403, error_body("This route needs an admin key (admin_api_keys).",
                                               "permission_error", None, "admin_only"), close=True)
             return

@@ -177,3 +177,27 @@ async def test_every_route_answers_503_when_redis_is_down():
                 assert (await http.get("/metrics")).status_code == 200  # this process's own counters
         finally:
             await stack.close()
+
+
+async def test_a_full_redis_is_a_503_and_loses_nothing(stack, redis):
+    """At maxmemory with noeviction Redis refuses writes: new work gets 503 with Retry-After, reads still work."""
+    await stack.worker()
+    gw = await stack.gateway()
+    await redis.xadd("redserve:votes", {"winner": "tie"})
+    chat = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+    vote = {"winner": "tie", "left_model": "a", "right_model": "b", "prompt": "p"}
+    await redis.config_set("maxmemory", "1")
+    try:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+            for method, path, kw in (("POST", "/v1/chat/completions", {"json": chat}),
+                                     ("POST", "/api/votes", {"json": vote}),
+                                     ("POST", "/v1/files", {"files": {"file": ("x.jsonl", b"{}\n")},
+                                                            "data": {"purpose": "batch"}})):
+                r = await http.request(method, path, **kw)
+                assert r.status_code == 503, (path, r.text)
+                assert r.json()["error"]["code"] == "redis_out_of_memory" and r.headers["retry-after"] == "1"
+            assert (await http.get("/v1/models")).status_code == 200  # reads go on
+    finally:
+        await redis.config_set("maxmemory", "0")
+    assert await redis.xlen("redserve:votes") == 1  # nothing was evicted
+    assert (await gw.client().chat.completions.create(**chat)).choices[0].message.content

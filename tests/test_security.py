@@ -247,7 +247,8 @@ async def test_docs_metrics_and_health_exposure(stack):
         assert (await http.get("/metrics", headers=headers("sk-admin"))).status_code == 200
         r = await http.get("/health")
         assert r.status_code == 200 and r.json() == {"status": "ok"}  # no gateway id, no fleet size
-    gw = await stack.gateway(api_keys=["sk-user"], open_paths=["/health", "/metrics"], api_docs=False)
+    gw = await stack.gateway(api_keys=["sk-user"], admin_api_keys=["sk-admin"], open_paths=["/health", "/metrics"],
+                             api_docs=False)
     async with httpx.AsyncClient(base_url=gw.url) as http:
         assert (await http.get("/metrics")).status_code == 200  # opened for a scraper, on purpose
         for path in ("/docs", "/redoc", "/openapi.json"):

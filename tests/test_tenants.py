@@ -126,3 +126,15 @@ async def test_without_keys_everything_is_shared_as_before(stack, settings):
     assert batch.status == "completed"
     assert [x.id for x in (await gw.client().batches.list()).data] == [batch.id]
     assert (await gw.client().files.content(uploaded.id)).content == lines(2, max_tokens=2)
+
+
+async def test_an_opened_path_grants_no_tenant_rights(stack, settings):
+    """A route opened with open_paths is reachable without a key, as a tenant that owns and sees nothing."""
+    await stack.worker()
+    gw = await stack.gateway(api_keys=[KEY_A], open_paths=["/health", "/v1/batches"])
+    async with running_runner(settings):
+        _, batch = await _finished_batch(client(gw, KEY_A), lines(1, max_tokens=1))
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        listed = await http.get("/v1/batches")
+    assert listed.status_code == 200 and listed.json()["data"] == []
+    assert batch.id not in listed.text

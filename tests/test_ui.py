@@ -225,7 +225,8 @@ async def test_side_by_side_streams_both_models_and_records_the_vote(stack, page
     vote = votes[0][1]
     reply = "".join(echo_tokens(prompt, 10))
     assert vote == {"winner": "left", "left_model": "alpha", "right_model": "beta", "prompt": prompt, "system": "",
-                    "left_reply": reply, "right_reply": reply, "params": json.dumps({"temperature": 0.3})}
+                    "left_reply": reply, "right_reply": reply, "params": json.dumps({"temperature": 0.3}),
+                    "tenant": "anonymous"}
     await screenshot(page, "ui-compare-narrow", NARROW)
 
 
