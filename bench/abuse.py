@@ -20,6 +20,7 @@ from redis import Redis as SyncRedis
 
 from bench.redserve_stack import redserve
 from broker.keys import Keys
+from broker.tenants import tenant_id
 
 KEY_A, KEY_B = "sk-abuse-a", "sk-abuse-b"
 
@@ -98,10 +99,8 @@ async def _stream(http: httpx.AsyncClient, key: str, max_tokens: int, stop_after
 
 
 def _charged(redis_url: str, key: str, minute: int) -> int:
-    from gateway.security import key_id  # the tenant id Redis sees
-
     with SyncRedis.from_url(redis_url) as r:
-        return int(r.get(Keys().rate(key_id(key.encode()), minute, "tokens")) or 0)
+        return int(r.get(Keys().rate(tenant_id(key.encode()), minute, "tokens")) or 0)
 
 
 async def tpm(a: argparse.Namespace) -> dict:
