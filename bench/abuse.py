@@ -18,7 +18,7 @@ import time
 import httpx
 from redis import Redis as SyncRedis
 
-from bench.redserve_stack import redserve
+from bench.redserve_stack import memory_mb, redserve
 from broker.keys import Keys
 from broker.tenants import tenant_id
 
@@ -26,11 +26,7 @@ KEY_A, KEY_B = "sk-abuse-a", "sk-abuse-b"
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return memory_mb(pid, "VmRSS")
 
 
 async def _slow_body(host: str, port: int, chunk: int, interval: float, cap: int, seconds: float) -> float | None:

@@ -59,13 +59,17 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def peak_rss_mb(pid: int) -> float:
-    """The process's high-water resident set (VmHWM), in MB."""
+def memory_mb(pid: int, field: str = "VmHWM") -> float:
+    """A memory figure of the process from /proc, in MB: its high-water resident set (VmHWM) or now (VmRSS)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def peak_rss_mb(pid: int) -> float:
+    return memory_mb(pid, "VmHWM")
 
 
 @dataclass
