@@ -13,6 +13,7 @@ exactly once (``broker.batch_store``), so repeats are harmless.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -26,6 +27,8 @@ from arq.jobs import Job as ArqJob
 from arq.jobs import JobStatus
 from arq.worker import Retry, Worker, func
 from redis.asyncio import ConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.batch_store import BatchStore, Request, line_problem
 from broker.keys import Keys
@@ -346,18 +349,32 @@ def worker_options(settings: Settings, make_handler: HandlerFactory) -> dict[str
 
 
 async def serve(settings: Settings, make_handler: HandlerFactory, *, handle_signals: bool = True) -> None:
-    """Run a batch runner until SIGTERM/SIGINT (or until cancelled); jobs it was running go back to the queue."""
+    """Run a batch runner until SIGTERM/SIGINT (or until cancelled); jobs it was running go back to the queue.
+
+    Redis going away does not end it: arq's worker stops, and a new one
+    starts with backoff once Redis answers again (the jobs it was running
+    are claimed again when their lease lapses, and stored exactly once).
+    """
     if not log.isEnabledFor(logging.DEBUG):
         logging.getLogger("arq.worker").setLevel(logging.WARNING)  # a line per job is debugging detail
-    worker = Worker(**worker_options(settings, make_handler), handle_signals=handle_signals)
-    worker.in_progress_timeout_s = settings.batch_lease  # the first claim, before the job renews it
-    try:
-        await worker.async_run()
-    except asyncio.CancelledError:
-        if not handle_signals:
-            raise
-    finally:
-        await asyncio.shield(worker.close())
+    delay = 0.25
+    while True:
+        worker = Worker(**worker_options(settings, make_handler), handle_signals=handle_signals)
+        worker.in_progress_timeout_s = settings.batch_lease  # the first claim, before the job renews it
+        try:
+            await worker.async_run()
+            return
+        except asyncio.CancelledError:
+            if not handle_signals:
+                raise
+            return
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            log.warning("batch runner lost Redis (%s); starting again in %.2fs", exc, delay)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(worker.close())
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
 
 
 async def _renew(redis: ArqRedis, key: str, lease_ms: int) -> None:

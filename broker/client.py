@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.connection import connect
 from broker.dispatch import Dispatcher
-from broker.errors import WorkerLost
+from broker.errors import NoWorker, RedisUnavailable, UnknownModel, WorkerLost
 from broker.janitor import Janitor
 from broker.keys import Keys
 from broker.protocol import Job, JobKind, pack
@@ -23,6 +26,9 @@ from broker.replies import ReplyRouter, ReplyStream
 from broker.scripts import Scripts
 from broker.settings import DispatchMethod, Settings
 from broker.tenants import ANONYMOUS, Tenant, well_formed
+
+
+T = TypeVar("T")
 
 
 class BrokerClient:
@@ -37,7 +43,7 @@ class BrokerClient:
         self.registry = Registry(self.text, self.keys, Scripts.register(self.text))
         self.dispatcher = Dispatcher(self.raw, self.keys, settings.dispatch_method, self.scripts)
         self.router = ReplyRouter(self.raw, self.keys, gateway_id, buffer=settings.stream_buffer,
-                                  on_shed=self._shed)
+                                  on_shed=self._shed, on_gap=self._ask_resend)
         self.janitor = Janitor(self.raw, self.keys, self.dispatcher, interval=settings.worker_ttl / 2) if janitor \
             else None
         self._background: set[asyncio.Task[None]] = set()
@@ -83,6 +89,9 @@ class BrokerClient:
         The request (cancel, resume) belongs to ``owner``.
         """
         timeout = timeout or self.settings.reply_timeout
+        if not await self.router.wait_live(self.settings.redis_wait):
+            raise RedisUnavailable(f"This gateway has had no reply channel for {self.settings.redis_wait:g} s "
+                                   "(redis_wait): Redis is unreachable.")
         stream = self.router.open(timeout)
         stream.job = Job(
             request_id=stream.rid,
@@ -95,12 +104,33 @@ class BrokerClient:
         )
         stream.retry = self._retry
         try:
-            placed = await self.dispatcher.dispatch(stream.job, method, meta=pack(replay_meta or {}), owner=owner.id)
+            placed = await self._patiently(lambda: self.dispatcher.dispatch(
+                stream.job, method, meta=pack(replay_meta or {}), owner=owner.id))  # type: ignore[arg-type]
         except BaseException:
             stream.close()
             raise
         stream.worker_id = placed.worker_id
         return stream
+
+    async def _patiently(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, tried again for up to ``redis_wait`` seconds while Redis is unreachable, or while it is
+        so freshly back that workers have not announced themselves again (a Redis that came back empty
+        knows no model until their next heartbeat)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.settings.redis_wait
+        delay = 0.05
+        while True:
+            try:
+                return await call()
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                if loop.time() + delay > end:
+                    raise
+            except (UnknownModel, NoWorker):
+                fresh = self.router.recovered_at and loop.time() - self.router.recovered_at < self.settings.worker_ttl
+                if not fresh or loop.time() + delay > end:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     async def _retry(self, stream: ReplyStream) -> None:
         """Re-dispatch a job whose worker died before the client saw any of it."""
@@ -111,7 +141,7 @@ class BrokerClient:
             await self.dead_letter(job, f"its worker died {job.attempt} times")
             raise WorkerLost(f"The request failed on {job.attempt} workers in a row; it was dead-lettered.")
         job.deadline = time.time() + stream.timeout
-        placed = await self.dispatcher.dispatch(job)
+        placed = await self._patiently(lambda: self.dispatcher.dispatch(job))
         stream.worker_id = placed.worker_id
 
     async def dead_letter(self, job: Job, reason: str) -> None:
@@ -138,6 +168,23 @@ class BrokerClient:
         if not stream.finished:
             with contextlib.suppress(Exception):  # Redis down: the worker will notice nobody listens
                 await self.cancel(stream.rid)
+
+    def _ask_resend(self, streams: list[ReplyStream]) -> None:
+        """Ask the workers of ``streams`` to send again what these streams have not seen (fire and forget:
+        a stream keeps asking while its gap stays open)."""
+        wanted = [s for s in streams if s.worker_id and not s.finished]
+        if wanted:
+            task = asyncio.create_task(self._resend(wanted))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _resend(self, streams: list[ReplyStream]) -> None:
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+            async with self.raw.pipeline(transaction=False) as pipe:
+                for s in streams:
+                    pipe.publish(self.keys.worker_control(s.worker_id or ""),
+                                 pack({"resend": s.rid, "from": s.next_seq, "a": s.attempt, "to": self.router.channel}))
+                await pipe.execute()
 
     def _shed(self, stream: ReplyStream) -> None:
         task = asyncio.create_task(self.release(stream))

@@ -48,3 +48,9 @@ class ReplyLost(BrokerError):
     """The reply channel broke (Redis went away) while the request was in flight."""
 
     status, type, code = 503, "service_unavailable", "reply_lost"
+
+
+class RedisUnavailable(BrokerError):
+    """Redis (or this process's reply subscription) stayed away past ``redis_wait``."""
+
+    status, type, code = 503, "service_unavailable", "redis_unavailable"

@@ -10,6 +10,10 @@ finished by the next round. For each entry left in a dead worker's stream:
 - **was running** (delivered, pending): its gateway is told ``lost``, and
   retries it transparently if nothing reached the client yet, else ends the
   stream with a clean error.
+
+A worker counts as dead only when its record is missing on two sweeps in a
+row: a Redis that was paused (or restarted) expires every record at once,
+and live workers write theirs again within a heartbeat.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class Janitor:
         self.lost = 0
         self.dropped = 0
         self._task: asyncio.Task[None] | None = None
+        #: Workers whose record was missing on the last sweep: dead if it is still missing on this one.
+        self._suspects: set[str] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="janitor")
@@ -73,9 +79,9 @@ class Janitor:
                 pipe.exists(self.keys.worker(wid))
             alive = await pipe.execute()
         reclaimed = []
-        for wid, is_alive in zip(ids, alive):
-            if is_alive:
-                continue
+        missing = {wid for wid, is_alive in zip(ids, alive) if not is_alive}
+        dead, self._suspects = missing & self._suspects, missing
+        for wid in sorted(dead):
             if await self.redis.set(self.keys.reclaim_lock(wid), "1", nx=True, px=int(self.lock_ttl * 1000)):
                 await self.reclaim(wid)
                 reclaimed.append(wid)

@@ -7,6 +7,12 @@ queue *before* it is dispatched, so no reply can arrive unseen.
 The router never blocks on a request: a client too slow to keep up fills its
 own bounded queue and is shed, so it can neither grow this process's memory
 nor make Redis drop the shared connection for an overfull output buffer.
+
+A lost subscription (Redis restarted, the connection was cut) fails nobody:
+the router subscribes again and asks the worker of every open stream to send
+again what it may have missed (``on_resubscribed``). A stream that sees a
+gap in its sequence numbers holds what came early and asks for the missing
+messages (``on_gap``); it never guesses, and gives up only at its timeout.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker.errors import BrokerError, ReplyLost, WorkerLost, WorkerTimeout
+from broker.errors import BrokerError, WorkerLost, WorkerTimeout
 from broker.keys import Keys
 from broker.protocol import Reply
 
@@ -29,6 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Seconds between requests for a resend while a stream waits for a missing message.
+GAP_RETRY = 1.0
 #: What ``ReplyStream.next_events`` returns after re-dispatching a job whose worker died unseen.
 RESTART: tuple[dict[str, Any], ...] = ({"t": "restart"},)
 
@@ -58,13 +67,15 @@ class ReplyStream:
         #: Re-dispatches the job after its worker died (set by the client that dispatched it).
         self.retry: Callable[[ReplyStream], Awaitable[None]] | None = None
         self.failed: BrokerError | None = None
+        #: Messages that arrived ahead of a gap, by seq, until the gap is filled.
+        self.ahead: dict[int, Reply] = {}
 
     @property
     def attempt(self) -> int:
         return self.job.attempt if self.job else 0
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Yield events until a terminal one; raise WorkerTimeout on silence, ReplyLost on a broken channel."""
+        """Yield events until a terminal one; raise WorkerTimeout on silence."""
         while not self.finished:
             for ev in await self.next_events():
                 yield ev
@@ -76,16 +87,23 @@ class ReplyStream:
         worker died before anything reached the client: drop what was
         collected so far, the new attempt starts over.
         """
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.timeout
         while True:
             if self.failed is not None:
                 raise self.failed
             try:
                 item = self.queue.get_nowait()  # under load the next message is usually here already
             except asyncio.QueueEmpty:
+                # While a gap is open, ask again every second: a request for a resend may be lost too.
+                wait = min(GAP_RETRY, give_up - loop.time()) if self.ahead else give_up - loop.time()
                 try:
-                    async with asyncio.timeout(self.timeout):  # no task per wait, unlike wait_for on 3.11
+                    async with asyncio.timeout(max(wait, 0)):  # no task per wait, unlike wait_for on 3.11
                         item = await self.queue.get()
                 except TimeoutError:
+                    if self.ahead and loop.time() < give_up:
+                        self.router.gap(self)
+                        continue
                     raise WorkerTimeout(f"No reply from the worker within {self.timeout:g} s.") from None
             if isinstance(item, BaseException):
                 raise item
@@ -95,19 +113,34 @@ class ReplyStream:
                 return await self._worker_lost()
             if item.seq < self.next_seq:  # duplicate delivery: already seen
                 continue
-            if item.seq > self.next_seq:
-                raise ReplyLost(f"Reply messages {self.next_seq}..{item.seq - 1} were lost.")
-            self.last_seq = item.seq
-            self.next_seq += 1
-            if item.terminal:
-                self.finished = True
-            return item.events
+            if item.seq > self.next_seq:  # a gap: hold it, ask for what is missing
+                if not self.ahead:
+                    self.router.gap(self)
+                self.ahead[item.seq] = item
+                continue
+            return self._take(item)
+
+    def _take(self, item: Reply) -> list[dict[str, Any]]:
+        self.last_seq = item.seq
+        self.next_seq += 1
+        if item.terminal:
+            self.finished = True
+        if self.ahead:  # the gap is closed: what came early is next, in order
+            for seq in [s for s in self.ahead if s < self.next_seq]:
+                del self.ahead[seq]
+            early = self.ahead.get(self.next_seq)
+            if early is not None:
+                with contextlib.suppress(asyncio.QueueFull):  # full: tried again after the next message
+                    self.queue.put_nowait(early)
+                    del self.ahead[self.next_seq]
+        return item.events
 
     async def _worker_lost(self) -> tuple[dict[str, Any], ...]:
         if self.committed or self.retry is None:
-            raise WorkerLost("The worker serving this request died after part of the reply was sent.")
+            raise WorkerLost("The worker serving this request was lost after part of the reply was sent.")
         await self.retry(self)
         self.next_seq = 0
+        self.ahead.clear()
         return RESTART
 
     def close(self) -> None:
@@ -116,8 +149,13 @@ class ReplyStream:
 
 class ReplyRouter:
     def __init__(self, redis: Redis, keys: Keys, gateway_id: str | None = None, *, buffer: int = 1024,
-                 on_shed: Callable[[ReplyStream], None] | None = None) -> None:
-        """``redis`` must be a raw (non-decoding) client: payloads are msgpack."""
+                 on_shed: Callable[[ReplyStream], None] | None = None,
+                 on_gap: Callable[[list[ReplyStream]], None] | None = None) -> None:
+        """``redis`` must be a raw (non-decoding) client: payloads are msgpack.
+
+        ``on_gap`` is told of streams that may have missed messages (after a resubscription, or a gap in a
+        stream's sequence), so it can ask their workers to send them again.
+        """
         self.redis = redis
         self.keys = keys
         self.gateway_id = gateway_id or uuid.uuid4().hex[:12]
@@ -125,8 +163,28 @@ class ReplyRouter:
         self.streams: dict[str, ReplyStream] = {}
         self.buffer = buffer
         self.on_shed = on_shed
+        self.on_gap = on_gap
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
+        #: When (monotonic) the subscription last came back after a loss; 0 if it never broke.
+        self.recovered_at = 0.0
+
+    @property
+    def live(self) -> bool:
+        """Whether the reply subscription is up now (a job dispatched otherwise could answer unheard)."""
+        return self._subscribed.is_set()
+
+    async def wait_live(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the subscription; whether it is up."""
+        if not self._subscribed.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._subscribed.wait()
+        return self._subscribed.is_set()
+
+    def gap(self, stream: ReplyStream) -> None:
+        if self.on_gap is not None:
+            self.on_gap([stream])
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"reply-router-{self.gateway_id}")
@@ -145,19 +203,28 @@ class ReplyRouter:
 
     async def _run(self) -> None:
         delay = 0.05
+        lost = False
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
                 self._subscribed.set()
                 delay = 0.05
+                if lost:  # whatever was published meanwhile reached nobody: ask for it again
+                    self.recovered_at = asyncio.get_running_loop().time()
+                    log.warning("reply channel back; asking workers to resend for %d streams", len(self.streams))
+                    if self.on_gap is not None and self.streams:
+                        self.on_gap(list(self.streams.values()))
+                    lost = False
                 async for msg in pubsub.listen():
                     self._route(msg["data"])
-            except (RedisConnectionError, OSError) as exc:
-                log.warning("reply channel lost (%s); reconnecting in %.2fs", exc, delay)
-                self._fail_all(ReplyLost("The connection to Redis was lost while the request was in flight."))
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                self._subscribed.clear()
+                if not lost:
+                    log.warning("reply channel lost (%s); resubscribing", exc)
+                lost = True
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, 0.25)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
@@ -182,9 +249,3 @@ class ReplyRouter:
                 f"The client read too slowly: more than {self.buffer} reply messages were waiting for it.")
             if self.on_shed is not None:
                 self.on_shed(stream)
-
-    def _fail_all(self, exc: BrokerError) -> None:
-        for stream in list(self.streams.values()):
-            stream.failed = exc
-            with contextlib.suppress(asyncio.QueueFull):
-                stream.queue.put_nowait(exc)

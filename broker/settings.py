@@ -72,6 +72,24 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         default=3, ge=1, description="Workers a job may die on before it is dead-lettered."
     )
+    redis_wait: float = Field(
+        default=5.0, ge=0,
+        description="Seconds a new request waits for Redis (and this gateway's reply subscription) to come back "
+                    "before it is refused with 503.",
+    )
+    orphan_grace: float = Field(
+        default=3.0, gt=0,
+        description="Seconds a worker keeps a job going while no gateway hears its replies (a gateway "
+                    "reconnecting to Redis is not gone) before it stops the job.",
+    )
+    resend_window: float = Field(
+        default=30.0, ge=0,
+        description="Seconds a worker keeps a finished job's replies to send again to a gateway that missed them.",
+    )
+    outbox_max_bytes: int = Field(
+        default=64 * 2**20, ge=1024,
+        description="Reply bytes a worker holds while Redis is unreachable; past it the oldest jobs fail.",
+    )
     stream_buffer: int = Field(
         default=1024, ge=1, description="Reply messages buffered per request before a slow client is shed."
     )

@@ -40,7 +40,7 @@ class APIError(Exception):
 
     @classmethod
     def from_broker(cls, exc: BrokerError) -> "APIError":
-        headers = {"Retry-After": "1"} if exc.status == 429 else None
+        headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
         return cls(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, headers=headers)
 
     def response(self) -> JSONResponse:

@@ -25,20 +25,25 @@ from typing import Any, AsyncIterator, ClassVar
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.connection import connect
 from broker.keys import WORKER_GROUP, Keys
-from broker.protocol import Job, JobKind, error, token_count, unpack
+from broker.protocol import Job, JobKind, Reply, error, lost, token_count, unpack
 from broker.registry import Registry, WorkerRecord
 from broker.scripts import Scripts
 from broker.settings import Settings
 from workers.metrics import serve_metrics
-from workers.outbox import Outbox, ReplayLog
+from workers.outbox import Outbox, OutboxOverflow, ReplayLog
 from workers.publish import Orphaned, ReplyPublisher
 
 log = logging.getLogger(__name__)
 
 CANCELLED = error("The request was cancelled.", status=499, type="cancelled", code="cancelled")
+ORPHANED = error("The worker stopped this request: no gateway heard its replies for orphan_grace seconds.",
+                 status=503, type="service_unavailable", code="reply_lost")
+OVERFLOWED = error("Redis was unreachable so long that this request's replies passed the worker's "
+                   "outbox_max_bytes; it was stopped.", status=503, type="service_unavailable", code="reply_lost")
 
 
 class JobError(Exception):
@@ -72,6 +77,14 @@ class BaseModelWorker(abc.ABC):
             max_queue=settings.max_queue or 4 * settings.max_concurrency,
         )
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.jobs: dict[str, Job] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        #: The publisher of each running job, and of each finished one for ``resend_window`` (with when it
+        #: ended): a gateway that missed messages asks for them again by request id.
+        self.publishers: dict[str, ReplyPublisher] = {}
+        self._ended: dict[str, float] = {}
+        #: Entry ids of jobs that ended but could not be retired (Redis was away): retired once it is back.
+        self._unretired: set[str] = set()
         self._draining = asyncio.Event()
         self._registered = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -123,7 +136,7 @@ class BaseModelWorker(abc.ABC):
         self._raw = connect(self.settings.redis_url, decode=False)  # type: ignore[arg-type]
         self.registry = Registry(self._text, self.keys)
         self.scripts = Scripts.register(self._raw)
-        self.outbox = Outbox(self._raw)
+        self.outbox = Outbox(self._raw, self.settings.outbox_max_bytes)
         if self.settings.metrics_port is not None:
             self.metrics_port = serve_metrics(self, self.settings.host, self.settings.metrics_port)
             log.info("worker %s metrics on http://%s:%d/metrics", self.id, self.settings.host, self.metrics_port)
@@ -156,8 +169,34 @@ class BaseModelWorker(abc.ABC):
             await asyncio.sleep(self.settings.heartbeat_interval)
             try:
                 self.record.queue = await self.registry.heartbeat(self.record, self.settings.worker_ttl)
+                await self._reconcile()
             except (RedisConnectionError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
+            _forget_older_than(self._ended, self.settings.resend_window, also=self.publishers)
+
+    async def _reconcile(self) -> None:
+        """Make the stream match the truth after Redis was away: no job counted that nobody runs.
+
+        Jobs that ended while Redis was unreachable are retired now. A pending
+        entry of ours that no task runs (a ghost: Redis came back from its AOF
+        with an entry we had already retired, or had delivered just before it
+        died) is run again if it is still wanted, else retired: its queue slot
+        is never lost.
+        """
+        for entry_id in list(self._unretired):
+            self.record.queue = await self.registry.finish(self.record, entry_id)
+            self._unretired.discard(entry_id)
+        running = {t.entry_id for t in self.jobs.values()}
+        idle_ms = int(self.settings.heartbeat_interval * 2000)
+        for entry_id, fields in await self._ghosts(idle_ms, running):
+            if fields is None:  # acked meanwhile, or deleted
+                continue
+            job = Job.from_fields(entry_id, fields)
+            if job.request_id in self._ended or job.request_id in self.tasks:
+                self.record.queue = await self.registry.finish(self.record, entry_id)
+            else:
+                log.info("job %s found pending with no task after Redis came back: running it", job.request_id)
+                self._start(job)
 
     async def _control_loop(self) -> None:
         assert self._raw is not None
@@ -167,14 +206,18 @@ class BaseModelWorker(abc.ABC):
                 await pubsub.subscribe(self.keys.worker_control(self.id))
                 async for msg in pubsub.listen():
                     self._on_control(unpack(msg["data"]))
-            except (RedisConnectionError, OSError) as exc:
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("control channel lost: %s", exc)
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.1)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
 
     def _on_control(self, msg: dict[str, Any]) -> None:
+        if msg.get("resend"):
+            self._in_background(self._resend(msg["resend"], int(msg.get("from", 0)), int(msg.get("a", 0)),
+                                             str(msg.get("to", ""))))
+            return
         rid = msg.get("cancel")
         if not rid:
             return
@@ -222,18 +265,71 @@ class BaseModelWorker(abc.ABC):
     def _start(self, job: Job) -> None:
         task = asyncio.create_task(self._run_job(job), name=f"job-{job.request_id}")
         self.tasks[job.request_id] = task
+        self.jobs[job.request_id] = job
         task.add_done_callback(lambda _t: self._job_done(job.request_id))
 
     def _job_done(self, request_id: str) -> None:
         self.tasks.pop(request_id, None)
+        self.jobs.pop(request_id, None)
         self._slot_freed.set()
+
+    def _in_background(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _resend(self, rid: str, from_seq: int, attempt: int, reply_to: str) -> None:
+        """A gateway missed replies of ``rid`` from ``from_seq`` on (its subscription broke): send them again.
+
+        A request this worker neither runs, ran lately nor holds in its stream
+        was lost with Redis (its job never reached us): the gateway hears
+        ``lost`` and retries it, or fails it cleanly if the client saw part.
+        """
+        publisher = self.publishers.get(rid)
+        try:
+            if publisher is not None and publisher.attempt == attempt:
+                await publisher.resend(from_seq)
+            elif publisher is None and reply_to and not await self._queued(rid):
+                await self.outbox.publish(reply_to, Reply(rid, -1, [lost()], attempt).encode())  # type: ignore[union-attr]
+        except Exception as exc:  # Redis away again: the gateway asks again when it resubscribes
+            log.info("resend of %s failed: %s", rid, exc)
+
+    async def _queued(self, rid: str) -> bool:
+        """Whether ``rid`` still waits in this worker's stream."""
+        assert self._raw is not None
+        for _, fields in await self._raw.xrange(self.keys.worker_jobs(self.id)):
+            if fields.get(b"request_id", b"").decode() == rid:
+                return True
+        return False
+
+    async def _ghosts(self, idle_ms: int, running: set[str]) -> list[tuple[str, dict[bytes, bytes] | None]]:
+        """Entries delivered to this worker, unacknowledged for ``idle_ms``, that no task of ours runs."""
+        assert self._raw is not None
+        stream = self.keys.worker_jobs(self.id)
+        try:
+            rows = await self._raw.xpending_range(stream, WORKER_GROUP, min="-", max="+", count=1000,
+                                                  consumername=self.id, idle=idle_ms)
+        except ResponseError:  # NOGROUP: the stream is gone (Redis came back empty); the heartbeat remade it
+            return []
+        ids = [_s(r["message_id"]) for r in rows]
+        ids = [i for i in ids if i not in running]
+        if not ids:
+            return []
+        async with self._raw.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xrange(stream, entry_id, entry_id)
+            found = await pipe.execute()
+        return [(i, rows[0][1] if rows else None) for i, rows in zip(ids, found)]
 
     # --- one job ---------------------------------------------------------------
     async def _run_job(self, job: Job) -> None:
         assert self._raw is not None and self.outbox is not None
         replay = ReplayLog(self.scripts.emit, self.keys.replay(job.request_id), job.replay_ms) \
             if job.replay_ms else None
-        publisher = ReplyPublisher(self._raw, self.outbox, job.reply_to, job.request_id, job.attempt, replay)
+        publisher = ReplyPublisher(self._raw, self.outbox, job.reply_to, job.request_id, job.attempt, replay,
+                                   grace=self.settings.orphan_grace)
+        self.publishers[job.request_id] = publisher
+        self._ended.pop(job.request_id, None)
         try:
             if job.expired():
                 log.info("job %s dropped: deadline passed before it started", job.request_id)
@@ -252,12 +348,22 @@ class BaseModelWorker(abc.ABC):
                 await publisher.send([CANCELLED])
         except Orphaned:
             log.info("job %s stopped: nobody listens for it any more", job.request_id)
+            publisher.keep(ORPHANED)  # a gateway that comes back and asks hears why the stream ended
+        except OutboxOverflow:
+            log.warning("job %s failed: its replies passed outbox_max_bytes while Redis was away", job.request_id)
+            publisher.history.clear()
+            with contextlib.suppress(Exception):
+                await publisher.send([OVERFLOWED])
         except Exception:
             log.exception("job %s failed", job.request_id)
         finally:
             self.record.jobs_done += 1
-            with contextlib.suppress(Exception):
+            self._ended[job.request_id] = time.monotonic()
+            try:
                 self.record.queue = await self.registry.finish(self.record, job.entry_id)
+            except Exception as exc:  # Redis away: retired by the first heartbeat that reaches it
+                log.info("job %s ended while Redis was unreachable (%s); retired later", job.request_id, exc)
+                self._unretired.add(job.entry_id)
 
     async def _events(self, job: Job) -> AsyncIterator[dict[str, Any]]:
         """The engine's events, with errors turned into a terminal error event."""
@@ -280,7 +386,13 @@ class BaseModelWorker(abc.ABC):
             yield error(f"The worker failed: {type(exc).__name__}: {exc}", status=500)
 
 
-def _forget_older_than(marks: dict[str, float], age: float) -> None:
+def _forget_older_than(marks: dict[str, float], age: float, also: dict[str, Any] | None = None) -> None:
     cutoff = time.monotonic() - age
     for key in [k for k, t in marks.items() if t < cutoff]:
         del marks[key]
+        if also is not None:
+            also.pop(key, None)
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v

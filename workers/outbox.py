@@ -10,19 +10,36 @@ more than one Redis command per message.
 
 Nothing waits on a timer: a lone message goes out at once, so batching adds
 no latency when the worker is idle and grows by itself under load.
+
+When Redis is unreachable the batch on the wire is held and shipped again,
+in order, once it is back, while the next batch keeps gathering: jobs go on
+generating through a Redis restart. What waits is bounded in bytes
+(``max_bytes``); past the bound the oldest waiting messages fail with
+``OutboxOverflow``, and their jobs end saying why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Awaitable
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.protocol import bundle
+
+log = logging.getLogger(__name__)
+#: Failures that mean "Redis is not there now", as opposed to a refused command.
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class OutboxOverflow(Exception):
+    """Redis stayed away so long that this job's replies passed the outbox's byte bound."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,16 +64,23 @@ class _Batch:
     def futures(self) -> list[asyncio.Future[int]]:
         return [f for _, fs in self.plain.values() for f in fs] + [entry[3] for entry in self.logged]
 
+    @property
+    def size(self) -> int:
+        return sum(len(m) for ms, _ in self.plain.values() for m in ms) + sum(len(e[2]) for e in self.logged)
+
 
 class Outbox:
-    def __init__(self, redis: Redis) -> None:
-        """``redis`` must be a raw (non-decoding) client."""
+    def __init__(self, redis: Redis, max_bytes: int = 64 * 2**20) -> None:
+        """``redis`` must be a raw (non-decoding) client; ``max_bytes`` bounds what waits while Redis is away."""
         self.redis = redis
+        self.max_bytes = max_bytes
         self._next = _Batch()
         self._ready = asyncio.Event()
         #: Counters for the metrics endpoint and the benchmark: messages in, commands out.
         self.messages = 0
         self.commands = 0
+        #: Whether the last shipment reached Redis (False while it is away).
+        self.connected = True
 
     async def publish(self, channel: str, data: bytes) -> int:
         """Publish one message; returns how many gateways received it."""
@@ -80,9 +104,38 @@ class Outbox:
                 await self._ready.wait()
                 self._ready.clear()
                 batch, self._next = self._next, _Batch()
-                await self._ship(batch)
+                await self._ship_until_sent(batch)
         finally:
             _fail(batch.futures() + self._next.futures(), ConnectionError("the worker's outbox closed"))
+
+    async def _ship_until_sent(self, batch: _Batch) -> None:
+        """Ship one batch, holding it (and trying again with backoff) while Redis is unreachable."""
+        delay = 0.05
+        while not await self._ship(batch):
+            if self.connected:
+                log.warning("Redis unreachable: holding reply messages until it is back")
+            self.connected = False
+            self._shed(batch)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        if not self.connected:
+            log.warning("Redis is back: held reply messages sent")
+        self.connected = True
+
+    def _shed(self, batch: _Batch) -> None:
+        """Past ``max_bytes`` waiting, fail the oldest messages (the held batch first) so their jobs end."""
+        over = batch.size + self._next.size - self.max_bytes
+        for waiting in (batch, self._next):
+            for channel in list(waiting.plain):
+                if over <= 0:
+                    return
+                messages, futures = waiting.plain.pop(channel)
+                over -= sum(map(len, messages))
+                _fail(futures, OutboxOverflow(f"more than {self.max_bytes} bytes of replies waited for Redis"))
+            while waiting.logged and over > 0:
+                entry = waiting.logged.pop(0)
+                over -= len(entry[2])
+                _fail([entry[3]], OutboxOverflow(f"more than {self.max_bytes} bytes of replies waited for Redis"))
 
     def _future(self) -> asyncio.Future[int]:
         return asyncio.get_running_loop().create_future()
@@ -92,7 +145,8 @@ class Outbox:
         self._ready.set()
         return await waiter
 
-    async def _ship(self, batch: _Batch) -> None:
+    async def _ship(self, batch: _Batch) -> bool:
+        """Send a batch in one pipeline and settle its waiters; False (nothing settled) if Redis was unreachable."""
         pipe = self.redis.pipeline(transaction=False)
         for channel, (messages, _) in batch.plain.items():
             pipe.publish(channel, messages[0] if len(messages) == 1 else bundle(messages))
@@ -102,9 +156,11 @@ class Outbox:
         self.commands += len(batch.plain) + len(batch.logged)
         try:
             results: list[Any] = await pipe.execute(raise_on_error=False)
-        except Exception as exc:  # Redis gone: every message of the batch failed alike
+        except UNREACHABLE:  # held: the caller ships it again once Redis answers
+            return False
+        except Exception as exc:  # a refused pipeline: every message of the batch failed alike
             _fail(batch.futures(), exc)
-            return
+            return True
         for i, (log, channel, data, _) in enumerate(batch.logged, start=len(batch.plain)):
             if isinstance(results[i], NoScriptError):  # Redis restarted since: EVAL loads it again
                 results[i] = await _settle(log.emit(keys=[log.key], args=log.args(channel, data)))
@@ -117,6 +173,7 @@ class Outbox:
                     f.set_exception(result)
                 else:
                     f.set_result(result)
+        return True
 
 
 async def _settle(call: Awaitable[int]) -> int | Exception:

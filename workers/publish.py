@@ -5,12 +5,19 @@ produced meanwhile goes out as *one* message (consecutive deltas of a choice
 merged), so a fast engine costs fewer messages than tokens and a slow one
 exactly one per token. Messages go out through the worker's ``Outbox``, which
 bundles those of concurrent jobs.
+
+Pub/sub forgets: a message published while the gateway's subscription is
+down (Redis restarted, a connection cut) reaches nobody. So a publisher keeps
+every message it sent, and sends them again from any ``seq`` when the gateway
+asks (``resend``). A message nobody heard is not a dead gateway yet: only a
+gateway unheard for ``grace`` seconds is (``Orphaned``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any, AsyncIterator
 
 from redis.asyncio import Redis
@@ -25,30 +32,63 @@ class Orphaned(Exception):
 
 class ReplyPublisher:
     def __init__(self, redis: Redis, outbox: Outbox, channel: str, rid: str, attempt: int = 0,
-                 replay: ReplayLog | None = None) -> None:
+                 replay: ReplayLog | None = None, *, grace: float = 5.0) -> None:
         self.redis = redis
         self.outbox = outbox
         self.channel = channel
         self.rid = rid
         self.attempt = attempt
         self.replay = replay
+        self.grace = grace
         self.seq = 0
+        #: Every message sent, by seq: what ``resend`` sends again.
+        self.history: list[bytes] = []
+        #: Set once the job has ended; a resend past the history then ends the stream with this.
+        self.ended = False
+        self._unheard_since: float | None = None
 
     async def send(self, events: list[dict[str, Any]]) -> None:
-        """Publish one message (at most one Redis command, log included); raises Orphaned when no gateway got it."""
+        """Publish one message (at most one Redis command, log included).
+
+        Raises Orphaned once no gateway has heard this job for ``grace`` seconds (a resumable job keeps going
+        into its log regardless).
+        """
         data = Reply(self.rid, self.seq, events, self.attempt).encode()
         self.seq += 1
+        self.history.append(data)
         if self.replay is None:
             received = await self.outbox.publish(self.channel, data)
         else:
             received = await self.outbox.emit(self.replay, self.channel, data)
-        if not received and self.replay is None:  # a resumable job keeps going into its log
+        if received or self.replay is not None:
+            self._unheard_since = None
+            return
+        now = time.monotonic()
+        if self._unheard_since is None:
+            self._unheard_since = now
+        elif now - self._unheard_since > self.grace:
             raise Orphaned(self.channel)
 
+    def keep(self, event: dict[str, Any]) -> None:
+        """Add a message to the history without sending it (the job ended unheard: a resend will tell)."""
+        self.history.append(Reply(self.rid, self.seq, [event], self.attempt).encode())
+        self.seq += 1
+
+    async def resend(self, from_seq: int) -> None:
+        """Send again every message from ``from_seq`` on, in order (the gateway missed them)."""
+        for data in self.history[from_seq:]:
+            await self.outbox.publish(self.channel, data)
+
     async def listened(self) -> bool:
-        """Whether a gateway still listens for this job's replies (it may have restarted)."""
-        [(_, subscribers)] = await self.redis.pubsub_numsub(self.channel)
-        return subscribers > 0
+        """Whether a gateway listens for this job's replies, waiting up to ``grace`` for one that reconnects."""
+        end = time.monotonic() + self.grace
+        while True:
+            [(_, subscribers)] = await self.redis.pubsub_numsub(self.channel)
+            if subscribers > 0:
+                return True
+            if time.monotonic() >= end:
+                return False
+            await asyncio.sleep(min(0.1, self.grace))
 
     async def pump(self, events: AsyncIterator[dict[str, Any]]) -> None:
         """Publish ``events`` until a terminal one; guarantees the stream ends."""

@@ -2,7 +2,8 @@
 
 Every test records what happened to its requests in the ledger; the table is
 printed at the end of the run (fault, requests, ok, retried, clean errors,
-lost, hung).
+lost, hung, and for faults that pause streams the longest client-visible
+gap between two chunks, p50 and max over the streams).
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ class Outcome:
     lost: int = 0
     hung: int = 0
     notes: list[str] = field(default_factory=list)
+    #: Each stream's longest gap between chunks (s), where the fault paused streams.
+    pauses: list[float] = field(default_factory=list)
+
+    @property
+    def pause(self) -> str:
+        if not self.pauses:
+            return "-"
+        ordered = sorted(self.pauses)
+        return f"{ordered[len(ordered) // 2]:.2f} / {ordered[-1]:.2f}"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -35,8 +45,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     rows = config.stash.get(LEDGER, [])
     if not rows:
         return
-    cols = ("fault", "requests", "ok", "retried", "clean errors", "lost", "hung")
-    table = [cols] + [(o.fault, *(str(getattr(o, c.replace(" ", "_"))) for c in cols[1:])) for o in rows]
+    cols = ("fault", "requests", "ok", "retried", "clean errors", "lost", "hung", "pause p50 / max (s)")
+    table = [cols] + [(o.fault, *(str(getattr(o, c.replace(" ", "_"))) for c in cols[1:-1]), o.pause) for o in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(cols))]
     terminalreporter.section("fault suite")
     for r in table:

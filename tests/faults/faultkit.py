@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,8 @@ class StreamResult:
     error: dict[str, Any] | None = None
     done: bool = False
     id: str | None = None
+    #: The longest wait between two chunks the client saw (seconds): the pause a fault cost it.
+    max_gap: float = 0.0
 
 
 async def stream_chat(base_url: str, content: str, *, timeout: float = 30.0, model: str = "echo",
@@ -31,6 +34,7 @@ async def stream_chat(base_url: str, content: str, *, timeout: float = 30.0, mod
     payload = {"model": model, "messages": [{"role": "user", "content": content}], "stream": True, **body}
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=headers) as http:
         async with asyncio.timeout(timeout):
+            last = time.monotonic()  # the wait for the first chunk counts as a gap too
             async with http.stream("POST", "/v1/chat/completions", json=payload) as r:
                 if r.status_code != 200:
                     res.error = json.loads(await r.aread())["error"]
@@ -38,6 +42,8 @@ async def stream_chat(base_url: str, content: str, *, timeout: float = 30.0, mod
                 async for line in r.aiter_lines():
                     if not line.startswith("data: "):
                         continue
+                    now = time.monotonic()
+                    res.max_gap, last = max(res.max_gap, now - last), now
                     if line == "data: [DONE]":
                         res.done = True
                         break
@@ -52,6 +58,11 @@ async def stream_chat(base_url: str, content: str, *, timeout: float = 30.0, mod
                         if stop_after is not None and res.chunks >= stop_after:
                             break
     return res
+
+
+def pauses(outcome: Any, results: list[Any]) -> None:
+    """Note the client-visible pause (the longest gap between chunks) of each stream in the ledger."""
+    outcome.pauses += [r.max_gap for r in results if isinstance(r, StreamResult)]
 
 
 async def tally(outcome: Any, results: list[Any], expected: list[str]) -> None:
