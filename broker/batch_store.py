@@ -165,7 +165,10 @@ class BatchStore:
     # --- files ---------------------------------------------------------------
     async def create_file(self, content: bytes, *, filename: str, purpose: str, owner: Tenant = ANONYMOUS,
                           quota: bool = True) -> dict[str, Any]:
-        """Store a file for ``owner``, within its quota (``quota=False`` charges it regardless: batch output)."""
+        """Store a file for ``owner``, within its quota (``quota=False`` charges it regardless: batch output).
+
+        A server without API keys has no tenants to hold apart: its files are counted, not refused.
+        """
         if len(content) > self.settings.batch_max_file_bytes:
             raise InvalidBatch(f"The file is {len(content)} bytes; files are limited to "
                                f"{self.settings.batch_max_file_bytes} bytes (batch_max_file_bytes).", param="file")
@@ -175,7 +178,8 @@ class BatchStore:
         stored, used, files = await self._file_store(
             keys=[self.keys.file(meta["id"]), self.keys.tenant_files(owner.id)],
             args=[int(time.time() * 1000), self.ttl_ms, meta["id"], len(content), s.tenant_max_bytes,
-                  s.tenant_max_files, int(quota), *[x for kv in meta.items() for x in kv], "content", content])
+                  s.tenant_max_files, int(quota and owner.limited), *[x for kv in meta.items() for x in kv],
+                  "content", content])
         if not stored:
             raise QuotaExceeded(f"Storing {len(content)} more bytes would pass this key's quota: it keeps {files} "
                                 f"files of {used} bytes, and may keep {s.tenant_max_files or 'any number of'} files "

@@ -13,6 +13,7 @@ import time
 from typing import Any, Awaitable, Callable, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.connection import connect
@@ -157,9 +158,14 @@ class BrokerClient:
         if not well_formed("request", request_id):
             return None
         prefix, suffix = self.keys.worker_control_parts()
-        wid = await self.scripts.cancel(keys=[self.keys.request(request_id)],
-                                        args=[prefix, suffix, pack({"cancel": request_id}),
-                                              "" if tenant.admin else tenant.id])
+        try:
+            wid = await self.scripts.cancel(keys=[self.keys.request(request_id)],
+                                            args=[prefix, suffix, pack({"cancel": request_id}),
+                                                  "" if tenant.admin else tenant.id])
+        except ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            return None  # a request placed by a gateway older than owners (a string key): it owns no one
         return wid.decode() if isinstance(wid, bytes) else wid
 
     async def release(self, stream: ReplyStream) -> None:

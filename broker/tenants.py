@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 #: What an id created by redserve looks like (random hex after a prefix); anything else is never looked up.
 _ID_SHAPES = {
-    "file": re.compile(r"file-[0-9a-f]{24}"),
+    # (and, until they expire, the batch output files of earlier versions: file-<batch hex>-output/-errors)
+    "file": re.compile(r"file-[0-9a-f]{24}|file-[0-9a-f]{32}-(?:output|errors)"),
     "batch": re.compile(r"batch_[0-9a-f]{32}"),
     "request": re.compile(r"[0-9a-f]{32}"),
 }

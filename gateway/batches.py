@@ -52,21 +52,23 @@ async def create_file(request: Request) -> dict[str, Any]:
 
     The body cap (``batch_max_file_bytes``) holds while the form is read; the
     form is spooled to disk, and only ``max_concurrent_uploads`` files per
-    gateway are in memory at once, on their way to Redis.
+    gateway are in memory at once, on their way to Redis (a slow upload holds
+    no slot while it arrives).
     """
     client = _client(request)
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise APIError(400, "Upload the file as multipart/form-data with the fields `file` and `purpose`.",
                        param="file", code="invalid_value")
-    async with request.app.state.uploads, request.form(max_files=1, max_fields=4) as form:
+    async with request.form(max_files=1, max_fields=4) as form:  # spooled to disk while it arrives
         purpose, upload = form.get("purpose"), form.get("file")
         if purpose != "batch":
             raise APIError(400, f"purpose must be 'batch' (the only files this server keeps), not {purpose!r}.",
                            param="purpose", code="invalid_value")
         if not isinstance(upload, UploadFile):
             raise APIError(400, "Missing the `file` field.", param="file", code="missing_required_parameter")
-        return await client.create_file(await upload.read(), filename=upload.filename or "upload.jsonl",
-                                        purpose=purpose, tenant=tenant_of(request))
+        async with request.app.state.uploads:  # in memory only from here, a few at a time
+            return await client.create_file(await upload.read(), filename=upload.filename or "upload.jsonl",
+                                            purpose=purpose, tenant=tenant_of(request))
 
 
 @router.get("/v1/files/{file_id}")

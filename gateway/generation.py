@@ -41,7 +41,7 @@ async def generate(
     tenant = tenant_of(request)
     limiter: RateLimiter = request.app.state.limiter
     if limiter.tpm and tenant.limited and body.max_tokens is None:
-        body.max_tokens = settings.tpm_default_max_tokens  # what the reservation can hold
+        body.max_tokens = min(settings.tpm_default_max_tokens, settings.max_tokens_cap)  # what the reservation holds
     held = await limiter.reserve(tenant, limits.estimate_tokens(body))
     metrics: GatewayMetrics = request.app.state.metrics
     started = time.perf_counter()
@@ -181,7 +181,9 @@ async def _sse(broker: BrokerClient, stream: ReplyStream, first: list[dict[str, 
                 if sse:
                     yield encode(sse)
                 if ended:
-                    await account(next((ev["u"] for ev in events if ev["t"] == "done"), {}))
+                    usage = next((ev["u"] for ev in events if ev["t"] == "done"), None)
+                    if usage is not None:  # an error or a cancel keeps the whole reservation as its charge
+                        await account(usage)
                     return
             events = await stream.next_events()
     except BrokerError as exc:

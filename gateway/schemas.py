@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 #: What msgpack and every engine can carry: 64-bit signed integers.
 _INT_RANGE = range(-(2**63), 2**63)
+#: How deep a request body may nest (a chat request needs about 6).
+MAX_DEPTH = 32
 
 
 class StrictModel(BaseModel):
@@ -44,29 +46,33 @@ class RequestBody(StrictModel):
         return data
 
 
-def _check_carriable(value: Any, path: str) -> None:
-    if isinstance(value, str):
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise BadInput(path or "body", "is not valid Unicode text (it holds a lone surrogate)") from None
-    elif isinstance(value, bool):
-        pass
-    elif isinstance(value, int):
-        if value not in _INT_RANGE:
-            raise BadInput(path or "body", "is out of range (integers must fit in 64 bits)")
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            raise BadInput(path or "body", "must be a finite number")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            name = f"{path}.{k}" if path else str(k)
-            _check_carriable(k, name)
-            _check_carriable(v, name)
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_carriable(v, f"{path}.{i}" if path else str(i))
+def _check_carriable(data: Any, root: str) -> None:
+    """Walk a JSON value without recursion (a deeply nested body must be a 400, not a RecursionError)."""
+    todo: list[tuple[Any, str, int]] = [(data, root, 0)]
+    while todo:
+        value, path, depth = todo.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise BadInput(path or "body", "is not valid Unicode text (it holds a lone surrogate)") from None
+        elif isinstance(value, bool):
+            pass
+        elif isinstance(value, int):
+            if value not in _INT_RANGE:
+                raise BadInput(path or "body", "is out of range (integers must fit in 64 bits)")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise BadInput(path or "body", "must be a finite number")
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_DEPTH:
+                raise BadInput(path or "body", f"nests deeper than {MAX_DEPTH} levels")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for k, v in items:
+                name = f"{path}.{k}" if path else str(k)
+                todo.append((k, name, depth + 1))
+                todo.append((v, name, depth + 1))
 
 
 class StreamOptions(StrictModel):

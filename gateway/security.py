@@ -13,6 +13,8 @@ ends. All of it costs nothing when not configured.
 from __future__ import annotations
 
 import hmac
+
+import anyio
 import json
 import logging
 import time
@@ -53,8 +55,8 @@ def load_keys(settings: Settings) -> dict[bytes, Tenant]:
 
 
 def tenant_of(conn: HTTPConnection) -> Tenant:
-    """The tenant the API-key middleware found for this request."""
-    return conn.scope.get(TENANT, ANONYMOUS)
+    """The tenant the API-key middleware found for this request (none found: one that sees nothing)."""
+    return conn.scope.get(TENANT, PUBLIC)
 
 
 @dataclass(slots=True)
@@ -105,7 +107,8 @@ class RateLimiter:
         """
         if held is not None and used != held.tokens:
             try:
-                await self.broker.scripts.ratelimit(keys=[held.key], args=[0, used - held.tokens, _WINDOW_MS])
+                with anyio.CancelScope(shield=True):  # also while a disconnected client's task is cancelled
+                    await self.broker.scripts.ratelimit(keys=[held.key], args=[0, used - held.tokens, _WINDOW_MS])
             except RedisError as exc:
                 log.warning("could not settle a token reservation (%s); it stays charged", exc)
 

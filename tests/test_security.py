@@ -215,11 +215,27 @@ async def test_abandoned_and_cancelled_streams_are_charged(stack, redis):
     key = Keys().rate(tenant_id(b"sk-t"), minute, "tokens")
     reservation = 60 + len("drop me soon " * 30) // 4 + 4
     assert int(await redis.get(key)) == 5 * reservation  # before: 0 charged
+    # Cancelling one's own stream near its end does not refund it either.
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+        body = {"model": "echo", "messages": [{"role": "user", "content": "drop me soon " * 30}], "max_tokens": 60,
+                "stream": True}
+        async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers("sk-t")) as r:
+            lines = r.aiter_lines()
+            async for line in lines:
+                if line.startswith("data: {"):
+                    rid = json.loads(line[6:])["id"]
+                    cancel = await http.post(f"/v1/requests/{rid}/cancel", headers=headers("sk-t"))
+                    assert cancel.status_code == 200
+                    break
+            rest = [line async for line in lines]
+    assert any('"cancelled"' in line for line in rest)
+    await asyncio.sleep(0.3)
+    assert int(await redis.get(key)) == 6 * reservation
     # A request refused before any token (an unknown model) costs nothing.
     async with httpx.AsyncClient(base_url=gw.url) as http:
         r = await http.post("/v1/chat/completions", json={**CHAT, "model": "nope"}, headers=headers("sk-t"))
         assert r.status_code == 404
-    assert int(await redis.get(key)) == 5 * reservation
+    assert int(await redis.get(key)) == 6 * reservation
 
 
 async def test_metric_labels_take_only_known_models(stack):
@@ -310,6 +326,24 @@ async def test_file_quotas_per_tenant(stack):
         await a.files.create(file=("big.jsonl", b"x" * 9_950), purpose="batch")
     assert "tenant_max_bytes" in exc.value.body["message"]
     await a.files.create(file=("ok.jsonl", b"x" * 9_000), purpose="batch")
+
+
+async def test_without_keys_files_are_counted_not_refused(stack):
+    """A server without API keys has no tenants to hold apart: the per-tenant quota does not apply."""
+    gw = await stack.gateway(tenant_max_files=2)
+    client = gw.client()
+    for i in range(3):
+        await client.files.create(file=(f"{i}.jsonl", b"{}"), purpose="batch")
+
+
+async def test_a_deep_body_is_a_400(stack):
+    gw = await stack.gateway()
+    deep = "[" * 500 + "]" * 500  # json.loads takes it; the check walks it without recursion and stops at 32
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        r = await http.post("/v1/chat/completions", headers={"content-type": "application/json"},
+                            content=b'{"model": "echo", "messages": [{"role": "user", "content": "x"}], "stop": '
+                                    + deep.encode() + b"}")
+    assert r.status_code == 400 and "nests deeper" in r.json()["error"]["message"]
 
 
 async def test_votes_are_trimmed(stack, redis):
