@@ -119,6 +119,16 @@ def redis_use(before: dict[str, float], after: dict[str, float], tokens: int, ch
             "redis_cmds_per_chunk": d["redis_cmds"] / chunks if chunks else float("nan")}
 
 
+def wait_ready_redis(port: int, tries: int = 100) -> None:
+    """Until a replica reports its link to the master up."""
+    for _ in range(tries):
+        with SyncRedis(port=port) as r:
+            if r.info("replication").get("master_link_status") == "up":
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"replica on {port} never synced")
+
+
 def wait_ready(url: str, ready, tries: int = 600, headers: dict[str, str] | None = None) -> None:  # noqa: ANN001
     for _ in range(tries):
         try:
@@ -156,11 +166,16 @@ def server_process(module_args: list[str], model: str = "echo") -> Iterator[Stac
 
 @contextlib.contextmanager
 def redserve(workers: int = 1, delay: float = 0.0, max_tokens: int = 64, engine: str = "echo",
-             model_path: str | None = None, gateways: int = 1, extra: dict | None = None) -> Iterator[Stack]:
+             model_path: str | None = None, gateways: int = 1, extra: dict | None = None,
+             replicas: int = 0) -> Iterator[Stack]:
     """Private Redis + ``workers`` echo (or hf) workers + a gateway (of ``gateways`` processes).
 
-    ``extra``: more settings for every process (API keys and limits, say)."""
-    with RedisServer() as redis:
+    ``extra``: more settings for every process (API keys and limits, say); ``replicas``: replicas of the
+    private Redis (for the cost of ``replica_acks``)."""
+    with RedisServer() as redis, contextlib.ExitStack() as more:
+        for _ in range(replicas):
+            replica = more.enter_context(RedisServer(extra_args=["--replicaof", "127.0.0.1", str(redis.port)]))
+            wait_ready_redis(replica.port)
         port = free_port()
         s = Settings(redis_url=redis.url, port=port, echo_tokens=max_tokens, echo_delay=delay,
                      max_concurrency=1024, gateway_processes=gateways, **(extra or {}))

@@ -21,16 +21,16 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol
 
-from arq.connections import ArqRedis, RedisSettings
+from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix
 from arq.jobs import Job as ArqJob
 from arq.jobs import JobStatus
 from arq.worker import Retry, Worker, func
-from redis.asyncio import ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.batch_store import BatchStore, Request, line_problem
+from broker.connection import connection_pool
 from broker.keys import Keys
 from broker.protocol import pack, unpack
 from broker.settings import Settings
@@ -150,9 +150,7 @@ class BatchClient:
             raise ValueError("BatchClient needs a Redis URL (argument, settings.redis_url or REDIS_URL)")
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self.redis = ArqRedis(ConnectionPool.from_url(settings.redis_url), job_serializer=pack,
-                              job_deserializer=unpack, default_queue_name=self.keys.batch_queue(),
-                              expires_extra_ms=int(settings.batch_ttl * 1000))
+        self.redis = arq_redis(settings)
         self.store = BatchStore(self.redis, self.keys, settings)
 
     async def close(self) -> None:
@@ -296,6 +294,15 @@ class BatchClient:
         await asyncio.gather(*(one(*job) for job in jobs))
 
 
+def arq_redis(settings: Settings) -> ArqRedis:
+    """arq's client on the batch queue's Redis (a plain one, or the master behind Sentinels), msgpack jobs."""
+    if not settings.redis_url:
+        raise ValueError("batch jobs need a Redis URL (argument, settings.redis_url or REDIS_URL)")
+    return ArqRedis(connection_pool(settings.redis_url), job_serializer=pack, job_deserializer=unpack,
+                    default_queue_name=Keys(settings.key_prefix).batch_queue(),
+                    expires_extra_ms=int(settings.batch_ttl * 1000))
+
+
 def worker_options(settings: Settings, make_handler: HandlerFactory) -> dict[str, Any]:
     """The keyword arguments of arq's ``Worker`` for a batch runner (what a ``WorkerSettings`` holds).
 
@@ -333,7 +340,7 @@ def worker_options(settings: Settings, make_handler: HandlerFactory) -> dict[str
         "queue_name": keys.batch_queue(),
         "health_check_key": keys.batch_runner_health(),
         "health_check_interval": 5,
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url or "redis://localhost:6379/0"),
+        "redis_pool": arq_redis(settings),
         "on_startup": startup,
         "on_shutdown": shutdown,
         "max_jobs": settings.batch_concurrency,

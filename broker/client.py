@@ -42,7 +42,9 @@ class BrokerClient:
         self.raw = connect(settings.redis_url, decode=False)
         self.scripts = Scripts.register(self.raw)
         self.registry = Registry(self.text, self.keys, Scripts.register(self.text))
-        self.dispatcher = Dispatcher(self.raw, self.keys, settings.dispatch_method, self.scripts)
+        self.dispatcher = Dispatcher(self.raw, self.keys, settings.dispatch_method, self.scripts,
+                                     replica_acks=settings.replica_acks,
+                                     replica_ack_timeout=settings.replica_ack_timeout)
         self.router = ReplyRouter(self.raw, self.keys, gateway_id, buffer=settings.stream_buffer,
                                   on_shed=self._shed, on_gap=self._ask_resend)
         self.janitor = Janitor(self.raw, self.keys, self.dispatcher, interval=settings.worker_ttl / 2) if janitor \

@@ -1,25 +1,81 @@
-"""Redis clients. Two flavours: text (decoded, for records a person reads) and raw (msgpack payloads)."""
+"""Redis clients. Two flavours: text (decoded, for records a person reads) and raw (msgpack payloads).
+
+Every process reaches Redis through this module, so one URL form works
+everywhere: ``redis://`` and ``rediss://`` for one server, and
+``redis+sentinel://[user:password@]host:port[,host:port...]/<master name>[/<db>]``
+for a replicated Redis behind Sentinels (``?sentinel_password=...`` when the
+Sentinels need one). With Sentinel every new connection asks the Sentinels
+where the master is, so a failover is followed by reconnecting: the callers'
+retry loops already do that.
+"""
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
+SENTINEL_SCHEME = "redis+sentinel"
 
-def connect(url: str, *, decode: bool = True, **kwargs: object) -> Redis:
-    """A client that retries a dropped connection with backoff instead of failing at once.
 
-    The backoff is short (about 1 s over its five tries): the callers that
-    must outlast a longer outage (the outbox, the reply router, dispatch)
-    wait on their own terms, and a Redis that is back is used at once.
-    """
-    return Redis.from_url(
-        url,
-        decode_responses=decode,
-        retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=5),
-        retry_on_error=[ConnectionError, TimeoutError],
-        health_check_interval=30,
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """A master found through Sentinels."""
+
+    sentinels: list[tuple[str, int]]
+    master: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def sentinel_target(url: str) -> SentinelTarget | None:
+    """The Sentinel deployment a ``redis+sentinel://`` URL names; None for a plain Redis URL."""
+    parts = urlsplit(url)
+    if parts.scheme != SENTINEL_SCHEME:
+        return None
+    auth, _, hosts = parts.netloc.rpartition("@")
+    user, _, password = auth.partition(":")
+    sentinels = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":")
+        sentinels.append((name or host, int(port or 26379)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path:
+        raise ValueError(f"{url!r}: name the master, as redis+sentinel://host:26379/<master name>[/<db>]")
+    query = parse_qs(parts.query)
+    extra = {"password": query["sentinel_password"][0]} if "sentinel_password" in query else {}
+    return SentinelTarget(sentinels, path[0], int(path[1]) if len(path) > 1 else 0, unquote(user) or None,
+                          unquote(password) or None, {"socket_timeout": 1.0, "socket_connect_timeout": 1.0, **extra})
+
+
+def connection_pool(url: str, *, decode: bool = False, **kwargs: Any) -> ConnectionPool:
+    """A connection pool for ``url`` (a plain Redis, or the master behind Sentinels) that retries a dropped
+    connection with a short backoff (about 1 s over its five tries): the callers that must outlast a longer
+    outage (the outbox, the reply router, dispatch) wait on their own terms, and a Redis that is back, or a
+    new master, is used at once."""
+    options: dict[str, Any] = {
+        "decode_responses": decode,
+        "retry": Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=5),
+        "retry_on_error": [ConnectionError, TimeoutError],
+        "health_check_interval": 30,
         **kwargs,
-    )
+    }
+    target = sentinel_target(url)
+    if target is None:
+        return ConnectionPool.from_url(url, **options)
+    sentinel = Sentinel(target.sentinels, sentinel_kwargs=target.sentinel_kwargs)
+    return SentinelConnectionPool(target.master, sentinel, db=target.db, username=target.username,
+                                  password=target.password, **options)
+
+
+def connect(url: str, *, decode: bool = True, **kwargs: Any) -> Redis:
+    """A client for ``url`` that owns its pool (``aclose`` closes its connections)."""
+    return Redis.from_pool(connection_pool(url, decode=decode, **kwargs))

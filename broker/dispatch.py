@@ -39,8 +39,15 @@ class Dispatcher:
         keys: Keys,
         method: DispatchMethod = "shortest_queue",
         scripts: Scripts | None = None,
+        *,
+        replica_acks: int = 0,
+        replica_ack_timeout: float = 0.5,
     ) -> None:
+        """``replica_acks``: replicas that must hold each dispatched job (WAIT) before ``dispatch`` returns, so
+        a failover right after cannot lose it; at most ``replica_ack_timeout`` is spent waiting."""
         self.redis = redis
+        self.replica_acks = replica_acks
+        self.replica_ack_ms = int(replica_ack_timeout * 1000)
         self.keys = keys
         self.method = method
         self.scripts = scripts or Scripts.register(redis)
@@ -82,6 +89,8 @@ class Dispatcher:
                 ) from None
             raise
         self.decisions[(method or self.method, "placed")] += 1
+        if self.replica_acks:
+            await self.redis.execute_command("WAIT", self.replica_acks, self.replica_ack_ms)
         return Dispatched(worker_id=_s(wid), entry_id=_s(entry), queue=int(queue))
 
 

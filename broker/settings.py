@@ -72,6 +72,14 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         default=3, ge=1, description="Workers a job may die on before it is dead-lettered."
     )
+    replica_acks: int = Field(
+        default=0, ge=0,
+        description="Replicas that must hold a dispatched job before the gateway relies on it (WAIT, up to "
+                    "replica_ack_timeout); 0 = do not wait.",
+    )
+    replica_ack_timeout: float = Field(
+        default=0.5, gt=0, description="Seconds a dispatch waits for replica_acks before going on regardless."
+    )
     redis_wait: float = Field(
         default=5.0, ge=0,
         description="Seconds a new request waits for Redis (and this gateway's reply subscription) to come back "

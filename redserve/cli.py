@@ -23,7 +23,7 @@ WORKER_FLAGS = ["host", "metrics_port", "model_path", "vllm_engine_args", "api_c
 #: Engines that load a model directory from this machine.
 LOCAL_ENGINES = ("hf", "vllm")
 GATEWAY_FLAGS = ["host", "port", "gateway_processes", "dispatch_method", "reply_timeout", "max_attempts", "replay_window",
-                 "redis_wait",
+                 "redis_wait", "replica_acks", "replica_ack_timeout",
                  "stream_buffer", "send_timeout", "api_keys", "api_keys_file", "admin_api_keys", "open_paths",
                  "api_docs", "rpm_limit", "tpm_limit", "tpm_default_max_tokens", "max_in_flight_per_key",
                  "max_body_bytes", "max_prompt_chars", "max_tokens_cap", "max_messages", "max_n",

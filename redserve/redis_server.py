@@ -36,9 +36,11 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process on a loopback port, in its own directory."""
 
-    def __init__(self, port: int | None = None, *, persist: bool = False, directory: str | None = None) -> None:
+    def __init__(self, port: int | None = None, *, persist: bool = False, directory: str | None = None,
+                 extra_args: list[str] | None = None) -> None:
         self.port = port or free_port()
         self.persist = persist
+        self.extra_args = extra_args or []
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="redserve-redis-")
         self.dir = Path(directory or self._tmp.name)  # type: ignore[union-attr]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -50,7 +52,7 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> "RedisServer":
         args = [find_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                 "--save", "", "--appendonly", "yes" if self.persist else "no",
-                "--logfile", str(self.dir / "redis.log"), "--maxmemory-policy", "noeviction"]
+                "--logfile", str(self.dir / "redis.log"), "--maxmemory-policy", "noeviction", *self.extra_args]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
