@@ -241,3 +241,45 @@ async def test_slow_client_is_shed_without_hurting_others(stack, redis, keys, ou
         assert after.content == "".join(echo_tokens("still fine", 8))
     finally:
         sock.close()
+
+
+async def test_batch_runner_outlives_redis(own_redis, settings, outcome):
+    """The batch runner keeps running while Redis is away (before: rc 1 and a ConnectionError traceback),
+    and runs a batch once it is back."""
+    from batchkit import jsonl, lines, spawn_runner
+
+    s = settings.model_copy(update={"redis_url": own_redis.url})
+    stack = Stack(s)
+    runner = spawn_runner(s)
+    stack.procs.append(runner)
+    try:
+        stack.spawn_worker("batcher")
+        gw = await stack.gateway()
+        await wait_for(lambda: _has_worker(gw.url), timeout=15)
+        own_redis.stop()
+        await asyncio.sleep(3)
+        assert runner.poll() is None, "the batch runner exited when Redis went away"
+        own_redis.start()
+        client = gw.client()
+        uploaded = await wait_for(lambda: _upload(client, lines(20, max_tokens=2)), timeout=15, interval=0.2)
+        batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+        await wait_for(lambda: _finished(client, batch.id), timeout=30, interval=0.2)
+        batch = await client.batches.retrieve(batch.id)
+        out = jsonl((await client.files.content(batch.output_file_id)).content)
+        outcome.requests += 20
+        outcome.ok += len({o["custom_id"] for o in out if o["response"]["status_code"] == 200})
+        assert outcome.ok == 20 and runner.poll() is None
+    finally:
+        await stack.close()
+
+
+async def _upload(client, content: bytes):  # noqa: ANN001, ANN202
+    try:
+        return await client.files.create(file=("b.jsonl", content), purpose="batch")
+    except Exception:  # noqa: BLE001 - the worker's record is not back yet, or Redis still loading
+        return None
+
+
+async def _finished(client, batch_id: str) -> bool:  # noqa: ANN001
+    return (await client.batches.retrieve(batch_id)).status in ("completed", "failed", "cancelled", "expired")
