@@ -303,7 +303,7 @@ def arq_redis(settings: Settings) -> ArqRedis:
                     expires_extra_ms=int(settings.batch_ttl * 1000))
 
 
-def worker_options(settings: Settings, make_handler: HandlerFactory) -> dict[str, Any]:
+def worker_options(settings: Settings, make_handler: HandlerFactory, *, owns_handler: bool = True) -> dict[str, Any]:
     """The keyword arguments of arq's ``Worker`` for a batch runner (what a ``WorkerSettings`` holds).
 
     There is no arq job timeout: a job may wait long for free workers, and
@@ -321,7 +321,7 @@ def worker_options(settings: Settings, make_handler: HandlerFactory) -> dict[str
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         handler = ctx.pop(handler_key, None)
-        if handler is not None:
+        if handler is not None and owns_handler:
             await handler.close()
 
     async def run(ctx: dict[str, Any], task: str, payload: dict[str, Any]) -> None:
@@ -364,24 +364,35 @@ async def serve(settings: Settings, make_handler: HandlerFactory, *, handle_sign
     """
     if not log.isEnabledFor(logging.DEBUG):
         logging.getLogger("arq.worker").setLevel(logging.WARNING)  # a line per job is debugging detail
+    handler = await make_handler(settings)  # one for every arq worker below: none leaks per outage
+
+    async def the_handler(_: Settings) -> Handler:
+        return handler
+
     delay = 0.25
-    while True:
-        worker = Worker(**worker_options(settings, make_handler), handle_signals=handle_signals)
-        worker.in_progress_timeout_s = settings.batch_lease  # the first claim, before the job renews it
-        try:
-            await worker.async_run()
-            return
-        except asyncio.CancelledError:
-            if not handle_signals:
-                raise
-            return
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            log.warning("batch runner lost Redis (%s); starting again in %.2fs", exc, delay)
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(worker.close())
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 5.0)
+    try:
+        while True:
+            worker = Worker(**worker_options(settings, the_handler, owns_handler=False), handle_signals=handle_signals)
+            worker.in_progress_timeout_s = settings.batch_lease  # the first claim, before the job renews it
+            try:
+                await worker.async_run()
+                return
+            except asyncio.CancelledError:
+                if not handle_signals:
+                    raise
+                return
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("batch runner lost Redis (%s); starting again in %.2fs", exc, delay)
+            finally:
+                try:
+                    await asyncio.shield(worker.close())
+                except Exception:  # Redis still away: close() stopped before closing its pool
+                    with contextlib.suppress(Exception):
+                        await worker.pool.aclose(close_connection_pool=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    finally:
+        await asyncio.shield(handler.close())
 
 
 async def _renew(redis: ArqRedis, key: str, lease_ms: int) -> None:

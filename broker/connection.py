@@ -3,8 +3,8 @@
 Every process reaches Redis through this module, so one URL form works
 everywhere: ``redis://`` and ``rediss://`` for one server, and
 ``redis+sentinel://[user:password@]host:port[,host:port...]/<master name>[/<db>]``
-for a replicated Redis behind Sentinels (``?sentinel_password=...`` when the
-Sentinels need one). With Sentinel every new connection asks the Sentinels
+for a replicated Redis behind Sentinels (``rediss+sentinel://`` with TLS;
+``?sentinel_password=...`` when the Sentinels need one). With Sentinel every new connection asks the Sentinels
 where the master is, so a failover is followed by reconnecting: the callers'
 retry loops already do that.
 """
@@ -21,7 +21,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
-SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_SCHEME, SENTINEL_TLS_SCHEME = "redis+sentinel", "rediss+sentinel"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,26 +34,34 @@ class SentinelTarget:
     username: str | None = None
     password: str | None = None
     sentinel_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: ``rediss+sentinel://``: TLS to the master (and the Sentinels).
+    tls: bool = False
 
 
 def sentinel_target(url: str) -> SentinelTarget | None:
     """The Sentinel deployment a ``redis+sentinel://`` URL names; None for a plain Redis URL."""
     parts = urlsplit(url)
-    if parts.scheme != SENTINEL_SCHEME:
+    if parts.scheme not in (SENTINEL_SCHEME, SENTINEL_TLS_SCHEME):
         return None
+    form = "redis+sentinel://[user:password@]host:port[,host:port...]/<master name>[/<db>]"
     auth, _, hosts = parts.netloc.rpartition("@")
     user, _, password = auth.partition(":")
     sentinels = []
     for host in hosts.split(","):
-        name, _, port = host.rpartition(":")
-        sentinels.append((name or host, int(port or 26379)))
+        name, colon, port = host.rpartition(":")
+        if not colon or name.endswith(":") or (host.startswith("[") and not name.endswith("]")):
+            name, port = host, ""  # no port given (an IPv6 address has colons of its own)
+        if port and not port.isdigit():
+            raise ValueError(f"{url!r}: bad Sentinel port {port!r}; the form is {form}")
+        sentinels.append((name.strip("[]"), int(port or 26379)))
     path = [p for p in parts.path.split("/") if p]
-    if not path:
-        raise ValueError(f"{url!r}: name the master, as redis+sentinel://host:26379/<master name>[/<db>]")
+    if not path or (len(path) > 1 and not path[1].isdigit()):
+        raise ValueError(f"{url!r}: the form is {form}")
     query = parse_qs(parts.query)
     extra = {"password": query["sentinel_password"][0]} if "sentinel_password" in query else {}
     return SentinelTarget(sentinels, path[0], int(path[1]) if len(path) > 1 else 0, unquote(user) or None,
-                          unquote(password) or None, {"socket_timeout": 1.0, "socket_connect_timeout": 1.0, **extra})
+                          unquote(password) or None, {"socket_timeout": 1.0, "socket_connect_timeout": 1.0, **extra},
+                          tls=parts.scheme == SENTINEL_TLS_SCHEME)
 
 
 def connection_pool(url: str, *, decode: bool = False, **kwargs: Any) -> ConnectionPool:
@@ -71,9 +79,10 @@ def connection_pool(url: str, *, decode: bool = False, **kwargs: Any) -> Connect
     target = sentinel_target(url)
     if target is None:
         return ConnectionPool.from_url(url, **options)
-    sentinel = Sentinel(target.sentinels, sentinel_kwargs=target.sentinel_kwargs)
+    tls = {"ssl": True} if target.tls else {}
+    sentinel = Sentinel(target.sentinels, sentinel_kwargs={**target.sentinel_kwargs, **tls})
     return SentinelConnectionPool(target.master, sentinel, db=target.db, username=target.username,
-                                  password=target.password, **options)
+                                  password=target.password, **tls, **options)
 
 
 def connect(url: str, *, decode: bool = True, **kwargs: Any) -> Redis:

@@ -8,12 +8,13 @@ never both see the same worker as idle.
 from __future__ import annotations
 
 import random
-from collections import Counter
 import time
+from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from broker.errors import Busy, Gone, NoWorker, UnknownModel
 from broker.keys import Keys
@@ -73,12 +74,11 @@ class Dispatcher:
         source, entry_id = move_from or ("", "")
         ttl_ms = max(1000, int((job.deadline - time.time()) * 1000) + 60_000) if job.deadline else 3_600_000
         fields = [x for kv in job.to_fields().items() for x in kv]
+        keys = [k.model_workers(job.model), k.models(), k.request(job.request_id), k.replay(job.request_id)]
+        args = [method or self.method, self._rng.random(), wpre, jsuf, mpre, msuf, job.model, ttl_ms,
+                source, entry_id, job.replay_ms, meta, owner, job.attempt, *fields]
         try:
-            wid, entry, queue = await self.scripts.dispatch(
-                keys=[k.model_workers(job.model), k.models(), k.request(job.request_id), k.replay(job.request_id)],
-                args=[method or self.method, self._rng.random(), wpre, jsuf, mpre, msuf, job.model, ttl_ms,
-                      source, entry_id, job.replay_ms, meta, owner, *fields],
-            )
+            wid, entry, queue = await self._run(keys, args)
         except ResponseError as exc:
             word, _, message = str(exc).partition(" ")
             self.decisions[(method or self.method, word.lower())] += 1
@@ -89,9 +89,27 @@ class Dispatcher:
                 ) from None
             raise
         self.decisions[(method or self.method, "placed")] += 1
-        if self.replica_acks:
-            await self.redis.execute_command("WAIT", self.replica_acks, self.replica_ack_ms)
         return Dispatched(worker_id=_s(wid), entry_id=_s(entry), queue=int(queue))
+
+
+    async def _run(self, keys: list[str], args: list[Any]) -> list[Any]:
+        """The dispatch script; with ``replica_acks``, followed by WAIT on the same connection (a pipeline), so
+        the wait covers this very write. A failed WAIT (a failover under way) does not fail the dispatch."""
+        if not self.replica_acks:
+            return await self.scripts.dispatch(keys=keys, args=args)
+        script = self.scripts.dispatch
+        for _ in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.execute_command("WAIT", self.replica_acks, self.replica_ack_ms)
+                placed, _acks = await pipe.execute(raise_on_error=False)
+            if isinstance(placed, NoScriptError):  # Redis restarted: load it (dispatch is idempotent: run again)
+                await self.redis.script_load(script.script)
+                continue
+            if isinstance(placed, Exception):
+                raise placed
+            return placed
+        raise NoScriptError("the dispatch script could not be loaded")
 
 
 def _s(v: bytes | str) -> str:

@@ -69,6 +69,10 @@ class ReplyStream:
         self.failed: BrokerError | None = None
         #: Messages that arrived ahead of a gap, by seq, until the gap is filled.
         self.ahead: dict[int, Reply] = {}
+        #: Set when the subscription came back: messages may have been missed, though none came early.
+        self.unsure = False
+        #: When (loop time) this stream last asked its worker to resend.
+        self.asked_at = 0.0
 
     @property
     def attempt(self) -> int:
@@ -95,13 +99,14 @@ class ReplyStream:
             try:
                 item = self.queue.get_nowait()  # under load the next message is usually here already
             except asyncio.QueueEmpty:
-                # While a gap is open, ask again every second: a request for a resend may be lost too.
-                wait = min(GAP_RETRY, give_up - loop.time()) if self.ahead else give_up - loop.time()
+                # While a gap may be open, ask again every second: a request for a resend may be lost too.
+                gap = bool(self.ahead) or self.unsure
+                wait = min(GAP_RETRY, give_up - loop.time()) if gap else give_up - loop.time()
                 try:
                     async with asyncio.timeout(max(wait, 0)):  # no task per wait, unlike wait_for on 3.11
                         item = await self.queue.get()
                 except TimeoutError:
-                    if self.ahead and loop.time() < give_up:
+                    if gap and loop.time() < give_up:
                         self.router.gap(self)
                         continue
                     raise WorkerTimeout(f"No reply from the worker within {self.timeout:g} s.") from None
@@ -113,14 +118,15 @@ class ReplyStream:
                 return await self._worker_lost()
             if item.seq < self.next_seq:  # duplicate delivery: already seen
                 continue
-            if item.seq > self.next_seq:  # a gap: hold it, ask for what is missing
-                if not self.ahead:
+            if item.seq > self.next_seq:  # a gap: hold it, ask for what is missing (again, if asked long ago)
+                if not self.ahead or loop.time() - self.asked_at > GAP_RETRY:
                     self.router.gap(self)
                 self.ahead[item.seq] = item
                 continue
             return self._take(item)
 
     def _take(self, item: Reply) -> list[dict[str, Any]]:
+        self.unsure = False
         self.last_seq = item.seq
         self.next_seq += 1
         if item.terminal:
@@ -183,6 +189,7 @@ class ReplyRouter:
         return self._subscribed.is_set()
 
     def gap(self, stream: ReplyStream) -> None:
+        stream.asked_at = asyncio.get_running_loop().time()
         if self.on_gap is not None:
             self.on_gap([stream])
 
@@ -213,6 +220,8 @@ class ReplyRouter:
                 if lost:  # whatever was published meanwhile reached nobody: ask for it again
                     self.recovered_at = asyncio.get_running_loop().time()
                     log.warning("reply channel back; asking workers to resend for %d streams", len(self.streams))
+                    for stream in self.streams.values():  # each asks again until a message of its arrives
+                        stream.unsure, stream.asked_at = True, self.recovered_at
                     if self.on_gap is not None and self.streams:
                         self.on_gap(list(self.streams.values()))
                     lost = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DispatchMethod = Literal["shortest_queue", "lottery"]
@@ -167,6 +167,15 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address to listen on (a gateway's HTTP, a worker's metrics).")
     port: int = Field(default=8000, ge=0, le=65535)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        from broker.connection import sentinel_target  # a bad Sentinel URL is a settings error, said at once
+
+        if url:
+            sentinel_target(url)
+        return url
 
     def to_env(self) -> dict[str, str]:
         """These settings as environment variables, for child processes."""

@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 CANCELLED = error("The request was cancelled.", status=499, type="cancelled", code="cancelled")
 ORPHANED = error("The worker stopped this request: no gateway heard its replies for orphan_grace seconds.",
                  status=503, type="service_unavailable", code="reply_lost")
-OVERFLOWED = error("Redis was unreachable so long that this request's replies passed the worker's "
-                   "outbox_max_bytes; it was stopped.", status=503, type="service_unavailable", code="reply_lost")
+OVERFLOWED = error("Redis was unreachable so long that this request's waiting replies passed its share of the "
+                   "worker's outbox_max_bytes; it was stopped.", status=503, type="service_unavailable", code="reply_lost")
 
 
 class JobError(Exception):
@@ -170,8 +170,10 @@ class BaseModelWorker(abc.ABC):
             try:
                 self.record.queue = await self.registry.heartbeat(self.record, self.settings.worker_ttl)
                 await self._reconcile()
-            except (RedisConnectionError, OSError) as exc:
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
+            except Exception:  # a refused command (OOM, say): the worker must go on beating
+                log.exception("heartbeat failed")
             _forget_older_than(self._ended, self.settings.resend_window, also=self.publishers)
 
     async def _reconcile(self) -> None:
@@ -327,7 +329,8 @@ class BaseModelWorker(abc.ABC):
         replay = ReplayLog(self.scripts.emit, self.keys.replay(job.request_id), job.replay_ms) \
             if job.replay_ms else None
         publisher = ReplyPublisher(self._raw, self.outbox, job.reply_to, job.request_id, job.attempt, replay,
-                                   grace=self.settings.orphan_grace)
+                                   grace=self.settings.orphan_grace,
+                                   max_waiting=self.settings.outbox_max_bytes // self.settings.max_concurrency)
         self.publishers[job.request_id] = publisher
         self._ended.pop(job.request_id, None)
         try:
@@ -351,7 +354,6 @@ class BaseModelWorker(abc.ABC):
             publisher.keep(ORPHANED)  # a gateway that comes back and asks hears why the stream ended
         except OutboxOverflow:
             log.warning("job %s failed: its replies passed outbox_max_bytes while Redis was away", job.request_id)
-            publisher.history.clear()
             with contextlib.suppress(Exception):
                 await publisher.send([OVERFLOWED])
         except Exception:

@@ -23,7 +23,10 @@ from typing import Any, AsyncIterator
 from redis.asyncio import Redis
 
 from broker.protocol import TERMINAL_EVENTS, Reply, error
-from workers.outbox import Outbox, ReplayLog
+from workers.outbox import Outbox, OutboxOverflow, ReplayLog
+
+
+_OVERFLOW: dict[str, Any] = {"t": "overflow"}  # a marker in the pump's queue, never sent
 
 
 class Orphaned(Exception):
@@ -32,7 +35,9 @@ class Orphaned(Exception):
 
 class ReplyPublisher:
     def __init__(self, redis: Redis, outbox: Outbox, channel: str, rid: str, attempt: int = 0,
-                 replay: ReplayLog | None = None, *, grace: float = 5.0) -> None:
+                 replay: ReplayLog | None = None, *, grace: float = 5.0, max_waiting: int = 16 * 2**20) -> None:
+        """``grace``: seconds unheard before the gateway counts as gone; ``max_waiting``: bytes of text this job
+        may produce while its messages cannot be sent (Redis away) before it is stopped."""
         self.redis = redis
         self.outbox = outbox
         self.channel = channel
@@ -40,11 +45,10 @@ class ReplyPublisher:
         self.attempt = attempt
         self.replay = replay
         self.grace = grace
+        self.max_waiting = max_waiting
         self.seq = 0
         #: Every message sent, by seq: what ``resend`` sends again.
         self.history: list[bytes] = []
-        #: Set once the job has ended; a resend past the history then ends the stream with this.
-        self.ended = False
         self._unheard_since: float | None = None
 
     async def send(self, events: list[dict[str, Any]]) -> None:
@@ -56,10 +60,15 @@ class ReplyPublisher:
         data = Reply(self.rid, self.seq, events, self.attempt).encode()
         self.seq += 1
         self.history.append(data)
-        if self.replay is None:
-            received = await self.outbox.publish(self.channel, data)
-        else:
-            received = await self.outbox.emit(self.replay, self.channel, data)
+        try:
+            if self.replay is None:
+                received = await self.outbox.publish(self.channel, data)
+            else:
+                received = await self.outbox.emit(self.replay, self.channel, data)
+        except OutboxOverflow:  # never sent: its seq goes to the message that says why
+            self.seq -= 1
+            self.history.pop()
+            raise
         if received or self.replay is not None:
             self._unheard_since = None
             return
@@ -94,9 +103,16 @@ class ReplyPublisher:
         """Publish ``events`` until a terminal one; guarantees the stream ends."""
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
+        waiting = 0  # bytes of text produced but not yet handed to a send
+
         async def produce() -> None:
+            nonlocal waiting
             try:
                 async for ev in events:
+                    waiting += len(ev.get("x", ""))
+                    if waiting > self.max_waiting:  # Redis has been away that long: stop, say why later
+                        queue.put_nowait(_OVERFLOW)
+                        return
                     queue.put_nowait(ev)
                     if ev["t"] in TERMINAL_EVENTS:
                         return
@@ -114,6 +130,9 @@ class ReplyPublisher:
                 if batch[-1] is None:
                     batch.pop()
                     finished = True
+                if _OVERFLOW in batch:
+                    raise OutboxOverflow(f"more than {self.max_waiting} bytes of replies waited for Redis")
+                waiting = 0
                 if batch:
                     finished = finished or any(ev["t"] in TERMINAL_EVENTS for ev in batch)  # type: ignore[index]
                     await self.send(coalesce(batch))  # type: ignore[arg-type]

@@ -10,16 +10,24 @@
 --          source stream and entry id ("" unless moving a job off a dead
 --          worker), replay TTL (ms, 0 = no log) and the meta blob, the
 --          owning tenant ("" keeps the owner already recorded: a re-dispatch),
---          then the job's stream fields as name/value pairs.
+--          the job's attempt, then the job's stream fields as name/value pairs.
 --
 -- Workers whose record has expired are pruned from the set; draining workers
 -- and workers whose queue is at their max_queue are skipped. When moving, the
 -- source entry is deleted in the same step, so two janitors can never both
 -- move it (the loser gets GONE).
+-- Idempotent: the same attempt of a request dispatched again (a reply lost
+-- on a dropped connection, and the caller retried) returns the placement it
+-- already has instead of queueing the job twice.
 -- Returns {worker_id, entry_id, queue_length} or an error reply whose first
 -- word is UNKNOWN_MODEL, NO_WORKER, BUSY or GONE.
 local method, r = ARGV[1], tonumber(ARGV[2])
 local wpre, jsuf, mpre, msuf, model = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+
+if ARGV[9] == '' then
+  local placed = redis.call('HMGET', KEYS[3], 'attempt', 'worker', 'entry')
+  if placed[1] == ARGV[14] and placed[2] then return {placed[2], placed[3] or '', '0'} end
+end
 
 local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local ids, queues, speeds = {}, {}, {}
@@ -77,16 +85,13 @@ for m in string.gmatch(models, '[^,]+') do
 end
 redis.call('HINCRBY', wpre .. wid, 'queue', 1)
 local fields = {}
-for i = 14, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 15, #ARGV do fields[#fields + 1] = ARGV[i] end
 if tonumber(ARGV[11]) > 0 and redis.call('EXISTS', KEYS[4]) == 0 then
   redis.call('XADD', KEYS[4], '*', 'meta', ARGV[12], 'owner', ARGV[13])
   redis.call('PEXPIRE', KEYS[4], ARGV[11])
 end
 local entry = redis.call('XADD', wpre .. wid .. jsuf, '*', unpack(fields))
-if ARGV[13] ~= '' then
-  redis.call('HSET', KEYS[3], 'worker', wid, 'owner', ARGV[13])
-else
-  redis.call('HSET', KEYS[3], 'worker', wid)
-end
+redis.call('HSET', KEYS[3], 'worker', wid, 'attempt', ARGV[14], 'entry', entry)
+if ARGV[13] ~= '' then redis.call('HSET', KEYS[3], 'owner', ARGV[13]) end
 redis.call('PEXPIRE', KEYS[3], ARGV[8])
 return {wid, entry, tostring(queues[pick] + 1)}

@@ -41,6 +41,15 @@ class Deployment:
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
         return f"redis+sentinel://{hosts}/{MASTER}"
 
+    def replica_in_sync(self) -> bool:
+        """Whether the replica has everything the master has (within a moment of replication)."""
+        for _ in range(20):
+            with sync_redis.Redis(port=self.master_port) as m, sync_redis.Redis(port=self.replica_port) as r:
+                if r.info("replication")["slave_repl_offset"] >= m.info("replication")["master_repl_offset"]:
+                    return True
+            time.sleep(0.05)
+        return False
+
     def master(self) -> int:
         """The port the Sentinels name as master now."""
         with sync_redis.Redis(port=self.sentinel_ports[0], socket_timeout=1) as s:
@@ -56,7 +65,10 @@ def _server(directory: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     d = Deployment(free_port(), free_port(), [free_port() for _ in range(3)])
     base = tmp_path_factory.mktemp("sentinel")
-    common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--maxmemory-policy", "noeviction"]
+    # Diskless replication with no delay: the replica is in sync a moment after it connects (Redis 7 waits 5 s
+    # by default, for more replicas to share one transfer).
+    common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--maxmemory-policy", "noeviction",
+              "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
     d.procs["master"] = _server(base, "master", "--port", str(d.master_port), *common)
     d.procs["replica"] = _server(base, "replica", "--port", str(d.replica_port), *common,
                                  "--replicaof", "127.0.0.1", str(d.master_port))
@@ -69,10 +81,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                         f"sentinel parallel-syncs {MASTER} 1\n")
         d.procs[f"sentinel-{i}"] = _server(base, f"sentinel-{i}", str(conf), "--sentinel")
     try:
-        end = time.monotonic() + 30
-        while True:  # every Sentinel knows the replica and the other two Sentinels
+        end = time.monotonic() + 60
+        while True:  # the replica is in sync, and every Sentinel knows it and the other two Sentinels
             try:
-                ready = True
+                with sync_redis.Redis(port=d.replica_port, socket_timeout=1) as r:
+                    ready = r.info("replication").get("master_link_status") == "up"
                 for port in d.sentinel_ports:
                     with sync_redis.Redis(port=port, socket_timeout=1) as s:
                         ready &= len(s.sentinel_slaves(MASTER)) == 1 and len(s.sentinel_sentinels(MASTER)) == 2
@@ -110,6 +123,7 @@ async def test_master_killed_under_streams_and_a_batch(deployment, settings, out
                                        for i in range(STREAMS)), return_exceptions=True)
             await asyncio.sleep(0.6)
             old = deployment.master()
+            assert deployment.replica_in_sync(), "the replica fell behind: this would test lag, not failover"
             deployment.procs["master"].kill()
             killed = time.monotonic()
             flowing = await wait_for(lambda: _served(client), timeout=30, interval=0.1)
