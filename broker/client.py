@@ -33,7 +33,9 @@ T = TypeVar("T")
 
 
 class BrokerClient:
-    def __init__(self, settings: Settings, *, gateway_id: str | None = None, janitor: bool = True) -> None:
+    def __init__(self, settings: Settings, *, gateway_id: str | None = None, janitor: bool = True,
+                 batch: bool = False) -> None:
+        """``batch``: this client dispatches batch work, only into the room ``batch_share`` leaves."""
         if not settings.redis_url:
             raise ValueError("BrokerClient needs settings.redis_url")
         self.settings = settings
@@ -44,7 +46,8 @@ class BrokerClient:
         self.registry = Registry(self.text, self.keys, Scripts.register(self.text))
         self.dispatcher = Dispatcher(self.raw, self.keys, settings.dispatch_method, self.scripts,
                                      replica_acks=settings.replica_acks,
-                                     replica_ack_timeout=settings.replica_ack_timeout)
+                                     replica_ack_timeout=settings.replica_ack_timeout,
+                                     batch_share=settings.batch_share if batch else 0.0)
         self.router = ReplyRouter(self.raw, self.keys, gateway_id, buffer=settings.stream_buffer,
                                   on_shed=self._shed, on_gap=self._ask_resend)
         self.janitor = Janitor(self.raw, self.keys, self.dispatcher, interval=settings.worker_ttl / 2) if janitor \

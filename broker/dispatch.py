@@ -16,13 +16,13 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
-from broker.errors import Busy, Gone, NoWorker, UnknownModel
+from broker.errors import Busy, Gone, NoRoom, NoWorker, UnknownModel
 from broker.keys import Keys
 from broker.protocol import Job
 from broker.scripts import Scripts
 from broker.settings import DispatchMethod
 
-_ERRORS = {"UNKNOWN_MODEL": UnknownModel, "NO_WORKER": NoWorker, "BUSY": Busy, "GONE": Gone}
+_ERRORS = {"UNKNOWN_MODEL": UnknownModel, "NO_WORKER": NoWorker, "BUSY": Busy, "NO_ROOM": NoRoom, "GONE": Gone}
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +43,12 @@ class Dispatcher:
         *,
         replica_acks: int = 0,
         replica_ack_timeout: float = 0.5,
+        batch_share: float = 0.0,
     ) -> None:
         """``replica_acks``: replicas that must hold each dispatched job (WAIT) before ``dispatch`` returns, so
-        a failover right after cannot lose it; at most ``replica_ack_timeout`` is spent waiting."""
+        a failover right after cannot lose it; at most ``replica_ack_timeout`` is spent waiting.
+        ``batch_share`` > 0 makes this a batch dispatcher: jobs go only into batch room (NoRoom otherwise)."""
+        self.batch_share = batch_share
         self.redis = redis
         self.replica_acks = replica_acks
         self.replica_ack_ms = int(replica_ack_timeout * 1000)
@@ -58,7 +61,7 @@ class Dispatcher:
 
     async def dispatch(
         self, job: Job, method: DispatchMethod | None = None, *, move_from: tuple[str, str] | None = None,
-        meta: bytes = b"", owner: str = "",
+        meta: bytes = b"", owner: str = "", share: float | None = None,
     ) -> Dispatched:
         """Enqueue ``job`` on the chosen worker's stream; raises UnknownModel, NoWorker or Busy.
 
@@ -66,7 +69,9 @@ class Dispatcher:
         the same atomic step (Gone if another janitor moved it first). ``meta``
         starts the request's replay log when ``job.replay_ms`` asks for one.
         ``owner`` records the tenant the request belongs to (empty on a
-        re-dispatch, which keeps the owner already recorded).
+        re-dispatch, which keeps the owner already recorded). ``share``
+        overrides this dispatcher's batch share (the janitor moves any job as
+        interactive: it was admitted already).
         """
         k = self.keys
         wpre, jsuf = k.worker_parts()
@@ -76,7 +81,8 @@ class Dispatcher:
         fields = [x for kv in job.to_fields().items() for x in kv]
         keys = [k.model_workers(job.model), k.models(), k.request(job.request_id), k.replay(job.request_id)]
         args = [method or self.method, self._rng.random(), wpre, jsuf, mpre, msuf, job.model, ttl_ms,
-                source, entry_id, job.replay_ms, meta, owner, job.attempt, *fields]
+                source, entry_id, job.replay_ms, meta, owner, job.attempt,
+                self.batch_share if share is None else share, *fields]
         try:
             wid, entry, queue = await self._run(keys, args)
         except ResponseError as exc:

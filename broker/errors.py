@@ -28,6 +28,12 @@ class Busy(BrokerError):
     status, type, code = 429, "rate_limit_error", "queue_full"
 
 
+class NoRoom(Busy):
+    """No worker of the model has batch room now (its queue is at its batch share): a batch job waits."""
+
+    code = "no_batch_room"
+
+
 class Gone(BrokerError):
     """The job to move was already moved by someone else."""
 

@@ -109,7 +109,7 @@ class Janitor:
 
     async def _move(self, job: Job, stream: str, entry_id: str) -> None:
         try:
-            await self.dispatcher.dispatch(job, move_from=(stream, entry_id))
+            await self.dispatcher.dispatch(job, move_from=(stream, entry_id), share=0.0)
             self.moved += 1
         except Gone:
             pass

@@ -21,10 +21,13 @@ from gateway.security import APIKeyMiddleware, BodyLimitMiddleware, RateLimiter,
 UPLOAD_ENVELOPE = 64 * 1024
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """Build a gateway. Its Redis connections open in the lifespan, not at import."""
+def create_app(settings: Settings, *, batch: bool = False) -> FastAPI:
+    """Build a gateway. Its Redis connections open in the lifespan, not at import.
 
-    broker = BrokerClient(settings)
+    ``batch``: the batch runner's in-process gateway, whose jobs go only into batch room.
+    """
+
+    broker = BrokerClient(settings, batch=batch)
     limiter = RateLimiter(broker, settings.rpm_limit, settings.tpm_limit)
 
     @contextlib.asynccontextmanager

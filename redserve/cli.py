@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return chat.run(args)
     if args.command == "batch-runner":
         _need_redis(settings)
-        from broker.batch_runner import serve
+        from gateway.batch_runner import serve
 
         loop.run(serve(settings), settings.event_loop)
         return 0

@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator
 import httpx
 import pytest
 
-from broker import batch_runner
+from gateway import batch_runner
 from broker.batch import BatchClient
 from broker.batch_store import TERMINAL
 from broker.settings import Settings

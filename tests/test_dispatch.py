@@ -121,3 +121,33 @@ async def test_stream_entry_is_readable_with_plain_fields(redis, redis_url, keys
     assert fields[b"request_id"] == b"r7" and fields[b"model"] == b"m" and fields[b"reply_to"] == b"nowhere"
     assert fields[b"kind"] == b"chat"
     assert Job.from_fields(entry_id.decode(), fields).params == job(i=7).params  # msgpack payload round-trips
+
+
+async def test_batch_jobs_only_take_their_share_in_the_same_atomic_step(redis, keys):
+    """The batch rule lives in the dispatch script: 16 concurrent batch dispatches onto two workers of 4
+    slots with batch_share 0.5 place exactly 2 + 2; the rest are NoRoom; interactive jobs still go in."""
+    from broker.errors import NoRoom
+
+    for wid in ("a", "b"):
+        await register(redis, keys, wid, max_concurrency=4, max_queue=16)
+    batch = Dispatcher(redis, keys, batch_share=0.5)
+    results = await asyncio.gather(*(batch.dispatch(job(i=i)) for i in range(16)), return_exceptions=True)
+    assert sum(not isinstance(r, BaseException) for r in results) == 4
+    assert all(isinstance(r, NoRoom) for r in results if isinstance(r, BaseException))
+    assert [await queued(redis, keys, w) for w in ("a", "b")] == [2, 2]
+    placed = await Dispatcher(redis, keys).dispatch(job(i=99))  # interactive: up to max_queue
+    assert placed.queue == 3
+
+
+async def test_a_repeated_dispatch_of_the_same_attempt_places_nothing_new(redis, keys):
+    """A caller that retries after a lost reply gets the placement the first call made, not a second job."""
+    await register(redis, keys, "w")
+    d = Dispatcher(redis, keys)
+    first = await d.dispatch(job(i=7))
+    again = await d.dispatch(job(i=7))
+    assert (again.worker_id, again.entry_id) == (first.worker_id, first.entry_id)
+    assert await queued(redis, keys, "w") == 1
+    retried = job(i=7)
+    retried.attempt = 1  # a new attempt (its worker died) is a new placement
+    await d.dispatch(retried)
+    assert await queued(redis, keys, "w") == 2

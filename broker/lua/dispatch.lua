@@ -10,17 +10,21 @@
 --          source stream and entry id ("" unless moving a job off a dead
 --          worker), replay TTL (ms, 0 = no log) and the meta blob, the
 --          owning tenant ("" keeps the owner already recorded: a re-dispatch),
---          the job's attempt, then the job's stream fields as name/value pairs.
+--          the job's attempt, the batch share (0 = an interactive job), then
+--          the job's stream fields as name/value pairs.
 --
 -- Workers whose record has expired are pruned from the set; draining workers
--- and workers whose queue is at their max_queue are skipped. When moving, the
+-- and workers whose queue is at their max_queue are skipped. A batch job (a
+-- share > 0) only goes where the queue is under share x max_concurrency (at
+-- least one slot), so interactive jobs always find the rest; this is the one
+-- home of that rule, and the check and the placement are one atomic step. When moving, the
 -- source entry is deleted in the same step, so two janitors can never both
 -- move it (the loser gets GONE).
 -- Idempotent: the same attempt of a request dispatched again (a reply lost
 -- on a dropped connection, and the caller retried) returns the placement it
 -- already has instead of queueing the job twice.
 -- Returns {worker_id, entry_id, queue_length} or an error reply whose first
--- word is UNKNOWN_MODEL, NO_WORKER, BUSY or GONE.
+-- word is UNKNOWN_MODEL, NO_WORKER, BUSY, NO_ROOM (no batch room now) or GONE.
 local method, r = ARGV[1], tonumber(ARGV[2])
 local wpre, jsuf, mpre, msuf, model = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 
@@ -29,18 +33,20 @@ if ARGV[9] == '' then
   if placed[1] == ARGV[14] and placed[2] then return {placed[2], placed[3] or '', '0'} end
 end
 
+local share = tonumber(ARGV[15])
 local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local ids, queues, speeds = {}, {}, {}
 local ready = 0
 for i = 1, #members, 2 do
   local wid = members[i]
-  local rec = redis.call('HMGET', wpre .. wid, 'status', 'speed', 'max_queue')
+  local rec = redis.call('HMGET', wpre .. wid, 'status', 'speed', 'max_queue', 'max_concurrency')
   if not rec[1] then
     redis.call('ZREM', KEYS[1], wid)
   elseif rec[1] == 'ready' then
     ready = ready + 1
     local q = tonumber(members[i + 1])
     local cap = tonumber(rec[3]) or 0
+    if share > 0 then cap = math.max(1, math.floor((tonumber(rec[4]) or 1) * share)) end
     if cap <= 0 or q < cap then
       ids[#ids + 1] = wid
       queues[#queues + 1] = q
@@ -50,6 +56,7 @@ for i = 1, #members, 2 do
 end
 
 if #ids == 0 then
+  if ready > 0 and share > 0 then return redis.error_reply('NO_ROOM no worker of ' .. model .. ' has room for batch work now') end
   if ready > 0 then return redis.error_reply('BUSY every worker of ' .. model .. ' is at its queue limit') end
   if #members == 0 and not redis.call('ZSCORE', KEYS[2], model) then
     return redis.error_reply('UNKNOWN_MODEL ' .. model)
@@ -85,7 +92,7 @@ for m in string.gmatch(models, '[^,]+') do
 end
 redis.call('HINCRBY', wpre .. wid, 'queue', 1)
 local fields = {}
-for i = 15, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 16, #ARGV do fields[#fields + 1] = ARGV[i] end
 if tonumber(ARGV[11]) > 0 and redis.call('EXISTS', KEYS[4]) == 0 then
   redis.call('XADD', KEYS[4], '*', 'meta', ARGV[12], 'owner', ARGV[13])
   redis.call('PEXPIRE', KEYS[4], ARGV[11])

@@ -1,14 +1,19 @@
 """The batch runner: an arq worker that runs batch jobs through the same dispatcher and workers as everyone.
 
-Run it as ``redserve batch-runner`` or ``arq broker.batch_runner.WorkerSettings``.
+Run it as ``redserve batch-runner`` or ``arq gateway.batch_runner.WorkerSettings``.
 
 Each request goes through the gateway application itself, called in process
 (no socket): a batch line *is* the HTTP request it describes, so it is
 validated, limited, dispatched and rendered exactly as if a client had sent
-it, and its status code and body are what that client would have got. The
-runner only adds three things around it: room on the workers first
-(``broker.batch_admission``), patience with a busy or absent model (a 429,
-or a 503 ``no_worker``: wait and try again), and storing the one result.
+it, and its status code and body are what that client would have got. It
+lives in ``gateway/`` for that reason: it is a gateway whose clients are
+batch lines, over ``broker.batch``'s arq plumbing.
+
+That gateway dispatches as a batch dispatcher: the dispatch script places a
+job only where a worker has batch room (``batch_share`` of its slots), in the
+same atomic step as the placement, and answers 429 ``no_batch_room``
+otherwise. The runner adds patience (a 429, or a 503 ``no_worker``: wait and
+send again) and stores the one result.
 """
 
 from __future__ import annotations
@@ -23,17 +28,19 @@ from typing import Any, Awaitable, Callable
 import httpx
 
 from broker.batch import MAX_TRIES, Attempt, BatchClient, Task, worker_options
-from broker.batch_admission import Admission
 from broker.batch_store import TERMINAL, NotFound, Request, line_problem, parse_requests
-from broker.client import BrokerClient
 from broker.keys import Keys
 from broker.settings import Settings
 from broker.tenants import ANONYMOUS, Tenant
+from gateway.app import create_app
+from gateway.security import TENANT
 
 log = logging.getLogger(__name__)
 
 #: 503 codes that mean "not now" (no live worker, Redis was restarted): the request is sent again.
 NOT_NOW = frozenset({"no_worker", "reply_lost", "redis_unavailable"})
+#: Seconds between looks for batch room (it frees as soon as any job of the model ends).
+NO_ROOM_POLL = 0.02
 #: How the runner tells its in-process app which tenant a request runs as; only its own transport reads it.
 _OWNER_HEADER = "x-redserve-batch-owner"
 EXPIRED = "This request could not be executed before the batch's completion window expired."
@@ -42,27 +49,21 @@ EXPIRED = "This request could not be executed before the batch's completion wind
 class Runner:
     """What arq calls for each batch job (see ``broker.batch.Handler``)."""
 
-    def __init__(self, settings: Settings, http: httpx.AsyncClient, broker: BrokerClient, batches: BatchClient,
+    def __init__(self, settings: Settings, http: httpx.AsyncClient, batches: BatchClient,
                  stack: contextlib.AsyncExitStack) -> None:
         self.settings = settings
         self.http = http
         self.batches = batches
         self.store = batches.store
-        self.admission = Admission(broker.text, broker.keys, settings.batch_share)
         self._stack = stack
 
     @classmethod
     async def create(cls, settings: Settings) -> "Runner":
-        """Start an in-process gateway app (its lifespan opens the broker) and a client to call it."""
-        from gateway.app import create_app  # the gateway is what runs each request
-        from gateway.security import TENANT
-
+        """Start an in-process batch gateway (its lifespan opens the broker) and a client to call it."""
         settings = settings.model_copy(update={"dispatch_method": "shortest_queue"})
-        app = create_app(settings)
+        app = create_app(settings, batch=True)
         stack = contextlib.AsyncExitStack()
         await stack.enter_async_context(app.router.lifespan_context(app))
-        broker: BrokerClient = app.state.broker
-        broker.dispatcher = _Announcing(broker.dispatcher)  # type: ignore[assignment]
 
         async def as_owner(scope: Any, receive: Any, send: Any) -> None:
             """Each request runs as its batch's owner (its limits, its requests): in process, no key needed."""
@@ -73,7 +74,7 @@ class Runner:
             transport=httpx.ASGITransport(as_owner, raise_app_exceptions=False), base_url="http://batch-runner",
             timeout=None))
         batches = await stack.enter_async_context(BatchClient(settings=settings))
-        return cls(settings, http, broker, batches, stack)
+        return cls(settings, http, batches, stack)
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -93,21 +94,19 @@ class Runner:
     # --- requests --------------------------------------------------------------
     async def answer(self, url: str, body: dict[str, Any], wanted: Callable[[], Awaitable[bool]],
                      owner: str = "") -> tuple[int, dict[str, Any]] | None:
-        """Run one request through the gateway once there is room for it; (status code, response body).
+        """Run one request through the batch gateway; (status code, response body).
 
-        ``wanted`` is asked once room is found, just before the request is
-        sent: a job aborted (or a batch cancelled) while it waited is not sent
-        at all (None). A 429 (every worker full, or a rate limit) or a 503
-        ``no_worker`` means "not now": the request waits and is sent again.
+        ``wanted`` is asked before each try: a job aborted (or a batch
+        cancelled) while it waited is not sent at all (None). A 429 (no batch
+        room, every worker full, a rate limit) or a 503 ``no_worker`` means
+        "not now": the request waits and is sent again.
         ``owner``: the tenant it runs as (its batch's owner; "" for a Python API job).
         """
-        model = body.get("model") if isinstance(body.get("model"), str) else None
         delay = 0.05
         while True:
-            async with self.admission.admit(model):
-                if not await wanted():
-                    return None
-                response = await self.http.post(url, json=body, headers={_OWNER_HEADER: owner} if owner else None)
+            if not await wanted():
+                return None
+            response = await self.http.post(url, json=body, headers={_OWNER_HEADER: owner} if owner else None)
             try:
                 content = response.json()
             except ValueError:
@@ -116,7 +115,8 @@ class Runner:
             code = (content.get("error") or {}).get("code") if isinstance(content, dict) else None
             if response.status_code != 429 and not (response.status_code == 503 and code in NOT_NOW):
                 return response.status_code, content
-            await asyncio.sleep(delay)
+            # No batch room: it frees within a job's time, so look again soon; otherwise back off.
+            await asyncio.sleep(delay if code != "no_batch_room" else min(delay, NO_ROOM_POLL))
             delay = min(delay * 2, 2.0)
 
     async def _job(self, attempt: Attempt, p: dict[str, Any]) -> None:
@@ -213,22 +213,6 @@ class Runner:
         return None
 
 
-class _Announcing:
-    """The broker's dispatcher, telling the admission gate the moment each job is placed."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    async def dispatch(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await self._inner.dispatch(*args, **kwargs)
-        finally:
-            Admission.placed()
-
-
 def _gave_up() -> dict[str, Any]:
     return {"error": {"message": f"The batch runners running this request died {MAX_TRIES} times; it was given up.",
                       "type": "server_error", "param": None, "code": "runner_lost"}}
@@ -249,7 +233,7 @@ async def serve(settings: Settings, *, handle_signals: bool = True) -> None:
 
 
 def __getattr__(name: str) -> Any:
-    """``WorkerSettings`` for ``arq broker.batch_runner.WorkerSettings``, built on first use from the environment
+    """``WorkerSettings`` for ``arq gateway.batch_runner.WorkerSettings``, built on first use from the environment
     (REDIS_URL, REDSERVE_*), so importing this module reads nothing."""
     if name == "WorkerSettings":
         return type("WorkerSettings", (), worker_options(Settings(), Runner.create))
