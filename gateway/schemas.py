@@ -115,7 +115,7 @@ class SamplingRequest(RequestBody):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1,
                               description="Extension: sample from the k most likely tokens.")
-    n: int = Field(default=1, ge=1, le=16)
+    n: int = Field(default=1, ge=1, description="Choices to generate; capped by the server's max_n setting.")
     max_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     stream: bool = False

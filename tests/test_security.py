@@ -132,6 +132,18 @@ async def test_unauthenticated_body_is_never_read(stack, auth):
     writer.close()
 
 
+async def test_max_n_is_the_one_cap_on_n(stack):
+    """``--max-n 32`` takes effect: n is capped by the setting alone (the schema once capped it at 16)."""
+    await stack.worker(max_concurrency=4)
+    gw = await stack.gateway(max_n=32)
+    reply = await gw.client().chat.completions.create(model="echo", n=20, max_tokens=2,
+                                                      messages=[{"role": "user", "content": "many choices"}])
+    assert len(reply.choices) == 20
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        r = await http.post("/v1/chat/completions", json={**CHAT, "n": 33})
+    assert r.status_code == 400 and "max_n" in r.json()["error"]["message"]
+
+
 async def test_body_size_limit(stack):
     gw = await stack.gateway(max_body_bytes=2048)
     big = {**CHAT, "messages": [{"role": "user", "content": "y" * 5000}]}

@@ -55,7 +55,7 @@ def sampling_params(params: dict[str, Any], kind: JobKind, prompt_tokens: int, c
         presence_penalty=_number(params, "presence_penalty", float, 0.0, lo=-2, hi=2),
         frequency_penalty=_number(params, "frequency_penalty", float, 0.0, lo=-2, hi=2),
         stop=_stops(params.get("stop")),
-        n=_number(params, "n", int, 1, lo=1, hi=128),
+        n=_number(params, "n", int, 1, lo=1),  # capped once, by the gateway's max_n
         logprobs=_logprobs(params, kind),
     )
 
