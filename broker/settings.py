@@ -9,13 +9,26 @@ everyone already exports.
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DispatchMethod = Literal["shortest_queue", "lottery"]
 EventLoop = Literal["auto", "uvloop", "asyncio"]
+#: The processes a setting concerns: each gets a flag for it (``redis``: every process that meets in Redis).
+Role = Literal["redis", "worker", "gateway", "batch-runner"]
+
+
+def _for(*roles: Role) -> dict[str, Any]:
+    """A field's metadata: which processes take it as a flag (and its env var, as every field)."""
+    return {"roles": list(roles)}
+
+
+def fields_for(*roles: Role) -> list[str]:
+    """The settings the given processes take, in declaration order: what the CLI makes flags of."""
+    return [name for name, f in Settings.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and set(roles) & set(f.json_schema_extra.get("roles", []))]
 
 
 class Settings(BaseSettings):
@@ -26,147 +39,244 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("REDSERVE_REDIS_URL", "REDIS_URL", "redis_url"),
         description="Redis to meet in; unset means `redserve up` starts a private one.",
+        json_schema_extra=_for("redis"),
     )
-    key_prefix: str = Field(default="redserve", description="Namespace of every key and channel.")
+    key_prefix: str = Field(
+        default="redserve", description="Namespace of every key and channel.",
+        json_schema_extra=_for("redis"),
+    )
     event_loop: EventLoop = Field(
-        default="auto", description="Event loop of every process: uvloop when installed (auto), or asyncio's own."
+        default="auto", description="Event loop of every process: uvloop when installed (auto), or asyncio's own.",
+        json_schema_extra=_for("redis"),
     )
 
     # --- workers -------------------------------------------------------------
-    worker_ttl: float = Field(default=10.0, gt=0, description="Seconds a worker record lives without a heartbeat.")
-    heartbeat_interval: float = Field(default=3.0, gt=0, description="Seconds between heartbeats.")
-    max_concurrency: int = Field(default=8, ge=1, description="Jobs a worker runs at once.")
+    worker_ttl: float = Field(
+        default=10.0, gt=0, description="Seconds a worker record lives without a heartbeat.",
+        json_schema_extra=_for("worker"),
+    )
+    heartbeat_interval: float = Field(
+        default=3.0, gt=0, description="Seconds between heartbeats.",
+        json_schema_extra=_for("worker"),
+    )
+    max_concurrency: int = Field(
+        default=8, ge=1, description="Jobs a worker runs at once.",
+        json_schema_extra=_for("worker"),
+    )
     max_queue: int = Field(
         default=0, ge=0,
         description="Jobs (running + waiting) a worker accepts before dispatch skips it; 0 = 4 x max_concurrency.",
+        json_schema_extra=_for("worker"),
     )
-    speed: float = Field(default=1.0, gt=0, description="Relative speed, the weight of lottery dispatch.")
-    drain_timeout: float = Field(default=60.0, ge=0, description="Seconds a draining worker waits for in-flight jobs.")
+    speed: float = Field(
+        default=1.0, gt=0, description="Relative speed, the weight of lottery dispatch.",
+        json_schema_extra=_for("worker"),
+    )
+    drain_timeout: float = Field(
+        default=60.0, ge=0, description="Seconds a draining worker waits for in-flight jobs.",
+        json_schema_extra=_for("worker"),
+    )
     model_path: str | None = Field(
-        default=None, description="Local model directory for the hf and vllm engines (default: the model name)."
+        default=None, description="Local model directory for the hf and vllm engines (default: the model name).",
+        json_schema_extra=_for("worker"),
     )
     vllm_engine_args: str | None = Field(
         default=None,
         description="JSON object of extra vLLM AsyncEngineArgs, e.g. '{\"gpu_memory_utilization\": 0.85}'.",
+        json_schema_extra=_for("worker"),
     )
-    api_config: str | None = Field(default=None, description="TOML file of upstreams for the openai engine.")
+    api_config: str | None = Field(
+        default=None, description="TOML file of upstreams for the openai engine.",
+        json_schema_extra=_for("worker"),
+    )
     metrics_port: int | None = Field(
-        default=None, ge=0, le=65535, description="Port of a worker's Prometheus /metrics (0 = any free port)."
+        default=None, ge=0, le=65535, description="Port of a worker's Prometheus /metrics (0 = any free port).",
+        json_schema_extra=_for("worker"),
     )
-    echo_tokens: int = Field(default=16, ge=1, description="Tokens an echo worker produces when max_tokens allows.")
-    echo_delay: float = Field(default=0.0, ge=0, description="Seconds between echo tokens.")
+    echo_tokens: int = Field(
+        default=16, ge=1, description="Tokens an echo worker produces when max_tokens allows.",
+        json_schema_extra=_for("worker"),
+    )
+    echo_delay: float = Field(
+        default=0.0, ge=0, description="Seconds between echo tokens.",
+        json_schema_extra=_for("worker"),
+    )
 
     # --- dispatch and gateway ----------------------------------------------
-    dispatch_method: DispatchMethod = "shortest_queue"
+    dispatch_method: DispatchMethod = Field(
+        default="shortest_queue", description="How a gateway picks a worker: shortest queue, or a lottery by speed.",
+        json_schema_extra=_for("gateway", "batch-runner"),
+    )
     gateway_processes: int = Field(
         default=1, ge=1,
         description="Gateway processes sharing one listening socket, each a whole gateway with its own reply "
                     "channel: spreads HTTP and SSE work over cores.",
+        json_schema_extra=_for("gateway"),
     )
     reply_timeout: float = Field(
-        default=60.0, gt=0, description="Seconds of worker silence before a request fails (504 / error event)."
+        default=60.0, gt=0, description="Seconds of worker silence before a request fails (504 / error event).",
+        json_schema_extra=_for("gateway", "batch-runner"),
     )
     replay_window: float = Field(
-        default=60.0, ge=0, description="Seconds a stream stays resumable after its last message; 0 = off."
+        default=60.0, ge=0, description="Seconds a stream stays resumable after its last message; 0 = off.",
+        json_schema_extra=_for("gateway", "batch-runner"),
     )
     max_attempts: int = Field(
-        default=3, ge=1, description="Workers a job may die on before it is dead-lettered."
+        default=3, ge=1, description="Workers a job may die on before it is dead-lettered.",
+        json_schema_extra=_for("gateway", "batch-runner"),
     )
     replica_acks: int = Field(
         default=0, ge=0,
         description="Replicas that must hold a dispatched job before the gateway relies on it (WAIT, up to "
                     "replica_ack_timeout); 0 = do not wait.",
+        json_schema_extra=_for("gateway", "batch-runner"),
     )
     replica_ack_timeout: float = Field(
-        default=0.5, gt=0, description="Seconds a dispatch waits for replica_acks before going on regardless."
+        default=0.5, gt=0, description="Seconds a dispatch waits for replica_acks before going on regardless.",
+        json_schema_extra=_for("gateway", "batch-runner"),
     )
     redis_wait: float = Field(
         default=5.0, ge=0,
         description="Seconds a new request waits for Redis (and this gateway's reply subscription) to come back "
                     "before it is refused with 503.",
+        json_schema_extra=_for("gateway", "batch-runner"),
     )
     orphan_grace: float = Field(
         default=3.0, gt=0,
         description="Seconds a worker keeps a job going while no gateway hears its replies (a gateway "
                     "reconnecting to Redis is not gone) before it stops the job.",
+        json_schema_extra=_for("worker"),
     )
     resend_window: float = Field(
         default=30.0, ge=0,
         description="Seconds a worker keeps a finished job's replies to send again to a gateway that missed them.",
+        json_schema_extra=_for("worker"),
     )
     outbox_max_bytes: int = Field(
         default=64 * 2**20, ge=1024,
         description="Reply bytes a worker holds while Redis is unreachable; past it the oldest jobs fail.",
+        json_schema_extra=_for("worker"),
     )
     stream_buffer: int = Field(
-        default=1024, ge=1, description="Reply messages buffered per request before a slow client is shed."
+        default=1024, ge=1, description="Reply messages buffered per request before a slow client is shed.",
+        json_schema_extra=_for("gateway", "batch-runner"),
     )
     send_timeout: float = Field(
-        default=30.0, gt=0, description="Seconds one SSE write may wait on a client before it is dropped."
+        default=30.0, gt=0, description="Seconds one SSE write may wait on a client before it is dropped.",
+        json_schema_extra=_for("gateway"),
     )
     # --- security and limits (gateway) -----------------------------------------
     api_keys: list[str] = Field(
-        default_factory=list, description="Accepted API keys; none = no authentication."
+        default_factory=list, description="Accepted API keys; none = no authentication.",
+        json_schema_extra=_for("gateway"),
     )
-    api_keys_file: str | None = Field(default=None, description="File of accepted API keys, one per line.")
+    api_keys_file: str | None = Field(
+        default=None, description="File of accepted API keys, one per line.",
+        json_schema_extra=_for("gateway"),
+    )
     admin_api_keys: list[str] = Field(
         default_factory=list,
         description="Operators' keys: they see every tenant's files, batches and requests, and /metrics needs one.",
+        json_schema_extra=_for("gateway"),
     )
     open_paths: list[str] = Field(
         default_factory=lambda: ["/health"],
         description="Routes reachable without an API key (e.g. /metrics for an unauthenticated scraper).",
+        json_schema_extra=_for("gateway"),
     )
     api_docs: bool = Field(
-        default=True, description="Serve /docs, /redoc and /openapi.json (behind the API key when keys are set)."
+        default=True, description="Serve /docs, /redoc and /openapi.json (behind the API key when keys are set).",
+        json_schema_extra=_for("gateway"),
     )
-    rpm_limit: int = Field(default=0, ge=0, description="Requests per minute per API key, across all gateways; 0 = none.")
+    rpm_limit: int = Field(
+        default=0, ge=0, description="Requests per minute per API key, across all gateways; 0 = none.",
+        json_schema_extra=_for("gateway", "batch-runner"),
+    )
     tpm_limit: int = Field(
         default=0, ge=0,
         description="Tokens per minute per API key, across all gateways, reserved at admission (prompt estimate + "
                     "max_tokens) and settled to the true usage; 0 = none.",
+        json_schema_extra=_for("gateway", "batch-runner"),
     )
     tpm_default_max_tokens: int = Field(
         default=1024, ge=1,
         description="Under a tpm_limit, max_tokens for a request that sets none (what its reservation holds).",
+        json_schema_extra=_for("gateway", "batch-runner"),
     )
     max_in_flight_per_key: int = Field(
-        default=256, ge=0, description="Requests one API key may have in flight on one gateway process; 0 = no cap."
+        default=256, ge=0, description="Requests one API key may have in flight on one gateway process; 0 = no cap.",
+        json_schema_extra=_for("gateway"),
     )
-    max_body_bytes: int = Field(default=4 * 2**20, ge=1024, description="Largest request body accepted.")
-    max_prompt_chars: int = Field(default=1_000_000, ge=1, description="Longest prompt (all messages) in characters.")
-    max_tokens_cap: int = Field(default=32_768, ge=1, description="Largest max_tokens a request may ask for.")
-    max_messages: int = Field(default=1024, ge=1, description="Most messages in one chat request.")
-    max_n: int = Field(default=16, ge=1, description="Most choices (n) in one request.")
+    max_body_bytes: int = Field(
+        default=4 * 2**20, ge=1024, description="Largest request body accepted.",
+        json_schema_extra=_for("gateway", "batch-runner"),
+    )
+    max_prompt_chars: int = Field(
+        default=1_000_000, ge=1, description="Longest prompt (all messages) in characters.",
+        json_schema_extra=_for("gateway", "batch-runner"),
+    )
+    max_tokens_cap: int = Field(
+        default=32_768, ge=1, description="Largest max_tokens a request may ask for.",
+        json_schema_extra=_for("gateway", "batch-runner"),
+    )
+    max_messages: int = Field(
+        default=1024, ge=1, description="Most messages in one chat request.",
+        json_schema_extra=_for("gateway", "batch-runner"),
+    )
+    max_n: int = Field(
+        default=16, ge=1, description="Most choices (n) in one request.",
+        json_schema_extra=_for("gateway", "batch-runner"),
+    )
     # --- batch jobs ------------------------------------------------------------
-    batch_concurrency: int = Field(default=64, ge=1, description="Batch jobs one batch runner works on at once.")
+    batch_concurrency: int = Field(
+        default=64, ge=1, description="Batch jobs one batch runner works on at once.",
+        json_schema_extra=_for("batch-runner"),
+    )
     batch_share: float = Field(
         default=0.75, gt=0,
         description="Batch jobs are dispatched only while some worker's queue is below this share of its "
                     "max_concurrency (at least 1 slot), so interactive requests keep the rest.",
+        json_schema_extra=_for("batch-runner"),
     )
     batch_lease: float = Field(
         default=10.0, gt=0, description="Seconds a batch runner's claim on a job lasts unrenewed; a killed "
                                         "runner's jobs run again after it.",
+        json_schema_extra=_for("batch-runner"),
     )
-    batch_max_file_bytes: int = Field(default=32 * 2**20, ge=1024, description="Largest file /v1/files stores.")
+    batch_max_file_bytes: int = Field(
+        default=32 * 2**20, ge=1024, description="Largest file /v1/files stores.",
+        json_schema_extra=_for("gateway", "batch-runner"),
+    )
     tenant_max_bytes: int = Field(
         default=256 * 2**20, ge=0,
         description="Bytes of files (uploads and batch output) one tenant may keep stored; 0 = no quota.",
+        json_schema_extra=_for("gateway", "batch-runner"),
     )
-    tenant_max_files: int = Field(default=100, ge=0, description="Files one tenant may keep stored; 0 = no quota.")
+    tenant_max_files: int = Field(
+        default=100, ge=0, description="Files one tenant may keep stored; 0 = no quota.",
+        json_schema_extra=_for("gateway", "batch-runner"),
+    )
     max_concurrent_uploads: int = Field(
-        default=2, ge=1, description="File uploads one gateway process stores at once (each is held in memory)."
+        default=2, ge=1, description="File uploads one gateway process stores at once (each is held in memory).",
+        json_schema_extra=_for("gateway"),
     )
     votes_max_entries: int = Field(
-        default=100_000, ge=1, description="Votes kept in the votes stream; older ones are trimmed."
+        default=100_000, ge=1, description="Votes kept in the votes stream; older ones are trimmed.",
+        json_schema_extra=_for("gateway"),
     )
-    batch_max_requests: int = Field(default=50_000, ge=1, description="Most requests in one batch.")
+    batch_max_requests: int = Field(
+        default=50_000, ge=1, description="Most requests in one batch.",
+        json_schema_extra=_for("gateway", "batch-runner"),
+    )
     batch_ttl: float = Field(
-        default=7 * 86400.0, gt=0, description="Seconds files, batches and job results stay in Redis."
+        default=7 * 86400.0, gt=0, description="Seconds files, batches and job results stay in Redis.",
+        json_schema_extra=_for("gateway", "batch-runner"),
     )
-    host: str = Field(default="127.0.0.1", description="Address to listen on (a gateway's HTTP, a worker's metrics).")
-    port: int = Field(default=8000, ge=0, le=65535)
+    host: str = Field(
+        default="127.0.0.1", description="Address to listen on (a gateway's HTTP, a worker's metrics).",
+        json_schema_extra=_for("worker", "gateway"),
+    )
+    port: int = Field(default=8000, ge=0, le=65535, json_schema_extra=_for("gateway"))
 
     @field_validator("redis_url")
     @classmethod

@@ -25,13 +25,13 @@ from broker.batch import BatchClient
 from broker.batch_store import ENDPOINTS, TERMINAL
 from broker.errors import BrokerError
 from broker.settings import Settings
+from redserve.flags import add_settings_flags, settings_from
 
 POLL = 0.25
 
 
 def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``batch`` subcommand and its own subcommands."""
-    from redserve.cli import REDIS_FLAGS, _add_settings_flags  # late: redserve.cli imports this module
 
     p = subparsers.add_parser("batch", parents=[common], help="Run a JSONL file of requests as a batch; follow, "
                                                              "cancel or collect batches.")
@@ -53,13 +53,11 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> argparse.Arg
     results.add_argument("batch_id")
     results.add_argument("--out", default=None, help="File to write [default: stdout].")
     for leaf in (submit, status, cancel, results):
-        _add_settings_flags(leaf, REDIS_FLAGS)
+        add_settings_flags(leaf, "redis")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from redserve.cli import settings_from
-
     settings = settings_from(args)
     if not settings.redis_url:
         print("redserve: set --redis-url or REDIS_URL", file=sys.stderr)

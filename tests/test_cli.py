@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import os
 import re
 import signal
@@ -233,3 +235,18 @@ def test_a_bad_setting_is_named_not_a_traceback():
     assert r.returncode == 2 and "--max-concurrency" in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = run("gateway", env=os.environ | {"REDSERVE_MAX_BODY_BYTES": "-5"})
     assert r.returncode == 2 and "REDSERVE_MAX_BODY_BYTES" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_every_setting_is_a_flag_of_some_process():
+    """Flags come from the settings' own metadata: a new field without roles would be unreachable from the
+    command line, so this catches it; and each role's flags are exactly its fields."""
+    from broker.settings import Settings, fields_for
+    from redserve.cli import build_parser
+
+    every = fields_for("redis", "worker", "gateway", "batch-runner")
+    assert [name for name in Settings.model_fields if name not in every] == []
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command, roles in {"gateway": ("redis", "gateway"), "worker": ("redis", "worker"),
+                           "batch-runner": ("redis", "batch-runner"), "status": ("redis",)}.items():
+        flags = {a.dest for a in sub.choices[command]._actions if a.dest in Settings.model_fields}
+        assert flags == set(fields_for(*roles)), command
