@@ -31,6 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.batch_store import BatchStore, Request, line_problem
 from broker.connection import connection_pool
+from broker.errors import ServeError
 from broker.keys import Keys
 from broker.protocol import pack, unpack
 from broker.settings import Settings
@@ -89,8 +90,7 @@ class BatchJobError(Exception):
         self.error = error
 
 
-ABORTED = {"error": {"message": "The job was aborted.", "type": "invalid_request_error", "param": None,
-                     "code": "cancelled"}}
+ABORTED = ServeError("The job was aborted.", status=499, type="invalid_request_error", code="cancelled").body()
 
 
 class BatchJob:

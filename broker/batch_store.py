@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 from redis.asyncio import Redis
 
-from broker.errors import BrokerError
+from broker.errors import ServeError
 from broker.keys import Keys
 from broker.protocol import pack, unpack
 from broker.settings import Settings
@@ -35,21 +35,21 @@ MAX_LISTED_ERRORS = 100
 _OUTPUT, _ERROR, _EXPIRED, _SKIPPED = b"o", b"e", b"x", b""
 
 
-class InvalidBatch(BrokerError):
+class InvalidBatch(ServeError):
     status, type, code = 400, "invalid_request_error", "invalid_request"
 
 
-class NotFound(BrokerError):
+class NotFound(ServeError):
     status, type, code = 404, "invalid_request_error", "not_found"
 
 
-class QuotaExceeded(BrokerError):
+class QuotaExceeded(ServeError):
     """A tenant's stored files would pass its quota."""
 
     status, type, code = 400, "invalid_request_error", "quota_exceeded"
 
 
-class Finished(BrokerError):
+class Finished(ServeError):
     """The batch has ended (or is ending) and can no longer change."""
 
     status, type, code = 409, "invalid_request_error", "batch_finished"

@@ -27,7 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from broker.dispatch import Dispatcher
-from broker.errors import BrokerError, Gone
+from broker.errors import ServeError, Gone
 from broker.keys import WORKER_GROUP, Keys
 from broker.protocol import Job, Reply, lost
 
@@ -113,7 +113,7 @@ class Janitor:
             self.moved += 1
         except Gone:
             pass
-        except BrokerError:  # nowhere to go now: let its gateway decide (retry later or fail)
+        except ServeError:  # nowhere to go now: let its gateway decide (retry later or fail)
             await self._tell_lost(job)
             await self.redis.xdel(stream, entry_id)
 

@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker.errors import BrokerError, WorkerLost, WorkerTimeout
+from broker.errors import ServeError, WorkerLost, WorkerTimeout
 from broker.keys import Keys
 from broker.protocol import Reply
 
@@ -42,7 +42,7 @@ GAP_RETRY = 1.0
 RESTART: tuple[dict[str, Any], ...] = ({"t": "restart"},)
 
 
-class SlowClient(BrokerError):
+class SlowClient(ServeError):
     status, type, code = 503, "service_unavailable", "client_too_slow"
 
 
@@ -66,7 +66,7 @@ class ReplyStream:
         self.committed = False
         #: Re-dispatches the job after its worker died (set by the client that dispatched it).
         self.retry: Callable[[ReplyStream], Awaitable[None]] | None = None
-        self.failed: BrokerError | None = None
+        self.failed: ServeError | None = None
         #: Messages that arrived ahead of a gap, by seq, until the gap is filled.
         self.ahead: dict[int, Reply] = {}
         #: Set when the subscription came back: messages may have been missed, though none came early.

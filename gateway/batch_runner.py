@@ -29,6 +29,7 @@ import httpx
 
 from broker.batch import MAX_TRIES, Attempt, BatchClient, Task, worker_options
 from broker.batch_store import TERMINAL, NotFound, Request, line_problem, parse_requests
+from broker.errors import ServeError
 from broker.keys import Keys
 from broker.settings import Settings
 from broker.tenants import ANONYMOUS, Tenant
@@ -110,8 +111,7 @@ class Runner:
             try:
                 content = response.json()
             except ValueError:
-                content = {"error": {"message": response.text or "Internal Server Error", "type": "server_error",
-                                     "param": None, "code": None}}
+                content = ServeError(response.text or "Internal Server Error", status=response.status_code).body()
             code = (content.get("error") or {}).get("code") if isinstance(content, dict) else None
             if response.status_code != 429 and not (response.status_code == 503 and code in NOT_NOW):
                 return response.status_code, content
@@ -214,8 +214,8 @@ class Runner:
 
 
 def _gave_up() -> dict[str, Any]:
-    return {"error": {"message": f"The batch runners running this request died {MAX_TRIES} times; it was given up.",
-                      "type": "server_error", "param": None, "code": "runner_lost"}}
+    return ServeError(f"The batch runners running this request died {MAX_TRIES} times; it was given up.",
+                      code="runner_lost").body()
 
 
 def _json(obj: Any) -> str:

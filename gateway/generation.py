@@ -13,8 +13,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from broker.client import BrokerClient
-from broker.errors import BrokerError, UnknownModel, WorkerTimeout
-from broker.protocol import JobKind, error
+from broker.errors import ServeError, UnknownModel, WorkerTimeout
+from broker.protocol import JobKind
 from broker.replies import RESTART, ReplyStream
 from broker.tenants import well_formed
 from gateway import limits
@@ -60,10 +60,10 @@ async def generate(
         except WorkerTimeout as exc:
             if not body.stream:
                 raise
-            first = [_error_event(exc)]  # streamed, as the client asked for a stream
+            first = [exc.event()]  # streamed, as the client asked for a stream
         else:
             if first and first[0]["t"] == "err":
-                raise APIError.from_event(first[0])
+                raise ServeError.from_event(first[0])
             metrics.ttft.labels(body.model).observe(since(started))
     except ClientGone:
         await _release(broker, stream)
@@ -97,7 +97,7 @@ async def submit(request: Request, broker: BrokerClient, model: str, kind: JobKi
         stream = await broker.submit(model, kind, params, owner=tenant_of(request), **options)
     except UnknownModel:
         raise
-    except BrokerError:
+    except ServeError:
         request.state.model = model
         raise
     request.state.model = model
@@ -158,7 +158,7 @@ async def _collect(stream: ReplyStream, first: list[dict[str, Any]], shape: Shap
             elif t == "end":
                 finish[ev["i"]] = ev["fr"]
             elif t == "err":
-                raise APIError.from_event(ev)
+                raise ServeError.from_event(ev)
             elif t == "done":
                 return shape.whole({i: "".join(parts) for i, parts in texts.items()}, finish, ev["u"], lps)
         events = await stream.next_events()
@@ -186,8 +186,8 @@ async def _sse(broker: BrokerClient, stream: ReplyStream, first: list[dict[str, 
                         await account(usage)
                     return
             events = await stream.next_events()
-    except BrokerError as exc:
-        yield encode(failure(APIError.from_broker(exc).body))
+    except ServeError as exc:
+        yield encode(failure(exc.body()))
     except (asyncio.CancelledError, GeneratorExit):
         if resumable:  # the client may come back for the rest: let the job finish into its replay log
             stream.close()
@@ -195,10 +195,6 @@ async def _sse(broker: BrokerClient, stream: ReplyStream, first: list[dict[str, 
     finally:
         if stream.rid in broker.router.streams:
             await _release(broker, stream)
-
-
-def _error_event(exc: BrokerError) -> dict[str, Any]:
-    return error(exc.message, status=exc.status, type=exc.type, code=exc.code, param=exc.param)
 
 
 async def _release(broker: BrokerClient, stream: ReplyStream) -> None:

@@ -67,7 +67,7 @@ async def _replay(broker: BrokerClient, key: str, fmt: StreamFormat, entries: li
         if not more:
             if time.monotonic() - quiet_since > broker.settings.reply_timeout:
                 exc = WorkerTimeout(f"The stream got no new message within {broker.settings.reply_timeout:g} s.")
-                yield encode(failure(APIError.from_broker(exc).body))
+                yield encode(failure(exc.body()))
                 return
             replies = []
             continue

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from broker.client import BrokerClient
+from broker.errors import ServeError
 from broker.protocol import JobKind
 from gateway import limits
 from gateway.disconnect import ClientGone, unless_disconnected
@@ -117,7 +118,7 @@ async def _one_reply(request: Request, model: str, kind: JobKind, params: dict[s
             await broker.release(stream)
         ev = events[-1]
         if ev["t"] == "err":
-            raise APIError.from_event(ev)
+            raise ServeError.from_event(ev)
         used = (ev.get("u") or {}).get("prompt_tokens", 0)
         return ev
     finally:

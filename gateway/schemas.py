@@ -7,6 +7,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from broker.errors import printable
+
 #: What msgpack and every engine can carry: 64-bit signed integers.
 _INT_RANGE = range(-(2**63), 2**63)
 #: How deep a request body may nest (a chat request needs about 6).
@@ -24,11 +26,6 @@ class BadInput(ValueError):
         param = printable(param)  # a field name may itself hold the bad text
         super().__init__(f"'{param}' {problem}")
         self.param = param
-
-
-def printable(text: str) -> str:
-    """``text`` with anything UTF-8 cannot carry (lone surrogates) written as ``\\udXXX`` escapes."""
-    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class RequestBody(StrictModel):

@@ -30,7 +30,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from broker.client import BrokerClient
 from broker.settings import Settings
 from broker.tenants import ANONYMOUS, PUBLIC, Tenant, tenant_id
-from gateway.errors import APIError, BodyTooLarge, error_body, redis_error
+from broker.errors import ServeError
+from gateway.errors import APIError, BodyTooLarge, redis_error
 
 log = logging.getLogger(__name__)
 
@@ -145,17 +146,16 @@ class APIKeyMiddleware:
         if tenant is None:
             message = "Missing API key: send 'Authorization: Bearer <key>'." if not _bearer(scope) \
                 else "Incorrect API key provided."
-            await reply(send, 401, error_body(message, "authentication_error", None, "invalid_api_key"), close=True)
+            await reply(send, APIError(401, message, code="invalid_api_key"), close=True)
             return
         if self.admins and not tenant.admin and path.startswith(ADMIN_ONLY) and path not in self.open_paths:
-            await reply(send, 403, error_body("This route needs an admin key (admin_api_keys).",
-                                              "permission_error", None, "admin_only"), close=True)
+            await reply(send, APIError(403, "This route needs an admin key (admin_api_keys).", code="admin_only"),
+                        close=True)
             return
         if self.max_in_flight and self.in_flight[tenant.id] >= self.max_in_flight:
-            await reply(send, 429, error_body(
-                f"This API key has {self.max_in_flight} requests in flight on this gateway "
-                "(max_in_flight_per_key); wait for one to end.", "rate_limit_error", None, "too_many_in_flight"),
-                {"retry-after": "1"}, close=True)
+            await reply(send, APIError(
+                429, f"This API key has {self.max_in_flight} requests in flight on this gateway "
+                     "(max_in_flight_per_key); wait for one to end.", code="too_many_in_flight"), close=True)
             return
         scope[TENANT] = tenant
         self.in_flight[tenant.id] += 1
@@ -180,14 +180,13 @@ class APIKeyMiddleware:
         try:
             wait = await self.limiter.admit(tenant)
         except RedisError as exc:
-            failure = redis_error(exc)
-            await reply(send, failure.status, failure.body, failure.headers)
+            await reply(send, redis_error(exc))
             return False
         if wait is None:
             return True
-        await reply(send, 429, error_body(f"Rate limit reached for this API key: {self.limiter.rpm} requests per "
-                                          "minute (rpm_limit).", "rate_limit_error", None, "rate_limit_exceeded"),
-                    {"retry-after": str(max(1, int(wait + 0.999)))})
+        await reply(send, APIError(429, f"Rate limit reached for this API key: {self.limiter.rpm} requests per "
+                                        "minute (rpm_limit).", code="rate_limit_exceeded",
+                                   headers={"Retry-After": str(max(1, int(wait + 0.999)))}))
         return False
 
 
@@ -211,8 +210,7 @@ class BodyLimitMiddleware:
         limit, setting = self.cap(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            failure = BodyTooLarge(limit, setting).api_error()
-            await reply(send, failure.status, failure.body, failure.headers)
+            await reply(send, BodyTooLarge(limit, setting).api_error())
             return
         seen = 0
 
@@ -234,13 +232,12 @@ def _bearer(scope: Scope) -> bytes:
     return token.strip() if scheme.lower() == b"bearer" else b""
 
 
-async def reply(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None, *,
-                close: bool = False) -> None:
-    """Answer from middleware; ``close`` ends the connection, so an unread body is never read."""
-    data = json.dumps(body).encode()
+async def reply(send: Send, exc: ServeError, *, close: bool = False) -> None:
+    """Answer an error from middleware; ``close`` ends the connection, so an unread body is never read."""
+    data = json.dumps(exc.body()).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    if close:
+    raw += [(k.lower().encode(), v.encode()) for k, v in (exc.headers or {}).items()]
+    if close and "connection" not in {k.lower() for k in exc.headers or {}}:
         raw.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.start", "status": exc.status, "headers": raw})
     await send({"type": "http.response.body", "body": data})

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from broker.errors import ServeError
 from gateway.errors import APIError
 from gateway.render import Shape, dumps
 
@@ -95,7 +96,7 @@ def render(fmt: StreamFormat, events: list[dict[str, Any]], attempt: int, seq: i
             out.append("[DONE]")
             ended = True
         elif t == "err":
-            out += [dumps(APIError.from_event(ev).body), "[DONE]"]
+            out += [dumps(ServeError.from_event(ev).body()), "[DONE]"]
             ended = True
     return [Event(d, f"{attempt}.{seq}.{j}") for j, d in enumerate(out)], ended
 

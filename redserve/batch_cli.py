@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from broker.batch import BatchClient
 from broker.batch_store import ENDPOINTS, TERMINAL
-from broker.errors import BrokerError
+from broker.errors import ServeError
 from broker.settings import Settings
 from redserve.flags import add_settings_flags, settings_from
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         return asyncio.run(_COMMANDS[args.batch_command](args, settings))
-    except BrokerError as exc:  # an unknown batch, a batch that can no longer be cancelled, ...
+    except ServeError as exc:  # an unknown batch, a batch that can no longer be cancelled, ...
         print(f"redserve: {exc.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -238,10 +238,10 @@ def test_incremental_decoding_never_splits_a_character(tiny_dir):
 def test_unknown_and_invalid_parameters_are_refused():
     with pytest.raises(JobError) as err:
         sampling_params({"prompt": "x", "tools": []}, JobKind.COMPLETION, 1, 16)
-    assert err.value.event["param"] == "tools" and err.value.event["status"] == 400
+    assert err.value.param == "tools" and err.value.status == 400
     with pytest.raises(JobError) as err:
         sampling_params({"prompt": "x", "temperature": "hot"}, JobKind.COMPLETION, 1, 16)
-    assert err.value.event["param"] == "temperature"
+    assert err.value.param == "temperature"
     assert sampling_params({"prompt": "x"}, JobKind.COMPLETION, 10, 16).max_tokens == 6  # the room left
 
 

@@ -210,11 +210,11 @@ async def test_contract_bad_parameters_are_400s_before_vllm(stack, tokenizer):
     job = Job("bad-1", "toy", JobKind.COMPLETION, "nowhere", {"prompt": "x", "tools": []})
     with pytest.raises(JobError) as err:
         [ev async for ev in worker.generate(job)]
-    assert err.value.event["param"] == "tools" and err.value.event["status"] == 400
+    assert err.value.param == "tools" and err.value.status == 400
     job = Job("bad-2", "toy", JobKind.COMPLETION, "nowhere", {"prompt": ["not", "a string"]})
     with pytest.raises(JobError) as err:
         [ev async for ev in worker.generate(job)]
-    assert err.value.event["param"] == "prompt"
+    assert err.value.param == "prompt"
     assert not llm.requests
 
 
@@ -316,7 +316,7 @@ def test_real_vllm_builds_the_mapped_requests():
     assert p.output_kind == VLLMRequestOutputKind.DELTA
     with pytest.raises(JobError) as err:
         engine.sampling_params(SamplingParams(max_tokens=8, temperature=0, n=2))
-    assert err.value.event["status"] == 400
+    assert err.value.status == 400
     assert isinstance(engine.pooling_params(), vllm.PoolingParams) and engine.pooling_params().task == "embed"
     worker = VLLMWorker(Settings(redis_url="redis://unused"), [MODEL_PATH], engine_args={"max_model_len": 64})
     assert AsyncEngineArgs(**worker.engine_args).max_model_len == 64

@@ -28,8 +28,9 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.connection import connect
+from broker.errors import ServeError
 from broker.keys import WORKER_GROUP, Keys
-from broker.protocol import Job, JobKind, Reply, error, lost, token_count, unpack
+from broker.protocol import Job, JobKind, Reply, lost, token_count, unpack
 from broker.registry import Registry, WorkerRecord
 from broker.scripts import Scripts
 from broker.settings import Settings
@@ -39,22 +40,17 @@ from workers.publish import Orphaned, ReplyPublisher
 
 log = logging.getLogger(__name__)
 
-CANCELLED = error("The request was cancelled.", status=499, type="cancelled", code="cancelled")
-ORPHANED = error("The worker stopped this request: no gateway heard its replies for orphan_grace seconds.",
-                 status=503, type="service_unavailable", code="reply_lost")
-OVERFLOWED = error("Redis was unreachable so long that this request's waiting replies passed its share of the "
-                   "worker's outbox_max_bytes; it was stopped.", status=503, type="service_unavailable", code="reply_lost")
+CANCELLED = ServeError("The request was cancelled.", status=499, code="cancelled").event()
+ORPHANED = ServeError("The worker stopped this request: no gateway heard its replies for orphan_grace seconds.",
+                      status=503, code="reply_lost").event()
+OVERFLOWED = ServeError("Redis was unreachable so long that this request's waiting replies passed its share of the "
+                        "worker's outbox_max_bytes; it was stopped.", status=503, code="reply_lost").event()
 
 
-class JobError(Exception):
-    """A failure the user caused or should hear about, with its HTTP status."""
+class JobError(ServeError):
+    """A failure the user caused or should hear about: a 400 unless said otherwise (``ServeError``'s kwargs)."""
 
-    def __init__(
-        self, message: str, *, status: int = 400, type: str = "invalid_request_error",
-        code: str | None = None, param: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.event = error(message, status=status, type=type, code=code, param=param)
+    status = 400
 
 
 class BaseModelWorker(abc.ABC):
@@ -381,11 +377,11 @@ class BaseModelWorker(abc.ABC):
                 if ev["t"] == "d":
                     self.record.tokens_out += ev["k"]
                 yield ev
-        except JobError as exc:
-            yield exc.event
+        except ServeError as exc:
+            yield exc.event()
         except Exception as exc:  # an engine bug must still end the stream
             log.exception("engine failed on job %s", job.request_id)
-            yield error(f"The worker failed: {type(exc).__name__}: {exc}", status=500)
+            yield ServeError(f"The worker failed: {type(exc).__name__}: {exc}").event()
 
 
 def _forget_older_than(marks: dict[str, float], age: float, also: dict[str, Any] | None = None) -> None:

@@ -22,7 +22,8 @@ from typing import Any, AsyncIterator
 
 from redis.asyncio import Redis
 
-from broker.protocol import TERMINAL_EVENTS, Reply, error
+from broker.errors import ServeError
+from broker.protocol import TERMINAL_EVENTS, Reply
 from workers.outbox import Outbox, OutboxOverflow, ReplayLog
 
 
@@ -116,7 +117,7 @@ class ReplyPublisher:
                     queue.put_nowait(ev)
                     if ev["t"] in TERMINAL_EVENTS:
                         return
-                queue.put_nowait(error("The engine ended without finishing the request.", status=500))
+                queue.put_nowait(ServeError("The engine ended without finishing the request.").event())
             finally:
                 queue.put_nowait(None)
 
