@@ -81,13 +81,18 @@ class JobState(StrEnum):
     NOT_FOUND = "not_found"
 
 
-class BatchJobError(Exception):
-    """The job ended with an error response: its HTTP status and OpenAI error object."""
+class BatchJobError(ServeError):
+    """The job ended with an error response: its HTTP status and OpenAI error object (``status_code``,
+    ``error``), as a ``ServeError``."""
 
     def __init__(self, status_code: int, error: dict[str, Any]) -> None:
-        super().__init__(f"{status_code}: {error.get('message')}")
+        super().__init__(str(error.get("message") or "error"), status=status_code, type=error.get("type"),
+                         code=error.get("code"), param=error.get("param"))
         self.status_code = status_code
         self.error = error
+
+    def __str__(self) -> str:
+        return f"{self.status_code}: {self.message}"
 
 
 ABORTED = ServeError("The job was aborted.", status=499, type="invalid_request_error", code="cancelled").body()
