@@ -58,7 +58,7 @@ def app(delay: float) -> Starlette:
 
 
 @contextlib.contextmanager
-def serve(delay: float = 0.0) -> Iterator["Stack"]:  # noqa: F821
+def serve(delay: float = 0.0) -> Iterator[Stack]:  # noqa: F821
     """This server in its own process, for the matrix (bench/matrix.py)."""
     from bench.redserve_stack import server_process
 

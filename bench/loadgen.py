@@ -92,7 +92,7 @@ async def one(http: aiohttp.ClientSession, model: str, max_tokens: int, i: int, 
                         text.append(obj["choices"][0]["delta"]["content"])
                     if first is None:
                         first = time.perf_counter() - start
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         res.errors.append(f"{type(exc).__name__}: {exc}")
         return
     if count_chunks:

@@ -159,7 +159,8 @@ def per_request(floors: list[dict], rows: list[dict]) -> list[str]:
     """The per-request CPU table, and what it means for the one-gateway target."""
     out = ["| server answering one one-token stream | CPU µs per request | requests/s (C = 64) | errors |",
            "|---|---:|---:|---:|"]
-    out += [f"| {f['server']} | {f['cpu_us_per_request']:,} | {f['requests_per_s']:,} | {f['errors']} |" for f in floors]
+    out += [f"| {f['server']} | {f['cpu_us_per_request']:,} | {f['requests_per_s']:,} | {f['errors']} |"
+            for f in floors]
     by = {f["server"]: f["cpu_us_per_request"] for f in floors}
     one, two, d = (_get(rows, s, 1, 20.0, 256) for s in ("redserve", "redserve-2gw", "direct"))
     if not (len(by) == 3 and one and two and d):
@@ -185,7 +186,8 @@ def render_md(rows: list[dict], meta: dict, scaled: dict | None = None, floors: 
            f"machine. Synthetic echo engine, T = {meta.get('max_tokens', 64)} tokens per reply, streamed; every "
            "reply checked (complete, echo text, T tokens). The machine is shared and noisy: quote the ratios.", "",
            "Systems: **redserve** (one gateway process + echo workers + Redis), **redserve-2gw** (the same with "
-           "`--gateway-processes 2`: two gateway processes accepting on the one port), **direct** (one SSE server generating the "
+           "`--gateway-processes 2`: two gateway processes accepting on the one port), **direct** "
+           "(one SSE server generating the "
            "tokens itself, no relay: the practical upper bound; it has no workers, so its one run is the "
            "reference for both worker counts), **FastChat 0.2.36** (controller + openai_api_server + "
            "synthetic `BaseModelWorker` subclasses, worker concurrency limit 4096). tok/s = completion tokens "
@@ -260,7 +262,8 @@ def render_png(rows: list[dict], path: Path) -> None:
             ax.set_title(f"{title}, inter-token delay {d:g} ms")
             ax.grid(True, which="both", alpha=0.3)
         axes[i][0].legend(fontsize=8)
-    fig.suptitle("redserve (1 and 2 gateway processes) vs direct vs FastChat 0.2.36 (echo engine, T=64; ratios matter, not absolutes)")
+    fig.suptitle("redserve (1 and 2 gateway processes) vs direct vs FastChat 0.2.36 "
+                 "(echo engine, T=64; ratios matter, not absolutes)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -17,9 +17,10 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol
+from typing import Any, Protocol
 
 from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix
@@ -101,7 +102,7 @@ ABORTED = ServeError("The job was aborted.", status=499, type="invalid_request_e
 class BatchJob:
     """A handle on one enqueued request."""
 
-    def __init__(self, job_id: str, client: "BatchClient") -> None:
+    def __init__(self, job_id: str, client: BatchClient) -> None:
         self.id = job_id
         self._client = client
 
@@ -161,7 +162,7 @@ class BatchClient:
     async def close(self) -> None:
         await self.redis.aclose(close_connection_pool=True)
 
-    async def __aenter__(self) -> "BatchClient":
+    async def __aenter__(self) -> BatchClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -27,7 +28,6 @@ from broker.replies import ReplyRouter, ReplyStream
 from broker.scripts import Scripts
 from broker.settings import DispatchMethod, Settings
 from broker.tenants import ANONYMOUS, Tenant, well_formed
-
 
 T = TypeVar("T")
 
@@ -55,7 +55,7 @@ class BrokerClient:
         self._background: set[asyncio.Task[None]] = set()
         self.dead_lettered = 0
 
-    async def start(self) -> "BrokerClient":
+    async def start(self) -> BrokerClient:
         await self.router.start()
         if self.janitor:
             self.janitor.start()
@@ -70,7 +70,7 @@ class BrokerClient:
         await self.text.aclose()
         await self.raw.aclose()
 
-    async def __aenter__(self) -> "BrokerClient":
+    async def __aenter__(self) -> BrokerClient:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:

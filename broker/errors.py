@@ -48,7 +48,7 @@ class ServeError(Exception):
                            param=self.param)
 
     @classmethod
-    def from_event(cls, ev: dict[str, Any]) -> "ServeError":
+    def from_event(cls, ev: dict[str, Any]) -> ServeError:
         """Back from a worker's ``err`` event."""
         return cls(ev.get("message") or "error", status=ev.get("status") or 500, type=ev.get("type"),
                    code=ev.get("code"), param=ev.get("param"))

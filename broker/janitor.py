@@ -27,7 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from broker.dispatch import Dispatcher
-from broker.errors import ServeError, Gone
+from broker.errors import Gone, ServeError
 from broker.keys import WORKER_GROUP, Keys
 from broker.protocol import Job, Reply, lost
 

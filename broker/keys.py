@@ -50,7 +50,7 @@ class Keys:
         return f"{self.prefix}:request:{request_id}"
 
     def replay(self, request_id: str) -> str:
-        """Stream with a TTL: a request's reply messages (and a ``meta``/``owner`` entry first), for resuming streams."""
+        """Stream with a TTL: a request's reply messages (a ``meta``/``owner`` entry first), for resuming streams."""
         return f"{self.prefix}:replay:{request_id}"
 
     def dead_letters(self) -> str:

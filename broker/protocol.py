@@ -14,9 +14,10 @@ them coalesces the waiting deltas into one message.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Mapping
+from typing import Any
 
 import msgpack
 
@@ -57,7 +58,7 @@ class Job:
         }
 
     @classmethod
-    def from_fields(cls, entry_id: str, fields: Mapping[bytes | str, bytes | str]) -> "Job":
+    def from_fields(cls, entry_id: str, fields: Mapping[bytes | str, bytes | str]) -> Job:
         f = {_s(k): v for k, v in fields.items()}
         return cls(
             request_id=_s(f["request_id"]),
@@ -134,15 +135,15 @@ class Reply:
         return pack({"rid": self.rid, "seq": self.seq, "ev": self.events, "a": self.attempt})
 
     @classmethod
-    def decode(cls, data: bytes) -> "Reply":
+    def decode(cls, data: bytes) -> Reply:
         return cls.from_map(unpack(data))
 
     @classmethod
-    def from_map(cls, m: dict[str, Any]) -> "Reply":
+    def from_map(cls, m: dict[str, Any]) -> Reply:
         return cls(rid=m["rid"], seq=m["seq"], events=m["ev"], attempt=m.get("a", 0))
 
     @staticmethod
-    def decode_all(data: bytes) -> list["Reply"]:
+    def decode_all(data: bytes) -> list[Reply]:
         """The replies in one channel message: a single reply, or a bundle of them."""
         m = unpack(data)
         return [Reply.from_map(x) for x in m] if isinstance(m, list) else [Reply.from_map(m)]

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from redis.asyncio import Redis
 
@@ -63,7 +63,7 @@ class WorkerRecord:
         }
 
     @classmethod
-    def from_fields(cls, fields: dict[str, str]) -> "WorkerRecord":
+    def from_fields(cls, fields: dict[str, str]) -> WorkerRecord:
         return cls(
             id=fields["id"],
             models=[m for m in fields.get("models", "").split(",") if m],

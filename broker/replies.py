@@ -21,7 +21,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -49,7 +50,7 @@ class SlowClient(ServeError):
 class ReplyStream:
     """The replies of one request, in order, as an async iterator of events."""
 
-    def __init__(self, router: "ReplyRouter", rid: str, timeout: float, buffer: int) -> None:
+    def __init__(self, router: ReplyRouter, rid: str, timeout: float, buffer: int) -> None:
         self.router = router
         self.rid = rid
         self.timeout = timeout

@@ -25,7 +25,7 @@ class Scripts:
     ratelimit: AsyncScript
 
     @classmethod
-    def register(cls, redis: Redis) -> "Scripts":
+    def register(cls, redis: Redis) -> Scripts:
         return cls(
             dispatch=redis.register_script(_source("dispatch")),
             heartbeat=redis.register_script(_source("heartbeat")),

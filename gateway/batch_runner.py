@@ -23,7 +23,8 @@ import contextlib
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 
@@ -59,7 +60,7 @@ class Runner:
         self._stack = stack
 
     @classmethod
-    async def create(cls, settings: Settings) -> "Runner":
+    async def create(cls, settings: Settings) -> Runner:
         """Start an in-process batch gateway (its lifespan opens the broker) and a client to call it."""
         settings = settings.model_copy(update={"dispatch_method": "shortest_queue"})
         app = create_app(settings, batch=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import anyio
 from fastapi.responses import JSONResponse
@@ -19,7 +20,6 @@ from broker.replies import RESTART, ReplyStream
 from broker.tenants import well_formed
 from gateway import limits
 from gateway.disconnect import ClientGone, unless_disconnected
-from gateway.errors import APIError
 from gateway.metrics import GatewayMetrics, since
 from gateway.render import Shape
 from gateway.schemas import SamplingRequest

@@ -12,7 +12,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-
 #: Compact JSON with UTF-8 text as is; one encoder for the process (``json.dumps`` with
 #: options builds a new one per call).
 dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode

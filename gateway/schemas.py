@@ -162,7 +162,7 @@ class ChatCompletionRequest(SamplingRequest):
     response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "ChatCompletionRequest":
+    def _check(self) -> ChatCompletionRequest:
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens if self.max_tokens is None else min(
                 self.max_tokens, self.max_completion_tokens)
@@ -218,7 +218,7 @@ class TokenizeRequest(RequestBody):
     max_tokens: int | None = Field(default=None, ge=0, description="Completion room to reserve when judging fit.")
 
     @model_validator(mode="after")
-    def _one_of(self) -> "TokenizeRequest":
+    def _one_of(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
         return self

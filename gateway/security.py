@@ -13,24 +13,23 @@ ends. All of it costs nothing when not configured.
 from __future__ import annotations
 
 import hmac
-
-import anyio
 import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
+import anyio
 from redis.exceptions import RedisError
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.client import BrokerClient
+from broker.errors import ServeError
 from broker.settings import Settings
 from broker.tenants import ANONYMOUS, PUBLIC, Tenant, tenant_id
-from broker.errors import ServeError
 from gateway.errors import APIError, BodyTooLarge, redis_error
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ class StreamFormat:
                 "prefix": self.prefix, "created": self.shape.created}
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any], response_id: str) -> "StreamFormat":
+    def from_meta(cls, meta: dict[str, Any], response_id: str) -> StreamFormat:
         shape = Shape(chat=meta["kind"] == "chat", model=meta["model"], id=response_id, created=meta["created"])
         return cls(shape, meta["n"], meta["include_usage"], meta["prefix"])
 
@@ -57,7 +57,7 @@ class EventId(NamedTuple):
     chunk: int
 
     @classmethod
-    def parse(cls, text: str | None) -> "EventId | None":
+    def parse(cls, text: str | None) -> EventId | None:
         """``None`` for a missing id or an opening chunk's (``p.j``): resume from the first message."""
         if not text or text.startswith("p."):
             return None

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Logging threshold [default info].")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", parents=[common], help="Run the whole stack here: private Redis (unless REDIS_URL), gateway and workers.")
+    up = sub.add_parser("up", parents=[common],
+                        help="Run the whole stack here: private Redis (unless REDIS_URL), gateway and workers.")
     up.add_argument("--workers", type=int, default=1, help="Worker processes to start [default 1].")
     up.add_argument("--engine", default="echo", help="Engine of those workers [default echo].")
     up.add_argument("--no-batch-runner", action="store_true", help="Start no batch runner (no /v1/batches).")

@@ -8,7 +8,8 @@ and for platforms without uvloop.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Coroutine, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from broker.settings import EventLoop
 

@@ -49,7 +49,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> "RedisServer":
+    def start(self, timeout: float = 10.0) -> RedisServer:
         args = [find_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                 "--save", "", "--appendonly", "yes" if self.persist else "no",
                 "--logfile", str(self.dir / "redis.log"), "--maxmemory-policy", "noeviction", *self.extra_args]
@@ -84,7 +84,7 @@ class RedisServer:
         if self._tmp:
             self._tmp.cleanup()
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -7,7 +7,7 @@ import contextlib
 import signal
 import socket
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import uvicorn
 

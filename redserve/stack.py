@@ -15,8 +15,8 @@ import sys
 
 from broker.settings import Settings
 from redserve import loop
-from redserve.redis_server import RedisServer
 from redserve.gateways import spawn_gateway
+from redserve.redis_server import RedisServer
 from redserve.serve import gateway_server, listen
 
 

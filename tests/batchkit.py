@@ -9,22 +9,15 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
-import pytest
+from support import in_background
 
-from gateway import batch_runner
 from broker.batch import BatchClient
 from broker.batch_store import TERMINAL
 from broker.settings import Settings
-from support import in_background
-
-
-@pytest.fixture
-async def batches(settings: Settings) -> AsyncIterator[BatchClient]:
-    async with BatchClient(settings=settings) as client:
-        yield client
+from gateway import batch_runner
 
 
 def running_runner(settings: Settings, **overrides: Any) -> contextlib.AbstractAsyncContextManager[None]:

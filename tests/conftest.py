@@ -7,15 +7,16 @@ in-process, or as real subprocesses where a test needs to signal or kill one.
 from __future__ import annotations
 
 import os
-from typing import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
+from support import Stack
 
+from broker.batch import BatchClient
 from broker.keys import Keys
 from broker.settings import Settings
 from redserve.redis_server import RedisServer
-from support import Stack
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -51,6 +52,12 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 @pytest.fixture
 def keys() -> Keys:
     return Keys()
+
+
+@pytest.fixture
+async def batches(settings: Settings) -> AsyncIterator[BatchClient]:
+    async with BatchClient(settings=settings) as client:
+        yield client
 
 
 @pytest.fixture

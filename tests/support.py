@@ -8,8 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable
 
 from openai import AsyncOpenAI
 
@@ -78,7 +78,8 @@ class Stack:
         self.workers.append((w, task))
         return w
 
-    def spawn_worker(self, worker_id: str, models: list[str] | None = None, **overrides: object) -> subprocess.Popen[bytes]:
+    def spawn_worker(self, worker_id: str, models: list[str] | None = None,
+                     **overrides: object) -> subprocess.Popen[bytes]:
         """A real worker process, for signals and kills."""
         s = self.settings.model_copy(update=overrides)
         cmd = [sys.executable, "-m", "redserve", "worker", "--log-level", "warning", "--engine", "echo",
@@ -92,7 +93,7 @@ class Stack:
     async def close(self) -> None:
         for w, _ in self.workers:
             w.drain()
-        for w, task in self.workers:
+        for _, task in self.workers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 10)
         for gw in self.gateways:

@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 import redis.asyncio as aioredis
-
-from batchkit import batches, running_runner, time_to_first_token  # noqa: F401 - fixture
-from broker.batch import BatchClient, BatchJobError, JobState
+from batchkit import running_runner, time_to_first_token
 from support import wait_for
+
+from broker.batch import BatchClient, BatchJobError, JobState
 from workers.echo import echo_tokens
 
 

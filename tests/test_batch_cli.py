@@ -8,7 +8,8 @@ import json
 import os
 import sys
 
-from batchkit import batches, jsonl, lines, running_runner, wait_batch  # noqa: F401 - fixture
+from batchkit import jsonl, lines, running_runner, wait_batch
+
 from broker.batch import BatchClient
 from workers.echo import echo_tokens
 

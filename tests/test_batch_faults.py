@@ -11,9 +11,10 @@ from __future__ import annotations
 import signal
 from collections import Counter
 
-from batchkit import batches, jsonl, lines, running_runner, spawn_runner, wait_batch  # noqa: F401 - fixture
-from broker.batch import BatchClient
+from batchkit import jsonl, lines, running_runner, spawn_runner, wait_batch
 from support import wait_for
+
+from broker.batch import BatchClient
 
 
 async def submit(client: BatchClient, n: int, **params) -> str:  # noqa: ANN003

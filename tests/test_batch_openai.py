@@ -8,8 +8,8 @@ import json
 
 import openai
 import pytest
-
 from batchkit import jsonl, lines, running_runner
+
 from workers.echo import echo_tokens
 
 

@@ -8,12 +8,12 @@ import os
 import re
 import sys
 import time
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 import pexpect
 import pytest
-
 from support import wait_for
+
 from workers.echo import echo_tokens
 
 

@@ -230,7 +230,8 @@ def test_up_with_two_gateway_processes_serves_on_one_port():
 
 
 def test_a_bad_setting_is_named_not_a_traceback():
-    r = run("worker", "--engine", "echo", "--model", "m", "--redis-url", "redis://127.0.0.1:1", "--max-concurrency", "0")
+    r = run("worker", "--engine", "echo", "--model", "m", "--redis-url", "redis://127.0.0.1:1",
+            "--max-concurrency", "0")
     assert r.returncode == 2 and "--max-concurrency" in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = run("gateway", env=os.environ | {"REDSERVE_MAX_BODY_BYTES": "-5"})
     assert r.returncode == 2 and "REDSERVE_MAX_BODY_BYTES" in r.stderr and "Traceback" not in r.stderr, r.stderr

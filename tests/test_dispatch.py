@@ -20,7 +20,8 @@ def job(model: str = "m", i: int = 0) -> Job:
                params={"messages": [{"role": "user", "content": "hi"}]})
 
 
-async def register(redis, keys, wid: str, *, speed: float = 1.0, ttl: float = 30.0, models=("m",), **kw) -> WorkerRecord:
+async def register(redis, keys, wid: str, *, speed: float = 1.0, ttl: float = 30.0, models=("m",),
+                   **kw) -> WorkerRecord:
     rec = WorkerRecord(id=wid, models=list(models), engine="test", speed=speed, **kw)
     await Registry(redis, keys).heartbeat(rec, ttl)
     return rec

@@ -135,10 +135,11 @@ async def test_full_queues_answer_429_with_retry_after(stack, redis, keys):
 
 async def test_every_route_answers_503_when_redis_is_down():
     """Walk every route of the app's OpenAPI schema with Redis stopped: 503 and Retry-After, never a 500."""
+    from support import Stack
+
     from broker.settings import Settings
     from gateway.app import create_app
     from redserve.redis_server import RedisServer
-    from support import Stack
 
     hexid = "0123456789abcdef" * 2
     params = {"file_id": f"file-{hexid[:24]}", "batch_id": f"batch_{hexid}", "response_id": f"chatcmpl-{hexid}",

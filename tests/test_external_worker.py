@@ -12,9 +12,9 @@ import time
 
 import openai
 import pytest
-
 from faults.faultkit import stream_chat
 from support import wait_for
+
 from workers.echo import echo_tokens
 from workers.openai_api import ExternalAPIWorker, load_upstreams
 

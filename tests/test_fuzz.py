@@ -18,7 +18,6 @@ from pathlib import Path
 
 import httpx
 import openai
-
 from batchkit import lines, running_runner
 
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import NoPermissionError
-
+import redis.exceptions
 from batchkit import spawn_runner
+from redis.exceptions import NoPermissionError
+from support import Stack, wait_for
+
 from broker.batch import BatchClient
 from redserve.redis_server import RedisServer, free_port
-from support import Stack, wait_for
 from workers.echo import echo_tokens
 
 DOC = Path(__file__).parent.parent / "docs" / "redis.md"
@@ -78,7 +79,7 @@ async def test_worker_user_cannot_touch_what_is_not_its_own(acl_redis):
                 await attempt
     finally:
         await worker.aclose()
-    with pytest.raises(Exception):  # a wrong password is refused outright
+    with pytest.raises(redis.exceptions.RedisError):  # a wrong password is refused outright
         bad = aioredis.Redis.from_url(url(acl_redis, "redserve-worker", "guess"))
         try:
             await bad.ping()

@@ -10,10 +10,10 @@ import time
 import httpx
 import openai
 import pytest
+from faults.faultkit import stream_chat
 
 from broker.keys import Keys
 from broker.tenants import tenant_id
-from faults.faultkit import stream_chat
 
 
 def headers(key: str | None) -> dict[str, str]:
@@ -108,7 +108,8 @@ async def response_of(reader: asyncio.StreamReader, timeout: float = 2.0) -> tup
     """(status, JSON body, whether the server then closed the connection)."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
     status = int(head.split()[1])
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
     body = json.loads(await asyncio.wait_for(reader.readexactly(length), timeout))
     try:
         closed = await asyncio.wait_for(reader.read(1), timeout) == b""

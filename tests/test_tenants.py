@@ -12,10 +12,10 @@ import json
 import httpx
 import openai
 import pytest
-
 from batchkit import lines, running_runner
-from broker.tenants import tenant_id
 from faults.faultkit import stream_chat
+
+from broker.tenants import tenant_id
 
 KEY_A, KEY_B, ADMIN = "sk-tenant-a", "sk-tenant-b", "sk-operator"
 

@@ -13,14 +13,14 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
-
 from support import in_background, wait_for
+
 from workers.echo import echo_tokens
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -297,7 +297,8 @@ MARKDOWN_CASES = {
     "[bad](javascript:alert(1)) [also](JaVaScRiPt:alert(1))":
         "<p>[bad](javascript:alert(1)) [also](JaVaScRiPt:alert(1))</p>",
     '[x](https://e.com/"onmouseover="alert(1))':
-        '<p><a href="https://e.com/&quot;onmouseover=&quot;alert(1" target="_blank" rel="noopener noreferrer">x</a>)</p>',
+        '<p><a href="https://e.com/&quot;onmouseover=&quot;alert(1" target="_blank" '
+        'rel="noopener noreferrer">x</a>)</p>',
     "[docs](https://example.com/a_b_c) and https://example.com/x_y_z.":
         '<p><a href="https://example.com/a_b_c" target="_blank" rel="noopener noreferrer">docs</a> and '
         '<a href="https://example.com/x_y_z" target="_blank" rel="noopener noreferrer">https://example.com/x_y_z</a>.</p>',
@@ -312,7 +313,8 @@ MARKDOWN_CASES = {
         "<p>Steps:</p>\n<ul><li>one</li><li>two<ul><li>nested <em>deep</em></li></ul></li></ul>\n"
         '<ol start="3"><li>third</li><li>fourth</li></ol>',
     "# Title\npara one\nline two\n\n> quoted **text**\n\n---":
-        "<h1>Title</h1>\n<p>para one<br>line two</p>\n<blockquote><p>quoted <strong>text</strong></p></blockquote>\n<hr>",
+        "<h1>Title</h1>\n<p>para one<br>line two</p>\n"
+        "<blockquote><p>quoted <strong>text</strong></p></blockquote>\n<hr>",
 }
 
 

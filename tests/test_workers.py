@@ -6,9 +6,9 @@ import asyncio
 import signal
 import time
 
-
 from faults.faultkit import stream_chat
 from support import wait_for
+
 from workers.echo import echo_tokens
 
 

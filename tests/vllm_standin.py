@@ -23,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import random
 from array import array
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, AsyncIterator
+from typing import Any
 
 from workers.stops import StopMatcher
 

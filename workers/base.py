@@ -20,7 +20,8 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, ClassVar
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -92,10 +93,10 @@ class BaseModelWorker(abc.ABC):
         self.outbox: Outbox | None = None
 
     # --- what an engine implements ------------------------------------------
-    async def setup(self) -> None:
+    async def setup(self) -> None:  # noqa: B027 - an optional hook: engines without a model keep it
         """Load the model (off the event loop). Called once before registering."""
 
-    async def teardown(self) -> None:
+    async def teardown(self) -> None:  # noqa: B027 - an optional hook, like setup
         """Release what ``setup`` took (engine threads, HTTP clients); runs however ``serve`` ends."""
 
     @abc.abstractmethod

@@ -9,7 +9,8 @@ can compute what they must receive.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from broker.protocol import Job, JobKind, choice_end, delta, done
 from workers.base import BaseModelWorker

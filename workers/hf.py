@@ -25,9 +25,10 @@ import json
 import logging
 import queue
 import threading
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -6,7 +6,8 @@ length); exporting those costs the hot path nothing.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 
 
 class WorkerCollector:
-    def __init__(self, worker: "BaseModelWorker") -> None:
+    def __init__(self, worker: BaseModelWorker) -> None:
         self.worker = worker
 
     def collect(self) -> Iterator[Metric]:
@@ -46,7 +47,7 @@ class WorkerCollector:
                          outbox.commands)
 
 
-def serve_metrics(worker: "BaseModelWorker", host: str, port: int) -> int:
+def serve_metrics(worker: BaseModelWorker, host: str, port: int) -> int:
     """Expose /metrics on ``host:port`` (0 = any free port) from a daemon thread; returns the port."""
     registry = CollectorRegistry()
     registry.register(WorkerCollector(worker))

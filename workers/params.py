@@ -14,7 +14,6 @@ from typing import Any
 from broker.protocol import JobKind
 from workers.base import JobError
 
-
 #: What a chat or completion job may carry; anything else is refused, never ignored.
 KNOWN_PARAMS = frozenset({
     "messages", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",

@@ -18,14 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from redis.asyncio import Redis
 
 from broker.errors import ServeError
 from broker.protocol import TERMINAL_EVENTS, Reply
 from workers.outbox import Outbox, OutboxOverflow, ReplayLog
-
 
 _OVERFLOW: dict[str, Any] = {"t": "overflow"}  # a marker in the pump's queue, never sent
 

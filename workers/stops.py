@@ -8,7 +8,8 @@ never emitted, nor anything after it.
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 
 class StopStep(NamedTuple):

@@ -47,9 +47,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Mapping
-
+from typing import Any
 
 from broker.protocol import Job, choice_end, delta, done, embeddings
 from broker.settings import Settings

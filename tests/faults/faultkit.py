@@ -11,8 +11,6 @@ from typing import Any
 import httpx
 
 
-
-
 @dataclass
 class StreamResult:
     """One streamed request as the client saw it."""

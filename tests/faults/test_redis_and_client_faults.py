@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import socket
 import time
@@ -11,10 +12,10 @@ import time
 import httpx
 import pytest
 import redis.asyncio as aioredis
-
 from faultkit import pauses, stream_chat, tally
-from redserve.redis_server import RedisServer, free_port
 from support import Stack, wait_for
+
+from redserve.redis_server import RedisServer, free_port
 from workers.echo import echo_tokens
 
 
@@ -220,7 +221,7 @@ async def test_slow_client_is_shed_without_hurting_others(stack, redis, keys, ou
     host, port = gw.url.removeprefix("http://").split(":")
     # 4 KB tokens: the kernel's socket buffers (megabytes on loopback) fill within seconds.
     word = "flood" * 800
-    body = ('{"model": "echo", "messages": [{"role": "user", "content": "%s"}], "stream": true}' % word).encode()
+    body = json.dumps({"model": "echo", "messages": [{"role": "user", "content": word}], "stream": True}).encode()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect((host, int(port)))

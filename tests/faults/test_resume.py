@@ -6,8 +6,8 @@ import asyncio
 import json
 
 import httpx
-
 from support import wait_for
+
 from workers.echo import echo_tokens
 
 BODY = {"model": "echo", "messages": [{"role": "user", "content": "resume me please"}], "stream": True,

@@ -9,18 +9,18 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import openai
 import pytest
 import redis as sync_redis
-
 from batchkit import jsonl, lines, running_runner
 from faultkit import pauses, stream_chat, tally
-from redserve.redis_server import find_binary, free_port
 from support import Stack, wait_for
+
+from redserve.redis_server import find_binary, free_port
 from workers.echo import echo_tokens
 
 MASTER = "redserve-ha"
@@ -57,7 +57,8 @@ class Deployment:
 
 
 def _server(directory: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([find_binary(), *args, "--dir", str(directory), "--logfile", str(directory / f"{name}.log")],
+    return subprocess.Popen([find_binary(), *args, "--dir", str(directory),
+                             "--logfile", str(directory / f"{name}.log")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 

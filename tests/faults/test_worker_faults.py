@@ -8,9 +8,9 @@ import time
 
 import httpx
 import redis.asyncio as aioredis
-
-from support import wait_for
 from faultkit import stream_chat, tally
+from support import wait_for
+
 from workers.echo import echo_tokens
 
 
