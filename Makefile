@@ -1,5 +1,5 @@
 # `make test` installs everything (a virtualenv in .venv, plus redis-server and
-# redis-cli from apt when missing), lints with ruff and runs the test suite. `make up` starts
+# redis-cli from apt when missing), checks with ruff and mypy and runs the test suite. `make up` starts
 # the whole system on embedded defaults.
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,6 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 test: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 install: system-deps $(STAMP)

@@ -133,7 +133,8 @@ class BatchJob:
                     raise LookupError(f"No batch job {self.id!r} is queued, running or finished.")
             if stored is not None:
                 if 200 <= stored["status_code"] < 300:
-                    return stored["body"]
+                    body: dict[str, Any] = stored["body"]
+                    return body
                 raise BatchJobError(stored["status_code"], stored["body"].get("error") or stored["body"])
             if end is not None and loop.time() + delay > end:
                 raise TimeoutError(f"Batch job {self.id!r} has no result after {timeout:g} s.")
@@ -234,7 +235,7 @@ class BatchClient:
             return False
         if not await self.store.store_job_result(job_id, 499, ABORTED):
             stored = await self.store.job_result(job_id)
-            return bool(stored) and (stored["body"].get("error") or {}).get("code") == "cancelled"
+            return stored is not None and (stored["body"].get("error") or {}).get("code") == "cancelled"
         await self.redis.zadd(abort_jobs_ss, {job_id: int(time.time() * 1000)})
         return True
 

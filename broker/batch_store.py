@@ -19,6 +19,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from broker.connection import resolved
 from broker.errors import ServeError
 from broker.keys import Keys
 from broker.protocol import pack, unpack
@@ -190,21 +191,24 @@ class BatchStore:
 
     async def file(self, file_id: str, tenant: Tenant = ANONYMOUS) -> dict[str, Any]:
         names = ["id", "bytes", "created_at", "filename", "purpose", "owner"]
-        values = await self.redis.hmget(self.keys.file(file_id), names) if well_formed("file", file_id) else [None]
+        values = await resolved(self.redis.hmget(self.keys.file(file_id), names)) \
+            if well_formed("file", file_id) else [None]
         if values[0] is None or not tenant.owns(_s(values[-1] or b"")):
             raise NotFound(f"No file found with id '{file_id}'.", param="file_id")
         return _file_object(dict(zip(names, map(_s, values))))
 
     async def file_content(self, file_id: str, tenant: Tenant = ANONYMOUS) -> bytes:
-        found = await self.redis.hmget(self.keys.file(file_id), ["content", "owner"]) \
+        found = await resolved(self.redis.hmget(self.keys.file(file_id), ["content", "owner"])) \
             if well_formed("file", file_id) else [None, None]
         if found[0] is None or not tenant.owns(_s(found[1] or b"")):
             raise NotFound(f"No file found with id '{file_id}'.", param="file_id")
-        return found[0]
+        content: bytes = found[0]
+        return content
 
     async def delete_file(self, file_id: str, tenant: Tenant = ANONYMOUS) -> dict[str, Any]:
         """Delete a file and give its bytes back to its owner's quota."""
-        owner = await self.redis.hget(self.keys.file(file_id), "owner") if well_formed("file", file_id) else None
+        owner = await resolved(self.redis.hget(self.keys.file(file_id), "owner")) \
+            if well_formed("file", file_id) else None
         if owner is None or not tenant.owns(_s(owner)) or not await self._file_delete(
                 keys=[self.keys.file(file_id), self.keys.tenant_files(_s(owner))], args=[file_id, owner]):
             raise NotFound(f"No file found with id '{file_id}'.", param="file_id")
@@ -245,7 +249,8 @@ class BatchStore:
 
     async def owner(self, batch_id: str) -> Tenant:
         """The tenant a batch belongs to (its requests run as that tenant)."""
-        return Tenant(_s(await self.redis.hget(self.keys.batch(batch_id), "owner") or ANONYMOUS.id))
+        owner: bytes | str | None = await resolved(self.redis.hget(self.keys.batch(batch_id), "owner"))
+        return Tenant(_s(owner or ANONYMOUS.id))
 
     async def batches(self, *, after: str | None = None, limit: int = 20,
                       tenant: Tenant = ANONYMOUS) -> tuple[list[dict[str, Any]], bool]:
@@ -286,7 +291,7 @@ class BatchStore:
 
     async def state(self, batch_id: str) -> tuple[str, float]:
         """The batch's status and expiry (epoch s); ``("", 0)`` for a batch that is gone."""
-        status, expires = await self.redis.hmget(self.keys.batch(batch_id), ["status", "expires_at"])
+        status, expires = await resolved(self.redis.hmget(self.keys.batch(batch_id), ["status", "expires_at"]))
         return (_s(status), float(expires or 0)) if status is not None else ("", 0.0)
 
     # --- results -------------------------------------------------------------
@@ -299,7 +304,7 @@ class BatchStore:
         return int(settled), int(total or 0)
 
     async def recorded(self, batch_id: str, index: int) -> bool:
-        return bool(await self.redis.hexists(self.keys.batch_results(batch_id), str(index)))
+        return bool(await resolved(self.redis.hexists(self.keys.batch_results(batch_id), str(index))))
 
     async def record(self, batch_id: str, request: Request, status: int, body: dict[str, Any]) -> tuple[int, int]:
         """Store a response as the request's one output line; returns (settled, total)."""
@@ -338,7 +343,7 @@ class BatchStore:
             return _batch_object(fields)
         if status == "in_progress":
             await self.transition(batch_id, ("in_progress",), "finalizing")
-        rows = await self.redis.hgetall(self.keys.batch_results(batch_id))
+        rows = await resolved(self.redis.hgetall(self.keys.batch_results(batch_id)))
         output, errors, expired = [], [], False
         for _, value in sorted(rows.items(), key=lambda kv: int(kv[0])):
             mark, line = value[:1], value[1:]
@@ -354,13 +359,14 @@ class BatchStore:
                 meta = await self.create_file(b"\n".join(lines) + b"\n", filename=f"{batch_id}_{suffix}.jsonl",
                                               purpose="batch_output", owner=owner, quota=False)
                 files[name] = meta["id"]
-                await self.redis.hset(self.keys.batch(batch_id), name, meta["id"])
+                await resolved(self.redis.hset(self.keys.batch(batch_id), name, meta["id"]))
         final = "cancelled" if status == "cancelling" else "expired" if expired else "completed"
         await self.transition(batch_id, ("finalizing", "cancelling"), final, **files)
         return await self.batch(batch_id)
 
     async def _fields(self, batch_id: str, tenant: Tenant = ANONYMOUS) -> dict[str, str]:
-        fields = _decode(await self.redis.hgetall(self.keys.batch(batch_id))) if well_formed("batch", batch_id) else {}
+        fields = _decode(await resolved(self.redis.hgetall(self.keys.batch(batch_id)))) \
+            if well_formed("batch", batch_id) else {}
         if not fields or not tenant.owns(fields.get("owner", ANONYMOUS.id)):
             raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
         return fields

@@ -152,7 +152,7 @@ class BrokerClient:
 
     async def dead_letter(self, job: Job, reason: str) -> None:
         self.dead_lettered += 1
-        fields = {**job.to_fields(), "reason": reason, "failed_at": f"{time.time():.3f}"}
+        fields: dict[Any, Any] = {**job.to_fields(), "reason": reason, "failed_at": f"{time.time():.3f}"}
         await self.raw.xadd(self.keys.dead_letters(), fields, maxlen=10_000, approximate=True)
 
     async def cancel(self, request_id: str, tenant: Tenant = ANONYMOUS) -> str | None:

@@ -11,8 +11,10 @@ retry loops already do that.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import ConnectionPool, Redis
@@ -20,6 +22,8 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
+
+T = TypeVar("T")
 
 SENTINEL_SCHEME, SENTINEL_TLS_SCHEME = "redis+sentinel", "rediss+sentinel"
 
@@ -80,11 +84,17 @@ def connection_pool(url: str, *, decode: bool = False, **kwargs: Any) -> Connect
     if target is None:
         return ConnectionPool.from_url(url, **options)
     tls = {"ssl": True} if target.tls else {}
-    sentinel = Sentinel(target.sentinels, sentinel_kwargs={**target.sentinel_kwargs, **tls})
-    return SentinelConnectionPool(target.master, sentinel, db=target.db, username=target.username,
-                                  password=target.password, **tls, **options)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py's asyncio Sentinel has no annotations
+        target.sentinels, sentinel_kwargs={**target.sentinel_kwargs, **tls})
+    return SentinelConnectionPool(  # type: ignore[no-untyped-call]  # likewise
+        target.master, sentinel, db=target.db, username=target.username, password=target.password, **tls, **options)
 
 
 def connect(url: str, *, decode: bool = True, **kwargs: Any) -> Redis:
     """A client for ``url`` that owns its pool (``aclose`` closes its connections)."""
     return Redis.from_pool(connection_pool(url, decode=decode, **kwargs))
+
+
+async def resolved(reply: Awaitable[T] | T) -> T:
+    """The reply of an asyncio redis-py command, typed: redis-py 5 declares many as ``Awaitable[T] | T``."""
+    return await reply if inspect.isawaitable(reply) else reply

@@ -102,7 +102,8 @@ class Dispatcher:
         """The dispatch script; with ``replica_acks``, followed by WAIT on the same connection (a pipeline), so
         the wait covers this very write. A failed WAIT (a failover under way) does not fail the dispatch."""
         if not self.replica_acks:
-            return await self.scripts.dispatch(keys=keys, args=args)
+            placed: list[Any] = await self.scripts.dispatch(keys=keys, args=args)
+            return placed
         script = self.scripts.dispatch
         for _ in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -114,7 +115,7 @@ class Dispatcher:
                 continue
             if isinstance(placed, Exception):
                 raise placed
-            return placed
+            return list(placed)
         raise NoScriptError("the dispatch script could not be loaded")
 
 

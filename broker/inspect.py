@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from broker.connection import resolved
 from broker.keys import WORKER_GROUP, Keys
 
 
@@ -28,7 +29,7 @@ class Location:
         if self.state == "queued":
             return f"{self.request_id}: queued{where}, {self.position} of {self.waiting} waiting"
         if self.state == "running":
-            return f"{self.request_id}: running{where} for {self.running_ms / 1000:.1f} s"
+            return f"{self.request_id}: running{where} for {(self.running_ms or 0) / 1000:.1f} s"
         if self.state == "finished":
             return f"{self.request_id}: finished (or cancelled), last placed{where}"
         return f"{self.request_id}: unknown (never dispatched, or finished long ago)"
@@ -36,7 +37,7 @@ class Location:
 
 async def locate(redis: Redis, keys: Keys, request_id: str) -> Location:
     """``redis`` must decode responses (stream payloads are skipped, only routing fields are read)."""
-    worker = await redis.hget(keys.request(request_id), "worker")
+    worker = await resolved(redis.hget(keys.request(request_id), "worker"))
     if worker is None:
         return Location(request_id, "unknown")
     alive = bool(await redis.exists(keys.worker(worker)))
@@ -46,7 +47,8 @@ async def locate(redis: Redis, keys: Keys, request_id: str) -> Location:
     except ResponseError:
         pending = {}
     waiting = 0
-    entries = await redis.execute_command("XRANGE", stream, "-", "+", NEVER_DECODE=True)
+    entries = await redis.execute_command(  # type: ignore[no-untyped-call]  # redis-py: no annotations
+        "XRANGE", stream, "-", "+", NEVER_DECODE=True)
     for eid, fields in entries or []:
         entry_id = eid.decode()
         mine = fields.get(b"request_id", b"").decode() == request_id

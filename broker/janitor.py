@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from broker.connection import resolved
 from broker.dispatch import Dispatcher
 from broker.errors import Gone, ServeError
 from broker.keys import WORKER_GROUP, Keys
@@ -71,7 +72,7 @@ class Janitor:
 
     async def sweep(self) -> list[str]:
         """One round: reclaim every dead worker this janitor gets the lock for; returns their ids."""
-        ids = [i.decode() for i in await self.redis.smembers(self.keys.workers())]
+        ids = [i.decode() for i in await resolved(self.redis.smembers(self.keys.workers()))]
         if not ids:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -123,7 +124,7 @@ class Janitor:
 
     async def _someone_waits(self, job: Job) -> bool:
         [(_, subscribers)] = await self.redis.pubsub_numsub(job.reply_to)
-        return subscribers > 0
+        return bool(subscribers > 0)
 
     async def _pending_ids(self, stream: str) -> set[str]:
         try:

@@ -58,7 +58,7 @@ class Job:
         }
 
     @classmethod
-    def from_fields(cls, entry_id: str, fields: Mapping[bytes | str, bytes | str]) -> Job:
+    def from_fields(cls, entry_id: str, fields: Mapping[Any, bytes | str]) -> Job:
         f = {_s(k): v for k, v in fields.items()}
         return cls(
             request_id=_s(f["request_id"]),
@@ -170,7 +170,8 @@ def bundle(encoded: list[bytes]) -> bytes:
 
 
 def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
 
 
 def unpack(data: bytes | str) -> Any:

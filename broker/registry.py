@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from broker import __version__
+from broker.connection import resolved
 from broker.keys import WORKER_GROUP, Keys
 from broker.scripts import Scripts
 
@@ -107,7 +108,7 @@ class Registry:
         )
 
     async def set_status(self, worker_id: str, status: str) -> None:
-        await self.redis.hset(self.keys.worker(worker_id), "status", status)
+        await resolved(self.redis.hset(self.keys.worker(worker_id), "status", status))
 
     async def finish(self, record: WorkerRecord, entry_id: str) -> int:
         """Ack and delete one finished job; returns the queue length left."""
@@ -132,7 +133,7 @@ class Registry:
     # --- readers' side -----------------------------------------------------
     async def live_workers(self) -> list[WorkerRecord]:
         """Every worker whose record still exists; prunes ids whose record expired."""
-        ids = sorted(await self.redis.smembers(self.keys.workers()))
+        ids = sorted(await resolved(self.redis.smembers(self.keys.workers())))
         if not ids:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -141,7 +142,7 @@ class Registry:
             records = await pipe.execute()
         dead = [wid for wid, rec in zip(ids, records) if not rec]
         if dead:
-            await self.redis.srem(self.keys.workers(), *dead)
+            await resolved(self.redis.srem(self.keys.workers(), *dead))
         return [WorkerRecord.from_fields(rec) for rec in records if rec]
 
     async def known_models(self, since: float = 0.0) -> dict[str, float]:

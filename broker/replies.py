@@ -237,7 +237,7 @@ class ReplyRouter:
                 delay = min(delay * 2, 0.25)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py's PubSub.aclose has none
 
     def _route(self, data: bytes) -> None:
         try:

@@ -27,8 +27,11 @@ def _for(*roles: Role) -> dict[str, Any]:
 
 def fields_for(*roles: Role) -> list[str]:
     """The settings the given processes take, in declaration order: what the CLI makes flags of."""
-    return [name for name, f in Settings.model_fields.items()
-            if isinstance(f.json_schema_extra, dict) and set(roles) & set(f.json_schema_extra.get("roles", []))]
+    def concerns(extra: object) -> bool:
+        named = extra.get("roles") if isinstance(extra, dict) else None
+        return isinstance(named, list) and bool(set(roles) & set(named))
+
+    return [name for name, f in Settings.model_fields.items() if concerns(f.json_schema_extra)]
 
 
 class Settings(BaseSettings):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -104,6 +104,8 @@ async def submit(request: Request, broker: BrokerClient, model: str, kind: JobKi
     return stream
 
 
+#: The events of one reply message (``RESTART`` is a tuple, a message a list).
+Events = Sequence[dict[str, Any]]
 Accountant = Callable[[dict[str, int]], Awaitable[None]]
 
 
@@ -134,14 +136,14 @@ def request_id(response_id: str) -> str | None:
     return rid if well_formed("request", rid) else None
 
 
-async def _first_reply(stream: ReplyStream) -> list[dict[str, Any]]:
+async def _first_reply(stream: ReplyStream) -> Events:
     """The first message, past any restarts (a retry before anything was sent is invisible)."""
     while (events := await stream.next_events()) is RESTART:
         pass
     return events
 
 
-async def _collect(stream: ReplyStream, first: list[dict[str, Any]], shape: Shape, prefix: str) -> dict[str, Any]:
+async def _collect(stream: ReplyStream, first: Events, shape: Shape, prefix: str) -> dict[str, Any]:
     texts: dict[int, list[str]] = {}
     finish: dict[int, str] = {}
     lps: dict[int, list[dict[str, Any]]] = {}
@@ -164,7 +166,7 @@ async def _collect(stream: ReplyStream, first: list[dict[str, Any]], shape: Shap
         events = await stream.next_events()
 
 
-async def _sse(broker: BrokerClient, stream: ReplyStream, first: list[dict[str, Any]], fmt: StreamFormat,
+async def _sse(broker: BrokerClient, stream: ReplyStream, first: Events, fmt: StreamFormat,
                resumable: bool, account: Accountant, itl: Any) -> AsyncIterator[bytes]:
     try:
         if head := opening(fmt):

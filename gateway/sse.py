@@ -11,6 +11,7 @@ send however many chunks it renders to.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -79,7 +80,7 @@ def opening(fmt: StreamFormat) -> list[Event]:
     return [Event(d, f"p.{j}") for j, d in enumerate(data)]
 
 
-def render(fmt: StreamFormat, events: list[dict[str, Any]], attempt: int, seq: int) -> tuple[list[Event], bool]:
+def render(fmt: StreamFormat, events: Sequence[dict[str, Any]], attempt: int, seq: int) -> tuple[list[Event], bool]:
     """The SSE events of one reply message, and whether it ended the stream."""
     out: list[str] = []
     ended = False

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,7 +122,7 @@ def explain(response: httpx.Response) -> str:
     return f"{hint} ({response.status_code}: {message})" if hint else f"error {response.status_code}: {message}"
 
 
-def stream_reply(client: httpx.Client, body: dict[str, Any]) -> Iterator[str]:
+def stream_reply(client: httpx.Client, body: dict[str, Any]) -> Generator[str, None, None]:
     """The reply's text as it arrives. Closing the generator closes the stream, which cancels the job."""
     with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
         if response.status_code != 200:

@@ -71,7 +71,7 @@ class GatewayGroup:
                     restart_at[i] = now + delay[i]
                     log.warning("gateway process %d exited with %s; starting another in %.1f s",
                                 proc.pid, proc.returncode, delay[i])
-                elif now >= restart_at[i] and not self.stopping:
+                elif now >= (restart_at[i] or now) and not self.stopping:
                     self.procs[i], started[i], restart_at[i] = self._spawn(), now, None
             time.sleep(0.1)
         return self._wait()

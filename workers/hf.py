@@ -79,7 +79,8 @@ def load_model(path: Path) -> LoadedModel:
     if tokenizer.pad_token is None:  # batched embedding pads; any token will do under the mask
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model_cls = AutoModelForCausalLM if causal else AutoModel
-    model = model_cls.from_pretrained(path, local_files_only=True, dtype="auto").to(device).eval()
+    # transformers types .to() through PreTrainedModel's decorator, which mypy reads as wanting a model
+    model = model_cls.from_pretrained(path, local_files_only=True, dtype="auto").to(device).eval()  # type: ignore[arg-type]
     return LoadedModel(
         path=path, tokenizer=tokenizer, model=model, causal=causal, device=device,
         context_length=model_context_length(path, config, tokenizer),
@@ -216,9 +217,10 @@ class KVBatch:
             self.cache, self.mask = cache, mask
         else:
             width = max(self.mask.shape[1], length)
+            # The layers are DynamicLayers, filled: keys and values are tensors (their type says maybe not).
             for old, new in zip(self.cache.layers, cache.layers):
-                old.keys = torch.cat([_pad_kv(old.keys, width), _pad_kv(new.keys, width)])
-                old.values = torch.cat([_pad_kv(old.values, width), _pad_kv(new.values, width)])
+                old.keys = torch.cat([_pad_kv(old.keys, width), _pad_kv(new.keys, width)])  # type: ignore[union-attr,arg-type]
+                old.values = torch.cat([_pad_kv(old.values, width), _pad_kv(new.values, width)])  # type: ignore[union-attr,arg-type]
             self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(mask, width)])
         self.positions = torch.cat([self.positions, torch.full((rows,), length, device=self.device)])
         self.tokens = torch.cat([self.tokens, torch.tensor(tokens, dtype=torch.long, device=self.device)])
@@ -247,8 +249,9 @@ class KVBatch:
 
 
 def _map_kv(cache: DynamicCache, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    # The layers are DynamicLayers, filled: keys and values are tensors (their type says maybe not).
     for layer in cache.layers:
-        layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+        layer.keys, layer.values = fn(layer.keys), fn(layer.values)  # type: ignore[union-attr,arg-type]
 
 
 def _pad_kv(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -413,6 +416,7 @@ class BatchEngine:
         self.tokens_generated += 1
         if p.logprobs is not None:
             c.pending_lp.append(logprob_entry(logits, token, p.logprobs, self._token_text))
+        finish: str | None
         if token in self.loaded.eos_ids:
             piece, finish = c.decoder.flush(), "stop"
         else:
