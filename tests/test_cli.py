@@ -223,8 +223,11 @@ def test_up_with_two_gateway_processes_serves_on_one_port():
             assert client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}])
         url = re.search(r"private Redis at (redis://\S+)", proc.stdout.readline() + "".join(
             proc.stdout.readline() for _ in range(6))).group(1)
-        with sync_redis.Redis.from_url(url) as r:
-            assert len(r.pubsub_channels("redserve:replies:*")) == 2  # one reply channel per gateway process
+        with sync_redis.Redis.from_url(url) as r:  # one reply channel per gateway process (the second may start later)
+            deadline = time.monotonic() + 30
+            while len(r.pubsub_channels("redserve:replies:*")) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(r.pubsub_channels("redserve:replies:*")) == 2
     finally:
         stop(proc)
 
