@@ -56,7 +56,11 @@ class Deployment:
             return int(s.sentinel_get_master_addr_by_name(MASTER)[1])
 
 
-def _server(directory: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
+def _server(base: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
+    """One redis-server (or Sentinel) in a directory of its own: two servers in one would write each other's
+    AOF files (a master once failed to start, renaming a manifest the replica had just moved)."""
+    directory = base / name
+    directory.mkdir()
     return subprocess.Popen([find_binary(), *args, "--dir", str(directory),
                              "--logfile", str(directory / f"{name}.log")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
