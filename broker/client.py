@@ -147,7 +147,8 @@ class BrokerClient:
             await self.dead_letter(job, f"its worker died {job.attempt} times")
             raise WorkerLost(f"The request failed on {job.attempt} workers in a row; it was dead-lettered.")
         job.deadline = time.time() + stream.timeout
-        placed = await self._patiently(lambda: self.dispatcher.dispatch(job))
+        # share 0: the job was admitted already (a batch job too); its retry is not a new admission
+        placed = await self._patiently(lambda: self.dispatcher.dispatch(job, share=0.0))
         stream.worker_id = placed.worker_id
 
     async def dead_letter(self, job: Job, reason: str) -> None:

@@ -104,7 +104,7 @@ class Runner:
         "not now": the request waits and is sent again.
         ``owner``: the tenant it runs as (its batch's owner; "" for a Python API job).
         """
-        delay = 0.05
+        delay, room_delay = 0.05, NO_ROOM_POLL
         while True:
             if not await wanted():
                 return None
@@ -116,9 +116,10 @@ class Runner:
             code = (content.get("error") or {}).get("code") if isinstance(content, dict) else None
             if response.status_code != 429 and not (response.status_code == 503 and code in NOT_NOW):
                 return response.status_code, content
-            # No batch room: it frees within a job's time, so look again soon; otherwise back off.
-            await asyncio.sleep(delay if code != "no_batch_room" else min(delay, NO_ROOM_POLL))
-            delay = min(delay * 2, 2.0)
+            # No batch room frees within a job's time: look again soon, backing off to half a second; otherwise
+            # (no worker, a rate limit) back off further.
+            await asyncio.sleep(room_delay if code == "no_batch_room" else delay)
+            room_delay, delay = min(room_delay * 2, 0.5), min(delay * 2, 2.0)
 
     async def _job(self, attempt: Attempt, p: dict[str, Any]) -> None:
         """A Python API job: its result is stored once, under its job id."""

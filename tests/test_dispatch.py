@@ -140,6 +140,17 @@ async def test_batch_jobs_only_take_their_share_in_the_same_atomic_step(redis, k
     assert placed.queue == 3
 
 
+async def test_batch_share_never_passes_max_queue(redis, keys):
+    from broker.errors import NoRoom
+
+    await register(redis, keys, "small", max_concurrency=8, max_queue=2)
+    batch = Dispatcher(redis, keys, batch_share=1.0)  # its share would be 8 slots; the queue takes 2
+    await batch.dispatch(job(i=1))
+    await batch.dispatch(job(i=2))
+    with pytest.raises(NoRoom):
+        await batch.dispatch(job(i=3))
+
+
 async def test_a_repeated_dispatch_of_the_same_attempt_places_nothing_new(redis, keys):
     """A caller that retries after a lost reply gets the placement the first call made, not a second job."""
     await register(redis, keys, "w")

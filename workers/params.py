@@ -68,7 +68,8 @@ def _number(params: dict[str, Any], name: str, kind: type, default: Any, *, lo: 
     if isinstance(value, bool) or not isinstance(value, allowed):
         raise JobError(f"`{name}` must be {'a number' if kind is float else 'an integer'}.", param=name)
     if (lo is not None and (value <= lo if open_lo else value < lo)) or (hi is not None and value > hi):
-        raise JobError(f"`{name}` must be in {'(' if open_lo else '['}{lo}, {hi}].", param=name)
+        bounds = f"in {'(' if open_lo else '['}{lo}, {hi}]" if hi is not None else f"at least {lo}"
+        raise JobError(f"`{name}` must be {bounds}.", param=name)
     return kind(value)
 
 

@@ -46,7 +46,10 @@ for i = 1, #members, 2 do
     ready = ready + 1
     local q = tonumber(members[i + 1])
     local cap = tonumber(rec[3]) or 0
-    if share > 0 then cap = math.max(1, math.floor((tonumber(rec[4]) or 1) * share)) end
+    if share > 0 then  -- a batch job: its share of the slots, and never past max_queue either
+      local room = math.max(1, math.floor((tonumber(rec[4]) or 1) * share))
+      if cap <= 0 or room < cap then cap = room end
+    end
     if cap <= 0 or q < cap then
       ids[#ids + 1] = wid
       queues[#queues + 1] = q
