@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from broker.connection import resolved
 from broker.errors import ServeError
 from broker.keys import Keys
-from broker.protocol import pack, unpack
+from broker.protocol import as_str, pack, unpack
 from broker.settings import Settings
 from broker.tenants import ANONYMOUS, Tenant, well_formed
 
@@ -193,14 +193,14 @@ class BatchStore:
         names = ["id", "bytes", "created_at", "filename", "purpose", "owner"]
         values = await resolved(self.redis.hmget(self.keys.file(file_id), names)) \
             if well_formed("file", file_id) else [None]
-        if values[0] is None or not tenant.owns(_s(values[-1] or b"")):
+        if values[0] is None or not tenant.owns(as_str(values[-1] or b"")):
             raise NotFound(f"No file found with id '{file_id}'.", param="file_id")
-        return _file_object(dict(zip(names, map(_s, values))))
+        return _file_object(dict(zip(names, map(as_str, values))))
 
     async def file_content(self, file_id: str, tenant: Tenant = ANONYMOUS) -> bytes:
         found = await resolved(self.redis.hmget(self.keys.file(file_id), ["content", "owner"])) \
             if well_formed("file", file_id) else [None, None]
-        if found[0] is None or not tenant.owns(_s(found[1] or b"")):
+        if found[0] is None or not tenant.owns(as_str(found[1] or b"")):
             raise NotFound(f"No file found with id '{file_id}'.", param="file_id")
         content: bytes = found[0]
         return content
@@ -209,8 +209,8 @@ class BatchStore:
         """Delete a file and give its bytes back to its owner's quota."""
         owner = await resolved(self.redis.hget(self.keys.file(file_id), "owner")) \
             if well_formed("file", file_id) else None
-        if owner is None or not tenant.owns(_s(owner)) or not await self._file_delete(
-                keys=[self.keys.file(file_id), self.keys.tenant_files(_s(owner))], args=[file_id, owner]):
+        if owner is None or not tenant.owns(as_str(owner)) or not await self._file_delete(
+                keys=[self.keys.file(file_id), self.keys.tenant_files(as_str(owner))], args=[file_id, owner]):
             raise NotFound(f"No file found with id '{file_id}'.", param="file_id")
         return {"id": file_id, "object": "file", "deleted": True}
 
@@ -250,7 +250,7 @@ class BatchStore:
     async def owner(self, batch_id: str) -> Tenant:
         """The tenant a batch belongs to (its requests run as that tenant)."""
         owner: bytes | str | None = await resolved(self.redis.hget(self.keys.batch(batch_id), "owner"))
-        return Tenant(_s(owner or ANONYMOUS.id))
+        return Tenant(as_str(owner or ANONYMOUS.id))
 
     async def batches(self, *, after: str | None = None, limit: int = 20,
                       tenant: Tenant = ANONYMOUS) -> tuple[list[dict[str, Any]], bool]:
@@ -262,7 +262,7 @@ class BatchStore:
             if rank is None:
                 raise NotFound(f"No batch found with id '{after}'.", param="after")
             start = rank + 1
-        ids = [_s(i) for i in await self.redis.zrevrange(index, start, start + limit)]
+        ids = [as_str(i) for i in await self.redis.zrevrange(index, start, start + limit)]
         async with self.redis.pipeline(transaction=False) as pipe:
             for batch_id in ids[:limit]:
                 pipe.hgetall(self.keys.batch(batch_id))
@@ -279,7 +279,7 @@ class BatchStore:
                                         args=[",".join(allowed), to, int(time.time()), *extra])
         if before is None:
             raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
-        return _s(before)
+        return as_str(before)
 
     async def cancel(self, batch_id: str, tenant: Tenant = ANONYMOUS) -> dict[str, Any]:
         """Ask a batch to stop: requests not yet started are skipped, the rest finish into its output."""
@@ -292,7 +292,7 @@ class BatchStore:
     async def state(self, batch_id: str) -> tuple[str, float]:
         """The batch's status and expiry (epoch s); ``("", 0)`` for a batch that is gone."""
         status, expires = await resolved(self.redis.hmget(self.keys.batch(batch_id), ["status", "expires_at"]))
-        return (_s(status), float(expires or 0)) if status is not None else ("", 0.0)
+        return (as_str(status), float(expires or 0)) if status is not None else ("", 0.0)
 
     # --- results -------------------------------------------------------------
     async def progress(self, batch_id: str) -> tuple[int, int]:
@@ -420,8 +420,4 @@ def _dumps(obj: Any) -> bytes:
 
 
 def _decode(row: dict[bytes, bytes]) -> dict[str, str]:
-    return {_s(k): _s(v) for k, v in row.items()}
-
-
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
+    return {as_str(k): as_str(v) for k, v in row.items()}

@@ -18,7 +18,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from broker.errors import Busy, Gone, NoRoom, NoWorker, UnknownModel
 from broker.keys import Keys
-from broker.protocol import Job
+from broker.protocol import Job, as_str
 from broker.scripts import Scripts
 from broker.settings import DispatchMethod
 
@@ -95,7 +95,7 @@ class Dispatcher:
                 ) from None
             raise
         self.decisions[(method or self.method, "placed")] += 1
-        return Dispatched(worker_id=_s(wid), entry_id=_s(entry), queue=int(queue))
+        return Dispatched(worker_id=as_str(wid), entry_id=as_str(entry), queue=int(queue))
 
 
     async def _run(self, keys: list[str], args: list[Any]) -> list[Any]:
@@ -117,7 +117,3 @@ class Dispatcher:
                 raise placed
             return list(placed)
         raise NoScriptError("the dispatch script could not be loaded")
-
-
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v

@@ -95,12 +95,6 @@ class WorkerTimeout(ServeError):
     status, type, code = 504, "timeout", "worker_timeout"
 
 
-class ReplyLost(ServeError):
-    """The reply channel broke (Redis went away) while the request was in flight."""
-
-    status, type, code = 503, "service_unavailable", "reply_lost"
-
-
 class RedisUnavailable(ServeError):
     """Redis (or this process's reply subscription) stayed away past ``redis_wait``."""
 

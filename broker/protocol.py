@@ -59,16 +59,16 @@ class Job:
 
     @classmethod
     def from_fields(cls, entry_id: str, fields: Mapping[Any, bytes | str]) -> Job:
-        f = {_s(k): v for k, v in fields.items()}
+        f = {as_str(k): v for k, v in fields.items()}
         return cls(
-            request_id=_s(f["request_id"]),
-            model=_s(f["model"]),
-            kind=JobKind(_s(f["kind"])),
-            reply_to=_s(f["reply_to"]),
+            request_id=as_str(f["request_id"]),
+            model=as_str(f["model"]),
+            kind=JobKind(as_str(f["kind"])),
+            reply_to=as_str(f["reply_to"]),
             params=unpack(f["payload"]),
-            deadline=float(_s(f.get("deadline", "0"))),
-            attempt=int(_s(f.get("attempt", "0"))),
-            replay_ms=int(_s(f.get("replay", "0"))),
+            deadline=float(as_str(f.get("deadline", "0"))),
+            attempt=int(as_str(f.get("attempt", "0"))),
+            replay_ms=int(as_str(f.get("replay", "0"))),
             entry_id=entry_id,
         )
 
@@ -180,5 +180,6 @@ def unpack(data: bytes | str) -> Any:
     return msgpack.unpackb(data, raw=False)
 
 
-def _s(v: bytes | str) -> str:
+def as_str(v: bytes | str) -> str:
+    """A Redis reply field as text (raw clients return bytes, decoding ones str)."""
     return v.decode() if isinstance(v, bytes) else v

@@ -31,7 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from broker.connection import connect
 from broker.errors import ServeError
 from broker.keys import WORKER_GROUP, Keys
-from broker.protocol import Job, JobKind, Reply, lost, token_count, unpack
+from broker.protocol import Job, JobKind, Reply, as_str, lost, token_count, unpack
 from broker.registry import Registry, WorkerRecord
 from broker.scripts import Scripts
 from broker.settings import Settings
@@ -310,7 +310,7 @@ class BaseModelWorker(abc.ABC):
                                                   consumername=self.id, idle=idle_ms)
         except ResponseError:  # NOGROUP: the stream is gone (Redis came back empty); the heartbeat remade it
             return []
-        ids = [_s(r["message_id"]) for r in rows]
+        ids = [as_str(r["message_id"]) for r in rows]
         ids = [i for i in ids if i not in running]
         if not ids:
             return []
@@ -391,7 +391,3 @@ def _forget_older_than(marks: dict[str, float], age: float, also: dict[str, Any]
         del marks[key]
         if also is not None:
             also.pop(key, None)
-
-
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
