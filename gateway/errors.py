@@ -26,9 +26,11 @@ class APIError(ServeError):
         super().__init__(message, status=status, **details)
 
 
-def response(exc: ServeError) -> JSONResponse:
-    """The HTTP answer of an error: its OpenAI body, status and headers."""
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+def response(exc: ServeError, *, close: bool = False) -> JSONResponse:
+    """The HTTP answer of an error: its OpenAI body, status and headers (an ASGI app, so middleware answers
+    with it too). ``close`` ends the connection after it, so an unread body is never read."""
+    headers = {**(exc.headers or {}), "Connection": "close"} if close else exc.headers
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 class BodyTooLarge(HTTPException):

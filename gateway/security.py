@@ -13,7 +13,6 @@ ends. All of it costs nothing when not configured.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 from collections import Counter
@@ -30,7 +29,7 @@ from broker.client import BrokerClient
 from broker.errors import ServeError
 from broker.settings import Settings
 from broker.tenants import ANONYMOUS, PUBLIC, Tenant, tenant_id
-from gateway.errors import APIError, BodyTooLarge, redis_error
+from gateway.errors import APIError, BodyTooLarge, redis_error, response
 
 log = logging.getLogger(__name__)
 
@@ -145,21 +144,21 @@ class APIKeyMiddleware:
         if tenant is None:
             message = "Missing API key: send 'Authorization: Bearer <key>'." if not _bearer(scope) \
                 else "Incorrect API key provided."
-            await reply(send, APIError(401, message, code="invalid_api_key"), close=True)
+            await reply(scope, receive, send, APIError(401, message, code="invalid_api_key"), close=True)
             return
         if self.admins and not tenant.admin and path.startswith(ADMIN_ONLY) and path not in self.open_paths:
-            await reply(send, APIError(403, "This route needs an admin key (admin_api_keys).", code="admin_only"),
-                        close=True)
+            refusal = APIError(403, "This route needs an admin key (admin_api_keys).", code="admin_only")
+            await reply(scope, receive, send, refusal, close=True)
             return
         if self.max_in_flight and self.in_flight[tenant.id] >= self.max_in_flight:
-            await reply(send, APIError(
+            await reply(scope, receive, send, APIError(
                 429, f"This API key has {self.max_in_flight} requests in flight on this gateway "
                      "(max_in_flight_per_key); wait for one to end.", code="too_many_in_flight"), close=True)
             return
         scope[TENANT] = tenant
         self.in_flight[tenant.id] += 1
         try:
-            if scope["method"] == "POST" and not await self._admitted(send, tenant):
+            if scope["method"] == "POST" and not await self._admitted(scope, receive, send, tenant):
                 return
             await self.app(scope, receive, send)
         finally:
@@ -175,17 +174,18 @@ class APIKeyMiddleware:
                 found = tenant
         return found
 
-    async def _admitted(self, send: Send, tenant: Tenant) -> bool:
+    async def _admitted(self, scope: Scope, receive: Receive, send: Send, tenant: Tenant) -> bool:
         try:
             wait = await self.limiter.admit(tenant)
         except RedisError as exc:
-            await reply(send, redis_error(exc))
+            await reply(scope, receive, send, redis_error(exc))
             return False
         if wait is None:
             return True
-        await reply(send, APIError(429, f"Rate limit reached for this API key: {self.limiter.rpm} requests per "
-                                        "minute (rpm_limit).", code="rate_limit_exceeded",
-                                   headers={"Retry-After": str(max(1, int(wait + 0.999)))}))
+        refusal = APIError(429, f"Rate limit reached for this API key: {self.limiter.rpm} requests per minute "
+                                "(rpm_limit).", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+        await reply(scope, receive, send, refusal)
         return False
 
 
@@ -209,7 +209,7 @@ class BodyLimitMiddleware:
         limit, setting = self.cap(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await reply(send, BodyTooLarge(limit, setting).api_error())
+            await reply(scope, receive, send, BodyTooLarge(limit, setting).api_error())
             return
         seen = 0
 
@@ -231,12 +231,6 @@ def _bearer(scope: Scope) -> bytes:
     return token.strip() if scheme.lower() == b"bearer" else b""
 
 
-async def reply(send: Send, exc: ServeError, *, close: bool = False) -> None:
-    """Answer an error from middleware; ``close`` ends the connection, so an unread body is never read."""
-    data = json.dumps(exc.body()).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (exc.headers or {}).items()]
-    if close and "connection" not in {k.lower() for k in exc.headers or {}}:
-        raw.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": exc.status, "headers": raw})
-    await send({"type": "http.response.body", "body": data})
+async def reply(scope: Scope, receive: Receive, send: Send, exc: ServeError, *, close: bool = False) -> None:
+    """Answer an error from middleware, rendered as every error is (``gateway.errors.response``)."""
+    await response(exc, close=close)(scope, receive, send)
