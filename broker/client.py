@@ -22,8 +22,9 @@ from broker.dispatch import Dispatcher
 from broker.errors import NoWorker, RedisUnavailable, UnknownModel, WorkerLost
 from broker.janitor import Janitor
 from broker.keys import Keys
-from broker.protocol import Job, JobKind, pack
+from broker.protocol import Cancel, Job, JobKind, Params, Reply, Resend, pack
 from broker.registry import Registry
+from broker.replay import ReplayLog, follow, open_log
 from broker.replies import ReplyRouter, ReplyStream
 from broker.scripts import Scripts
 from broker.settings import DispatchMethod, Settings
@@ -40,17 +41,17 @@ class BrokerClient:
             raise ValueError("BrokerClient needs settings.redis_url")
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self.text = connect(settings.redis_url, decode=True)
-        self.raw = connect(settings.redis_url, decode=False)
-        self.scripts = Scripts.register(self.raw)
-        self.registry = Registry(self.text, self.keys, Scripts.register(self.text))
-        self.dispatcher = Dispatcher(self.raw, self.keys, settings.dispatch_method, self.scripts,
+        self._text = connect(settings.redis_url, decode=True)
+        self._raw = connect(settings.redis_url, decode=False)
+        self.scripts = Scripts.register(self._raw)
+        self.registry = Registry(self._text, self.keys, Scripts.register(self._text))
+        self.dispatcher = Dispatcher(self._raw, self.keys, settings.dispatch_method, self.scripts,
                                      replica_acks=settings.replica_acks,
                                      replica_ack_timeout=settings.replica_ack_timeout,
                                      batch_share=settings.batch_share if batch else 0.0)
-        self.router = ReplyRouter(self.raw, self.keys, gateway_id, buffer=settings.stream_buffer,
+        self.router = ReplyRouter(self._raw, self.keys, gateway_id, buffer=settings.stream_buffer,
                                   on_shed=self._shed, on_gap=self._ask_resend)
-        self.janitor = Janitor(self.raw, self.keys, self.dispatcher, interval=settings.worker_ttl / 2) if janitor \
+        self.janitor = Janitor(self._raw, self.keys, self.dispatcher, interval=settings.worker_ttl / 2) if janitor \
             else None
         self._background: set[asyncio.Task[None]] = set()
         self.dead_lettered = 0
@@ -67,8 +68,8 @@ class BrokerClient:
         await self.router.stop()
         for task in list(self._background):
             task.cancel()
-        await self.text.aclose()
-        await self.raw.aclose()
+        await self._text.aclose()
+        await self._raw.aclose()
 
     async def __aenter__(self) -> BrokerClient:
         return await self.start()
@@ -80,7 +81,7 @@ class BrokerClient:
         self,
         model: str,
         kind: JobKind,
-        params: dict[str, Any],
+        params: Params,
         *,
         timeout: float | None = None,
         method: DispatchMethod | None = None,
@@ -154,7 +155,7 @@ class BrokerClient:
     async def dead_letter(self, job: Job, reason: str) -> None:
         self.dead_lettered += 1
         fields: dict[Any, Any] = {**job.to_fields(), "reason": reason, "failed_at": f"{time.time():.3f}"}
-        await self.raw.xadd(self.keys.dead_letters(), fields, maxlen=10_000, approximate=True)
+        await self._raw.xadd(self.keys.dead_letters(), fields, maxlen=10_000, approximate=True)
 
     async def cancel(self, request_id: str, tenant: Tenant = ANONYMOUS) -> str | None:
         """Cancel a request wherever it runs (any gateway may ask); returns its worker id.
@@ -166,13 +167,36 @@ class BrokerClient:
         prefix, suffix = self.keys.worker_control_parts()
         try:
             wid = await self.scripts.cancel(keys=[self.keys.request(request_id)],
-                                            args=[prefix, suffix, pack({"cancel": request_id}),
+                                            args=[prefix, suffix, pack(Cancel(request_id)),
                                                   "" if tenant.admin else tenant.id])
         except ResponseError as exc:
             if "WRONGTYPE" not in str(exc):
                 raise
             return None  # a request placed by a gateway older than owners (a string key): it owns no one
         return wid.decode() if isinstance(wid, bytes) else wid
+
+    async def ping(self) -> None:
+        """Raises if Redis is unreachable."""
+        await self._text.ping()
+
+    async def replay_log(self, request_id: str) -> ReplayLog | None:
+        """A resumable request's replay log as it stands; None when there is none."""
+        return await open_log(self._raw, self.keys.replay(request_id))
+
+    async def follow_replay(self, log: ReplayLog, block_ms: int) -> list[Reply]:
+        """What was appended to ``log`` since it was last read, waiting up to ``block_ms`` for it."""
+        return await follow(self._raw, log, block_ms)
+
+    async def charge(self, key: str, limit: int, amount: int, window_ms: int) -> bool:
+        """Add ``amount`` to a rate counter unless it is at ``limit`` already; whether it was charged. Limit 0
+        settles (charges, never refuses, and creates no counter). The counter lives ``window_ms``."""
+        return bool(await self.scripts.ratelimit(keys=[key], args=[limit, amount, window_ms]))
+
+    async def add_vote(self, fields: dict[str, str], max_entries: int) -> str:
+        """Append a vote to the votes stream (trimmed to ``max_entries``); its entry id."""
+        entry_id: str = await self._text.xadd(self.keys.votes(), fields,  # type: ignore[arg-type]  # redis-py's field type is invariant
+                                              maxlen=max_entries, approximate=False)
+        return entry_id
 
     async def release(self, stream: ReplyStream) -> None:
         """Done with a stream: forget it, and cancel the job if it has not finished."""
@@ -192,10 +216,10 @@ class BrokerClient:
 
     async def _resend(self, streams: list[ReplyStream]) -> None:
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
-            async with self.raw.pipeline(transaction=False) as pipe:
+            async with self._raw.pipeline(transaction=False) as pipe:
                 for s in streams:
                     pipe.publish(self.keys.worker_control(s.worker_id or ""),
-                                 pack({"resend": s.rid, "from": s.next_seq, "a": s.attempt, "to": self.router.channel}))
+                                 pack(Resend(s.rid, s.next_seq, s.attempt, self.router.channel)))
                 await pipe.execute()
 
     def _shed(self, stream: ReplyStream) -> None:

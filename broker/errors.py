@@ -1,7 +1,7 @@
 """The one error type: ``ServeError`` carries a refusal's HTTP status, OpenAI ``type``, ``code`` and ``param``
 from wherever it is made (a gateway's validation, the dispatcher, a worker's engine) to the HTTP body.
 
-It crosses Redis as a terminal ``err`` event (``event()``, back with ``from_event``) and reaches the
+It crosses Redis as a terminal ``Failure`` event (``event()``, back with ``from_event``) and reaches the
 client as OpenAI's ``{"error": {"message", "type", "param", "code"}}`` (``body()``). Named kinds below
 (and ``JobError`` in the workers, ``APIError`` in the gateway) only preset a status and code.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.protocol import error as error_event
+from broker.protocol import Failure
 
 #: The OpenAI error type of a status, when the error names none.
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -42,16 +42,14 @@ class ServeError(Exception):
         return {"error": {"message": printable(self.message), "type": self.type,
                           "param": self.param and printable(self.param), "code": self.code}}
 
-    def event(self) -> dict[str, Any]:
-        """The terminal ``err`` event that carries this error over Redis."""
-        return error_event(self.message, status=self.status, type=self.type or "server_error", code=self.code,
-                           param=self.param)
+    def event(self) -> Failure:
+        """The terminal event that carries this error over Redis."""
+        return Failure(self.message, self.status, self.type or "server_error", self.code, self.param)
 
     @classmethod
-    def from_event(cls, ev: dict[str, Any]) -> ServeError:
-        """Back from a worker's ``err`` event."""
-        return cls(ev.get("message") or "error", status=ev.get("status") or 500, type=ev.get("type"),
-                   code=ev.get("code"), param=ev.get("param"))
+    def from_event(cls, ev: Failure) -> ServeError:
+        """Back from a worker's ``Failure``."""
+        return cls(ev.message or "error", status=ev.status or 500, type=ev.type, code=ev.code, param=ev.param)
 
 
 def printable(text: str) -> str:

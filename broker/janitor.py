@@ -30,7 +30,7 @@ from broker.connection import resolved
 from broker.dispatch import Dispatcher
 from broker.errors import Gone, ServeError
 from broker.keys import WORKER_GROUP, Keys
-from broker.protocol import Job, Reply, lost
+from broker.protocol import Job, Reply
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class Janitor:
 
     async def _tell_lost(self, job: Job) -> None:
         self.lost += 1
-        await self.redis.publish(job.reply_to, Reply(job.request_id, -1, [lost()], attempt=job.attempt).encode())
+        await self.redis.publish(job.reply_to, Reply.worker_lost(job.request_id, job.attempt).encode())
 
     async def _someone_waits(self, job: Job) -> bool:
         [(_, subscribers)] = await self.redis.pubsub_numsub(job.reply_to)

@@ -1,25 +1,36 @@
-"""The wire format between gateways and workers (msgpack payloads).
+"""Every message that crosses Redis, as a declared type, and the one codec that puts it on the wire.
 
-A **job** is one stream entry. Its routing fields are plain strings so a person
-can read them with ``XRANGE``; the request body travels msgpack-encoded in
-``payload``.
+Three channels carry them (``docs/redis.md`` shows each as ``redis-cli`` sees it):
 
-A **reply** is one pub/sub message on the requesting gateway's channel:
-``{"rid": request_id, "seq": n, "a": attempt, "ev": [event, ...]}``. ``seq``
-counts messages per attempt from 0, so a gap or a duplicate is detectable. One message may
-carry several events: a worker that produces tokens faster than it can ship
-them coalesces the waiting deltas into one message.
+- **Jobs** (gateway or batch runner → a worker's stream): ``Job``. Its routing
+  fields are plain strings so a person can read them with ``XRANGE``; its
+  parameters (``Generate``, ``Embed`` or ``Tokenize``, by ``JobKind``) travel
+  msgpack-encoded in ``payload``.
+- **Replies** (worker → the requesting gateway's channel, and the request's
+  replay log): ``Reply``, a numbered message of ``Event``s. ``seq`` counts
+  messages per attempt from 0, so a gap or a duplicate is detectable; a
+  worker that produces faster than it ships coalesces waiting deltas into one
+  message, and its outbox may ``bundle`` several replies into one channel
+  message. A janitor (or a worker asked about a job it never got) sends a
+  ``Reply`` with ``lost`` set and no events: that attempt's worker is gone.
+- **Control** (gateway → a worker's control channel): ``Cancel`` and ``Resend``.
+
+Short keys (``t``, ``i``, ``x``...) keep messages small; only this module
+spells them. Consumers ``match`` on the classes.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
-import msgpack
+import msgspec
+from msgspec import Struct, field
+
+# --- jobs --------------------------------------------------------------------
 
 
 class JobKind(StrEnum):
@@ -29,13 +40,72 @@ class JobKind(StrEnum):
     TOKENIZE = "tokenize"
 
 
+class Message(Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """One chat message as the engines read it (content parts stay OpenAI's ``{"type", "text"}`` maps)."""
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    def text(self, sep: str = "") -> str:
+        """The content as plain text (text parts joined with ``sep``)."""
+        if isinstance(self.content, list):
+            return sep.join(p.get("text") or "" for p in self.content if isinstance(p, dict))
+        return self.content or ""
+
+
+class Generate(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A chat or completion job: the prompt and the sampling parameters, as every engine receives them.
+
+    The gateway validated each value against its caps; an engine maps them onto
+    its own sampling and checks only what depends on its model (context room).
+    ``logprobs`` is the number of alternatives reported per token (``None``: no
+    logprobs), whichever endpoint asked.
+    """
+
+    messages: list[Message] | None = None
+    prompt: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    #: 0 = no top-k cut.
+    top_k: int = 0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = []
+    n: int = 1
+    logprobs: int | None = None
+
+    def asks(self) -> set[str]:
+        """The optional engine features this job needs, each named by the parameter that asks for it."""
+        return {"logprobs"} if self.logprobs is not None else set()
+
+
+class Embed(Struct, forbid_unknown_fields=True):
+    """An embedding job: the texts to embed, at least one."""
+
+    input: list[str]
+
+
+class Tokenize(Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """A tokenize job: a completion ``prompt`` or chat ``messages`` (through the model's template)."""
+
+    messages: list[Message] | None = None
+    prompt: str | None = None
+
+
+Params = Generate | Embed | Tokenize
+
+
 @dataclass(slots=True)
 class Job:
     request_id: str
     model: str
     kind: JobKind
     reply_to: str
-    params: dict[str, Any]
+    params: Params
     #: Epoch seconds after which nobody waits for the answer (0 = no deadline).
     deadline: float = 0.0
     #: 0 for the first try; a gateway that re-dispatches after a worker died counts up.
@@ -44,6 +114,9 @@ class Job:
     replay_ms: int = 0
     #: Stream entry id, set once the job was read from a worker's stream.
     entry_id: str = ""
+    #: Why ``payload`` did not decode as this kind's parameters (a newer gateway's field, say); the worker
+    #: answers it as a 400 instead of running it.
+    invalid: str = ""
 
     def to_fields(self) -> dict[str, str | bytes]:
         return {
@@ -60,16 +133,24 @@ class Job:
     @classmethod
     def from_fields(cls, entry_id: str, fields: Mapping[Any, bytes | str]) -> Job:
         f = {as_str(k): v for k, v in fields.items()}
+        kind = JobKind(as_str(f["kind"]))
+        invalid = ""
+        decoder = _PARAMS[kind]
+        try:
+            params: Params = decoder.decode(_as_bytes(f["payload"]))
+        except msgspec.ValidationError as exc:  # never run: the worker refuses it, saying this
+            params, invalid = decoder.type([]) if decoder.type is Embed else decoder.type(), str(exc)
         return cls(
             request_id=as_str(f["request_id"]),
             model=as_str(f["model"]),
-            kind=JobKind(as_str(f["kind"])),
+            kind=kind,
             reply_to=as_str(f["reply_to"]),
-            params=unpack(f["payload"]),
+            params=params,
             deadline=float(as_str(f.get("deadline", "0"))),
             attempt=int(as_str(f.get("attempt", "0"))),
             replay_ms=int(as_str(f.get("replay", "0"))),
             entry_id=entry_id,
+            invalid=invalid,
         )
 
     def expired(self, now: float | None = None) -> bool:
@@ -77,80 +158,119 @@ class Job:
 
 
 # --- reply events ------------------------------------------------------------
-# Events are small dicts keyed by "t" (type). Constructors below are the only
-# place that spells their shape.
 
 
-def delta(index: int, text: str, tokens: int = 1, logprobs: list[Any] | None = None) -> dict[str, Any]:
-    """New text for choice ``index`` (a delta, never cumulative text)."""
-    ev: dict[str, Any] = {"t": "d", "i": index, "x": text, "k": tokens}
-    if logprobs is not None:
-        ev["lp"] = logprobs
-    return ev
+class Usage(Struct, omit_defaults=True):
+    prompt_tokens: int
+    completion_tokens: int = 0
 
 
-def choice_end(index: int, finish_reason: str) -> dict[str, Any]:
-    return {"t": "end", "i": index, "fr": finish_reason}
+class TopLogprob(Struct):
+    token: str
+    logprob: float
 
 
-def done(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """Terminal event: the request succeeded."""
-    return {"t": "done", "u": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}}
+class TokenLogprob(Struct):
+    """One generated token's logprob and its best alternatives, as every engine reports it."""
+
+    token: str
+    logprob: float
+    top_logprobs: list[TopLogprob] = []
 
 
-def embeddings(vectors: list[list[float]], prompt_tokens: int) -> dict[str, Any]:
-    """Terminal event of an embedding job."""
-    return {"t": "emb", "v": vectors, "u": {"prompt_tokens": prompt_tokens}}
+class _Event(Struct, tag_field="t", omit_defaults=True):
+    #: Whether this event ends the request's reply.
+    terminal: ClassVar[bool] = False
 
 
-def token_count(count: int, ids: list[int] | None, context_length: int) -> dict[str, Any]:
-    """Terminal event of a tokenize job (``ids`` is None for an engine without real token ids)."""
-    return {"t": "tok", "n": count, "ids": ids, "ctx": context_length}
+class Delta(_Event, tag="d"):
+    """New text for choice ``index`` (a delta, never cumulative text) and the tokens it took."""
+
+    index: int = field(name="i")
+    text: str = field(name="x")
+    tokens: int = field(default=1, name="k")
+    logprobs: list[TokenLogprob] | None = field(default=None, name="lp")
+
+    def merged(self, later: Delta) -> Delta:
+        """This delta followed by ``later`` (same choice) as one."""
+        lp = None if self.logprobs is None and later.logprobs is None else \
+            (self.logprobs or []) + (later.logprobs or [])
+        return Delta(self.index, self.text + later.text, self.tokens + later.tokens, lp)
 
 
-def lost() -> dict[str, Any]:
-    """Sent by a janitor for a job that was running on a worker that died: retry it or fail it."""
-    return {"t": "lost"}
+class ChoiceEnd(_Event, tag="end"):
+    index: int = field(name="i")
+    finish_reason: str = field(name="fr")
 
 
-def error(
-    message: str, *, status: int = 500, type: str = "server_error", code: str | None = None, param: str | None = None
-) -> dict[str, Any]:
-    """Terminal event: the request failed; carries an HTTP status for the gateway."""
-    return {"t": "err", "status": status, "message": message, "type": type, "code": code, "param": param}
+class Done(_Event, tag="done"):
+    """The request succeeded."""
+
+    terminal = True
+    usage: Usage = field(name="u")
 
 
-TERMINAL_EVENTS = frozenset({"done", "emb", "tok", "err"})
+class Embeddings(_Event, tag="emb"):
+    """An embedding job's answer."""
+
+    terminal = True
+    vectors: list[list[float]] = field(name="v")
+    usage: Usage = field(name="u")
 
 
-@dataclass(slots=True)
-class Reply:
+class TokenCount(_Event, tag="tok"):
+    """A tokenize job's answer (``ids`` is None for an engine without real token ids)."""
+
+    terminal = True
+    count: int = field(name="n")
+    ids: list[int] | None = None
+    context_length: int = field(default=0, name="ctx")
+
+
+class Failure(_Event, tag="err"):
+    """The request failed; ``broker.errors.ServeError`` builds it and reads it back."""
+
+    terminal = True
+    message: str
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+    param: str | None = None
+
+
+Event = Delta | ChoiceEnd | Done | Embeddings | TokenCount | Failure
+
+
+class Reply(Struct, omit_defaults=True):
     rid: str
     seq: int
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list, name="ev")
     #: The job attempt that produced it: replies of a superseded attempt are dropped.
-    attempt: int = 0
+    attempt: int = field(default=0, name="a")
+    #: Not a reply but a notice: the worker of this attempt is gone (its janitor saw it die, or it never got
+    #: the job): retry it, or fail it if the client saw part.
+    lost: bool = False
+
+    @classmethod
+    def worker_lost(cls, rid: str, attempt: int) -> Reply:
+        return cls(rid, -1, [], attempt, lost=True)
 
     def encode(self) -> bytes:
-        return pack({"rid": self.rid, "seq": self.seq, "ev": self.events, "a": self.attempt})
+        return _ENCODER.encode(self)
 
     @classmethod
     def decode(cls, data: bytes) -> Reply:
-        return cls.from_map(unpack(data))
-
-    @classmethod
-    def from_map(cls, m: dict[str, Any]) -> Reply:
-        return cls(rid=m["rid"], seq=m["seq"], events=m["ev"], attempt=m.get("a", 0))
+        return _REPLY.decode(data)
 
     @staticmethod
     def decode_all(data: bytes) -> list[Reply]:
         """The replies in one channel message: a single reply, or a bundle of them."""
-        m = unpack(data)
-        return [Reply.from_map(x) for x in m] if isinstance(m, list) else [Reply.from_map(m)]
+        m = _REPLIES.decode(data)
+        return m if isinstance(m, list) else [m]
 
     @property
     def terminal(self) -> bool:
-        return any(ev["t"] in TERMINAL_EVENTS for ev in self.events)
+        return any(ev.terminal for ev in self.events)
 
 
 def bundle(encoded: list[bytes]) -> bytes:
@@ -169,17 +289,61 @@ def bundle(encoded: list[bytes]) -> bytes:
     return header + b"".join(encoded)
 
 
+# --- control -----------------------------------------------------------------
+
+
+class _Control(Struct, tag_field="t"):
+    pass
+
+
+class Cancel(_Control, tag="cancel"):
+    """Stop request ``rid`` (its client left, or asked), or skip it if it has not started."""
+
+    rid: str
+
+
+class Resend(_Control, tag="resend"):
+    """Publish request ``rid``'s messages again from ``from_seq`` on (the gateway missed them) to ``to``."""
+
+    rid: str
+    from_seq: int = field(name="from")
+    attempt: int = field(name="a")
+    to: str
+
+
+Control = Cancel | Resend
+
+
+def control(data: bytes) -> Control:
+    return _CONTROL.decode(data)
+
+
+# --- the codec ---------------------------------------------------------------
+
+_ENCODER = msgspec.msgpack.Encoder()
+_REPLY = msgspec.msgpack.Decoder(Reply)
+_REPLIES = msgspec.msgpack.Decoder(Reply | list[Reply])
+_CONTROL = msgspec.msgpack.Decoder(Control)
+_ANY = msgspec.msgpack.Decoder()
+_PARAMS: dict[JobKind, msgspec.msgpack.Decoder[Any]] = {
+    JobKind.CHAT: msgspec.msgpack.Decoder(Generate), JobKind.COMPLETION: msgspec.msgpack.Decoder(Generate),
+    JobKind.EMBEDDING: msgspec.msgpack.Decoder(Embed), JobKind.TOKENIZE: msgspec.msgpack.Decoder(Tokenize)}
+
+
 def pack(obj: Any) -> bytes:
-    packed: bytes = msgpack.packb(obj, use_bin_type=True)
-    return packed
+    """Anything msgpack carries, declared types included."""
+    return _ENCODER.encode(obj)
 
 
 def unpack(data: bytes | str) -> Any:
-    if isinstance(data, str):
-        data = data.encode()
-    return msgpack.unpackb(data, raw=False)
+    """msgpack back to plain Python values."""
+    return _ANY.decode(_as_bytes(data))
 
 
 def as_str(v: bytes | str) -> str:
     """A Redis reply field as text (raw clients return bytes, decoding ones str)."""
     return v.decode() if isinstance(v, bytes) else v
+
+
+def _as_bytes(v: bytes | str) -> bytes:
+    return v.encode() if isinstance(v, str) else v

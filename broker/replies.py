@@ -21,8 +21,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -30,7 +30,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.errors import ServeError, WorkerLost, WorkerTimeout
 from broker.keys import Keys
-from broker.protocol import Reply
+from broker.protocol import Event, Reply
 
 if TYPE_CHECKING:
     from broker.protocol import Job
@@ -39,8 +39,15 @@ log = logging.getLogger(__name__)
 
 #: Seconds between requests for a resend while a stream waits for a missing message.
 GAP_RETRY = 1.0
-#: What ``ReplyStream.next_events`` returns after re-dispatching a job whose worker died unseen.
-RESTART: tuple[dict[str, Any], ...] = ({"t": "restart"},)
+
+
+class Restarted:
+    """What ``ReplyStream.next_events`` returns after re-dispatching a job whose worker died unseen: a signal
+    between the stream and its consumer, never a message on the wire."""
+
+
+#: The one ``Restarted`` value (compare with ``is``).
+RESTART = Restarted()
 
 
 class SlowClient(ServeError):
@@ -79,18 +86,12 @@ class ReplyStream:
     def attempt(self) -> int:
         return self.job.attempt if self.job else 0
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Yield events until a terminal one; raise WorkerTimeout on silence."""
-        while not self.finished:
-            for ev in await self.next_events():
-                yield ev
-
-    async def next_events(self) -> list[dict[str, Any]] | tuple[dict[str, Any], ...]:
+    async def next_events(self) -> list[Event] | Restarted:
         """The events of the next message in sequence (waits at most ``timeout``).
 
-        A ``{"t": "restart"}`` event means the job was re-dispatched after its
-        worker died before anything reached the client: drop what was
-        collected so far, the new attempt starts over.
+        ``RESTART`` means the job was re-dispatched after its worker died
+        before anything reached the client: drop what was collected so far,
+        the new attempt starts over.
         """
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.timeout
@@ -115,7 +116,7 @@ class ReplyStream:
                 raise item
             if item.attempt != self.attempt:  # a superseded attempt still talking
                 continue
-            if item.events and item.events[0]["t"] == "lost":
+            if item.lost:
                 return await self._worker_lost()
             if item.seq < self.next_seq:  # duplicate delivery: already seen
                 continue
@@ -126,7 +127,7 @@ class ReplyStream:
                 continue
             return self._take(item)
 
-    def _take(self, item: Reply) -> list[dict[str, Any]]:
+    def _take(self, item: Reply) -> list[Event]:
         self.unsure = False
         self.last_seq = item.seq
         self.next_seq += 1
@@ -142,13 +143,18 @@ class ReplyStream:
                     del self.ahead[self.next_seq]
         return item.events
 
-    async def _worker_lost(self) -> tuple[dict[str, Any], ...]:
+    async def _worker_lost(self) -> Restarted:
         if self.committed or self.retry is None:
             raise WorkerLost("The worker serving this request was lost after part of the reply was sent.")
         await self.retry(self)
         self.next_seq = 0
         self.ahead.clear()
         return RESTART
+
+    @property
+    def open(self) -> bool:
+        """Whether the stream still takes replies (``close`` or ``BrokerClient.release`` ends that)."""
+        return self.router.streams.get(self.rid) is self
 
     def close(self) -> None:
         self.router.streams.pop(self.rid, None)

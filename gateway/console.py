@@ -74,6 +74,4 @@ async def cast_vote(vote: Vote, request: Request) -> dict[str, str]:
     """Append a vote to the votes stream (trimmed to ``votes_max_entries``); the entry id (its time) comes back."""
     broker = _broker(request)
     fields = {**vote.to_fields(), "tenant": tenant_of(request).id}
-    entry_id = await broker.text.xadd(broker.keys.votes(), fields,  # type: ignore[arg-type]
-                                      maxlen=broker.settings.votes_max_entries, approximate=False)
-    return {"id": entry_id}
+    return {"id": await broker.add_vote(fields, broker.settings.votes_max_entries)}

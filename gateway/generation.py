@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -15,8 +16,8 @@ from starlette.responses import Response
 
 from broker.client import BrokerClient
 from broker.errors import ServeError, UnknownModel, WorkerTimeout
-from broker.protocol import JobKind
-from broker.replies import RESTART, ReplyStream
+from broker.protocol import ChoiceEnd, Delta, Done, Event, Failure, JobKind, Params, TokenLogprob, Usage
+from broker.replies import ReplyStream, Restarted
 from broker.tenants import well_formed
 from gateway import limits
 from gateway.disconnect import ClientGone, unless_disconnected
@@ -49,20 +50,20 @@ async def generate(
     fmt = StreamFormat(shape, body.n, body.include_usage, prefix)
     meta = fmt.meta(str(kind)) if body.resumable else None
     try:
-        stream = await submit(request, broker, body.model, kind, body.engine_params(), replay_meta=meta)
+        stream = await submit(request, broker, body.model, kind, body.job_params(), replay_meta=meta)
     except BaseException:
         await limiter.settle(held, 0)
         raise
     shape.id = response_id(kind, stream.rid)
     try:
         try:
-            first = await unless_disconnected(request, _first_reply(stream))
+            first = await unless_disconnected(request, first_reply(stream))
         except WorkerTimeout as exc:
             if not body.stream:
                 raise
             first = [exc.event()]  # streamed, as the client asked for a stream
         else:
-            if first and first[0]["t"] == "err":
+            if first and isinstance(first[0], Failure):
                 raise ServeError.from_event(first[0])
             metrics.ttft.labels(body.model).observe(since(started))
     except ClientGone:
@@ -81,15 +82,15 @@ async def generate(
                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         whole = await unless_disconnected(request, _collect(stream, first, fmt.shape, prefix))
-        await account(whole["usage"])
-        return JSONResponse(whole)
+        await account(whole.usage)
+        return JSONResponse(whole.body)
     except ClientGone:
         return Response(status_code=499)
     finally:
         await _release(broker, stream)
 
 
-async def submit(request: Request, broker: BrokerClient, model: str, kind: JobKind, params: dict[str, Any],
+async def submit(request: Request, broker: BrokerClient, model: str, kind: JobKind, params: Params,
                  **options: Any) -> ReplyStream:
     """Dispatch a job owned by the request's tenant. Once the dispatcher knows the model, it labels metrics;
     a name it does not know stays out of them (``unknown``), so untrusted input cannot grow the series."""
@@ -104,9 +105,9 @@ async def submit(request: Request, broker: BrokerClient, model: str, kind: JobKi
     return stream
 
 
-#: The events of one reply message (``RESTART`` is a tuple, a message a list).
-Events = Sequence[dict[str, Any]]
-Accountant = Callable[[dict[str, int]], Awaitable[None]]
+#: The events of one reply message, or the news that the job starts over elsewhere.
+Events = Sequence[Event] | Restarted
+Accountant = Callable[[Usage], Awaitable[None]]
 
 
 def _usage_hook(request: Request, model: str, held: Reservation | None) -> Accountant:
@@ -118,9 +119,9 @@ def _usage_hook(request: Request, model: str, held: Reservation | None) -> Accou
     limiter: RateLimiter = request.app.state.limiter
     tokens = request.app.state.metrics.tokens.labels(model)
 
-    async def account(usage: dict[str, int]) -> None:
-        tokens.inc(usage.get("completion_tokens", 0))
-        await limiter.settle(held, usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0))
+    async def account(usage: Usage) -> None:
+        tokens.inc(usage.completion_tokens)
+        await limiter.settle(held, usage.prompt_tokens + usage.completion_tokens)
 
     return account
 
@@ -136,33 +137,42 @@ def request_id(response_id: str) -> str | None:
     return rid if well_formed("request", rid) else None
 
 
-async def _first_reply(stream: ReplyStream) -> Events:
+async def first_reply(stream: ReplyStream) -> Sequence[Event]:
     """The first message, past any restarts (a retry before anything was sent is invisible)."""
-    while (events := await stream.next_events()) is RESTART:
+    while isinstance(events := await stream.next_events(), Restarted):
         pass
     return events
 
 
-async def _collect(stream: ReplyStream, first: Events, shape: Shape, prefix: str) -> dict[str, Any]:
+@dataclass
+class Whole:
+    """A finished non-streamed answer: its body, and the usage to account."""
+
+    body: dict[str, Any]
+    usage: Usage
+
+
+async def _collect(stream: ReplyStream, first: Events, shape: Shape, prefix: str) -> Whole:
     texts: dict[int, list[str]] = {}
     finish: dict[int, str] = {}
-    lps: dict[int, list[dict[str, Any]]] = {}
+    lps: dict[int, list[TokenLogprob]] = {}
     events = first
     while True:
+        if isinstance(events, Restarted):  # the worker died, the job runs again elsewhere: start over
+            texts, finish, lps = {}, {}, {}
+            events = []
         for ev in events:
-            t = ev["t"]
-            if t == "restart":  # the worker died, the job runs again elsewhere: start over
-                texts, finish, lps = {}, {}, {}
-            elif t == "d":
-                texts.setdefault(ev["i"], [prefix] if prefix else []).append(ev["x"])
-                if "lp" in ev:
-                    lps.setdefault(ev["i"], []).extend(ev["lp"])
-            elif t == "end":
-                finish[ev["i"]] = ev["fr"]
-            elif t == "err":
-                raise ServeError.from_event(ev)
-            elif t == "done":
-                return shape.whole({i: "".join(parts) for i, parts in texts.items()}, finish, ev["u"], lps)
+            match ev:
+                case Delta(index, text, _, logprobs):
+                    texts.setdefault(index, [prefix] if prefix else []).append(text)
+                    if logprobs is not None:
+                        lps.setdefault(index, []).extend(logprobs)
+                case ChoiceEnd(index, finish_reason):
+                    finish[index] = finish_reason
+                case Failure():
+                    raise ServeError.from_event(ev)
+                case Done(usage):
+                    return Whole(shape.whole({i: "".join(p) for i, p in texts.items()}, finish, usage, lps), usage)
         events = await stream.next_events()
 
 
@@ -174,16 +184,16 @@ async def _sse(broker: BrokerClient, stream: ReplyStream, first: Events, fmt: St
         events = first
         last = time.perf_counter()
         while True:
-            if events is not RESTART:
+            if not isinstance(events, Restarted):
                 if stream.last_seq > 0:
                     itl.observe(since(last))
                 last = time.perf_counter()
                 sse, ended = render(fmt, events, stream.attempt, stream.last_seq)
-                stream.committed = stream.committed or any(ev["t"] == "d" for ev in events)
+                stream.committed = stream.committed or any(isinstance(ev, Delta) for ev in events)
                 if sse:
                     yield encode(sse)
                 if ended:
-                    usage = next((ev["u"] for ev in events if ev["t"] == "done"), None)
+                    usage = next((ev.usage for ev in events if isinstance(ev, Done)), None)
                     if usage is not None:  # an error or a cancel keeps the whole reservation as its charge
                         await account(usage)
                     return
@@ -195,7 +205,7 @@ async def _sse(broker: BrokerClient, stream: ReplyStream, first: Events, fmt: St
             stream.close()
         raise
     finally:
-        if stream.rid in broker.router.streams:
+        if stream.open:
             await _release(broker, stream)
 
 

@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.protocol import TokenLogprob, TopLogprob, Usage
+
 #: Compact JSON with UTF-8 text as is; one encoder for the process (``json.dumps`` with
 #: options builds a new one per call).
 dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -20,8 +22,8 @@ dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _HOLE = "\0"
 
 
-def usage(u: dict[str, int]) -> dict[str, int]:
-    p, c = u.get("prompt_tokens", 0), u.get("completion_tokens", 0)
+def usage(u: Usage) -> dict[str, int]:
+    p, c = u.prompt_tokens, u.completion_tokens
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
@@ -42,21 +44,21 @@ class Shape:
     def __post_init__(self) -> None:
         self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
 
-    def logprobs(self, index: int, lp: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    def logprobs(self, index: int, lp: list[TokenLogprob] | None) -> dict[str, Any] | None:
         """Worker logprob entries in the endpoint's own shape (they differ between chat and completions)."""
         if lp is None:
             return None
         if self.chat:
-            return {"content": [{**_with_bytes(e), "top_logprobs": [_with_bytes(t) for t in e["top_logprobs"]]}
+            return {"content": [{**_with_bytes(e), "top_logprobs": [_with_bytes(t) for t in e.top_logprobs]}
                                 for e in lp]}
         start = self.offsets.get(index, 0)
         offsets = []
         for e in lp:
             offsets.append(start)
-            start += len(e["token"])
+            start += len(e.token)
         self.offsets[index] = start
-        return {"tokens": [e["token"] for e in lp], "token_logprobs": [e["logprob"] for e in lp],
-                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in lp],
+        return {"tokens": [e.token for e in lp], "token_logprobs": [e.logprob for e in lp],
+                "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in lp],
                 "text_offset": offsets}
 
     def _obj(self, object_: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -65,13 +67,13 @@ class Shape:
 
     # --- streaming -----------------------------------------------------------
     def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None, *,
-              role: bool = False, include_usage: bool = False, lp: list[dict[str, Any]] | None = None) -> str:
+              role: bool = False, include_usage: bool = False, lp: list[TokenLogprob] | None = None) -> str:
         if text and lp is None and finish_reason is None and not role:
             return self._delta(index, text, include_usage)
         return self._chunk(index, text, finish_reason, role=role, include_usage=include_usage, lp=lp)
 
     def _chunk(self, index: int, text: str | None, finish_reason: str | None, *, role: bool, include_usage: bool,
-               lp: list[dict[str, Any]] | None) -> str:
+               lp: list[TokenLogprob] | None) -> str:
         logprobs = self.logprobs(index, lp)
         if self.chat:
             d: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
@@ -93,12 +95,12 @@ class Shape:
             template = self.templates[index, include_usage] = (head, tail)
         return template[0] + dumps(text) + template[1]
 
-    def usage_chunk(self, u: dict[str, int]) -> str:
+    def usage_chunk(self, u: Usage) -> str:
         return dumps(self._obj("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage(u)))
 
     # --- whole ---------------------------------------------------------------
-    def whole(self, texts: dict[int, str], finish: dict[int, str], u: dict[str, int],
-              lps: dict[int, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    def whole(self, texts: dict[int, str], finish: dict[int, str], u: Usage,
+              lps: dict[int, list[TokenLogprob]] | None = None) -> dict[str, Any]:
         choices = []
         for i in sorted(texts.keys() | finish.keys()):
             text = texts.get(i, "")
@@ -108,5 +110,5 @@ class Shape:
         return self._obj("chat.completion" if self.chat else "text_completion", choices, usage=usage(u))
 
 
-def _with_bytes(entry: dict[str, Any]) -> dict[str, Any]:
-    return {"token": entry["token"], "logprob": entry["logprob"], "bytes": list(entry["token"].encode())}
+def _with_bytes(entry: TokenLogprob | TopLogprob) -> dict[str, Any]:
+    return {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.token.encode())}

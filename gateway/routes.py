@@ -11,11 +11,11 @@ from starlette.responses import Response
 
 from broker.client import BrokerClient
 from broker.errors import ServeError
-from broker.protocol import JobKind
+from broker.protocol import Embed, Embeddings, Event, Failure, JobKind, Params, TokenCount
 from gateway import limits
 from gateway.disconnect import ClientGone, unless_disconnected
 from gateway.errors import APIError
-from gateway.generation import generate, request_id, submit
+from gateway.generation import first_reply, generate, request_id, submit
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest
 from gateway.security import RateLimiter, tenant_of
 
@@ -29,7 +29,7 @@ def _broker(request: Request) -> BrokerClient:
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
     """What a load balancer needs: 200 while this gateway reaches Redis, 503 (from the Redis handler) when not."""
-    await _broker(request).text.ping()
+    await _broker(request).ping()
     return {"status": "ok"}
 
 
@@ -89,16 +89,17 @@ async def cancel_request(response_id: str, request: Request) -> dict[str, Any]:
 @router.post("/v1/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> Any:
     """Count a prompt's tokens on a worker of the model, and say whether it fits the context."""
-    ev = await _one_reply(request, body.model, JobKind.TOKENIZE, body.engine_params(), 0)
+    ev = await _one_reply(request, body.model, JobKind.TOKENIZE, body.job_params(), 0)
     if isinstance(ev, Response):
         return ev
-    ctx = ev["ctx"] or None
-    fits = None if ctx is None else ev["n"] + (body.max_tokens or 0) <= ctx
-    return {"model": body.model, "count": ev["n"], "max_model_len": ctx, "fits": fits, "tokens": ev["ids"]}
+    assert isinstance(ev, TokenCount)
+    ctx = ev.context_length or None
+    fits = None if ctx is None else ev.count + (body.max_tokens or 0) <= ctx
+    return {"model": body.model, "count": ev.count, "max_model_len": ctx, "fits": fits, "tokens": ev.ids}
 
 
-async def _one_reply(request: Request, model: str, kind: JobKind, params: dict[str, Any],
-                     tokens: int) -> dict[str, Any] | Response:
+async def _one_reply(request: Request, model: str, kind: JobKind, params: Params,
+                     tokens: int) -> Event | Response:
     """Submit a job whose answer is a single terminal event; errors become OpenAI errors.
 
     ``tokens`` are reserved against the tenant's token budget and settled to the reply's prompt tokens.
@@ -111,15 +112,15 @@ async def _one_reply(request: Request, model: str, kind: JobKind, params: dict[s
     try:
         stream = await submit(request, broker, model, kind, params)
         try:
-            events = await unless_disconnected(request, stream.next_events())
+            events = await unless_disconnected(request, first_reply(stream))
         except ClientGone:
             return Response(status_code=499)
         finally:
             await broker.release(stream)
-        ev = events[-1]
-        if ev["t"] == "err":
+        ev = events[-1]  # a lone terminal event: the job cannot restart past its first message
+        if isinstance(ev, Failure):
             raise ServeError.from_event(ev)
-        used = (ev.get("u") or {}).get("prompt_tokens", 0)
+        used = ev.usage.prompt_tokens if isinstance(ev, Embeddings) else 0
         return ev
     finally:
         await limiter.settle(held, used)
@@ -129,13 +130,14 @@ async def _one_reply(request: Request, model: str, kind: JobKind, params: dict[s
 async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     inputs = [body.input] if isinstance(body.input, str) else body.input
     limits.check_texts(inputs, "input", _broker(request).settings)
-    ev = await _one_reply(request, body.model, JobKind.EMBEDDING, {"input": inputs},
+    ev = await _one_reply(request, body.model, JobKind.EMBEDDING, Embed(inputs),
                           limits.estimate_text_tokens(inputs))
     if isinstance(ev, Response):
         return ev
+    assert isinstance(ev, Embeddings)
     data = [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
-            for i, v in enumerate(ev["v"])]
-    p = ev["u"]["prompt_tokens"]
+            for i, v in enumerate(ev.vectors)]
+    p = ev.usage.prompt_tokens
     return {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": p, "total_tokens": p}}
 
 

@@ -1,12 +1,18 @@
-"""OpenAI request bodies. Unknown arguments are rejected (400), never silently ignored."""
+"""OpenAI request bodies: the one place a request is validated. Unknown arguments are a 400, never ignored.
+
+A valid body becomes its job's typed parameters (``job_params``): what
+workers receive is already checked, so they judge only what depends on their
+model (context room) and what their engine supports.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from broker import protocol
 from broker.errors import printable
 
 #: What msgpack and every engine can carry: 64-bit signed integers.
@@ -104,9 +110,6 @@ class Message(StrictModel):
 class SamplingRequest(RequestBody):
     """Parameters shared by chat and completions; their meaning is the engine's to honour."""
 
-    #: Fields the gateway handles itself; they do not travel to the worker.
-    gateway_fields: ClassVar[set[str]] = {"model", "stream", "stream_options", "user"}
-
     model: str = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
@@ -141,9 +144,20 @@ class SamplingRequest(RequestBody):
             raise ValueError("logit_bias is not supported")
         return None
 
-    def engine_params(self) -> dict[str, Any]:
-        """What travels to the worker: sampling parameters and the prompt, not transport options."""
-        return self.model_dump(exclude_none=True, exclude=self.gateway_fields)
+    def job_params(self) -> protocol.Generate:
+        """What travels to the worker: the prompt and the sampling parameters, not transport options."""
+        given: dict[str, Any] = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                 "top_k": self.top_k if self.top_k and self.top_k > 0 else None, "seed": self.seed,
+                 "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                 "stop": self.stop, "logprobs": self.logprob_alternatives()}
+        return protocol.Generate(n=self.n, **self.prompt_params(), **{k: v for k, v in given.items() if v is not None})
+
+    def prompt_params(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def logprob_alternatives(self) -> int | None:
+        """Alternatives to report per token; None for no logprobs (chat and completions ask differently)."""
+        raise NotImplementedError
 
     @property
     def include_usage(self) -> bool:
@@ -173,10 +187,14 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("top_logprobs requires logprobs=true")
         return self
 
+    def prompt_params(self) -> dict[str, Any]:
+        return {"messages": wire_messages(self.messages)}
+
+    def logprob_alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(SamplingRequest):
-    gateway_fields: ClassVar[set[str]] = SamplingRequest.gateway_fields | {"echo", "suffix", "best_of"}
-
     prompt: str | list[str] = Field(description="One prompt (a string or a list holding one string).")
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=5)
@@ -199,6 +217,12 @@ class CompletionRequest(SamplingRequest):
         if v:
             raise ValueError("suffix is not supported")
         return None
+
+    def prompt_params(self) -> dict[str, Any]:
+        return {"prompt": self.prompt}
+
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
 
 
 class EmbeddingRequest(RequestBody):
@@ -223,5 +247,10 @@ class TokenizeRequest(RequestBody):
             raise ValueError("give exactly one of prompt or messages")
         return self
 
-    def engine_params(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True, include={"prompt", "messages"})
+    def job_params(self) -> protocol.Tokenize:
+        return protocol.Tokenize(messages=None if self.messages is None else wire_messages(self.messages),
+                                 prompt=self.prompt)
+
+
+def wire_messages(messages: list[Message]) -> list[protocol.Message]:
+    return [protocol.Message(**m.model_dump(exclude_none=True)) for m in messages]

@@ -80,7 +80,7 @@ class RateLimiter:
             return None
         now = time.time()
         key = self.broker.keys.rate(tenant.id, int(now // 60), "requests")
-        ok = await self.broker.scripts.ratelimit(keys=[key], args=[self.rpm, 1, _WINDOW_MS])
+        ok = await self.broker.charge(key, self.rpm, 1, _WINDOW_MS)
         return None if ok else 60 - (now % 60)
 
     async def reserve(self, tenant: Tenant, tokens: int) -> Reservation | None:
@@ -94,7 +94,7 @@ class RateLimiter:
             return None
         now = time.time()
         key = self.broker.keys.rate(tenant.id, int(now // 60), "tokens")
-        if not await self.broker.scripts.ratelimit(keys=[key], args=[self.tpm, tokens, _WINDOW_MS]):
+        if not await self.broker.charge(key, self.tpm, tokens, _WINDOW_MS):
             raise APIError(429, f"Rate limit reached for this API key: {self.tpm} tokens per minute (tpm_limit).",
                            code="rate_limit_exceeded", headers={"Retry-After": str(max(1, int(61 - now % 60)))})
         return Reservation(key, tokens)
@@ -107,7 +107,7 @@ class RateLimiter:
         if held is not None and used != held.tokens:
             try:
                 with anyio.CancelScope(shield=True):  # also while a disconnected client's task is cancelled
-                    await self.broker.scripts.ratelimit(keys=[held.key], args=[0, used - held.tokens, _WINDOW_MS])
+                    await self.broker.charge(held.key, 0, used - held.tokens, _WINDOW_MS)
             except RedisError as exc:
                 log.warning("could not settle a token reservation (%s); it stays charged", exc)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from broker.errors import ServeError
+from broker.protocol import ChoiceEnd, Delta, Done, Event, Failure
 from gateway.errors import APIError
 from gateway.render import Shape, dumps
 
@@ -39,14 +40,14 @@ class StreamFormat:
         return cls(shape, meta["n"], meta["include_usage"], meta["prefix"])
 
 
-class Event(NamedTuple):
+class SSE(NamedTuple):
     """One SSE event. ``data`` is compact JSON or ``[DONE]``: never a line break, so one ``data:`` line."""
 
     data: str
     id: str | None = None
 
 
-def encode(events: list[Event]) -> bytes:
+def encode(events: list[SSE]) -> bytes:
     """Events in SSE wire form (what sse-starlette writes for a ``ServerSentEvent``), as one write."""
     return "".join(f"data: {e.data}\r\n\r\n" if e.id is None else f"id: {e.id}\r\ndata: {e.data}\r\n\r\n"
                    for e in events).encode()
@@ -69,7 +70,7 @@ class EventId(NamedTuple):
         return cls(a, s, j)
 
 
-def opening(fmt: StreamFormat) -> list[Event]:
+def opening(fmt: StreamFormat) -> list[SSE]:
     """The role chunks (chat) and echoed prompt (completions) that precede any reply message."""
     data = []
     for i in range(fmt.n):
@@ -77,31 +78,31 @@ def opening(fmt: StreamFormat) -> list[Event]:
             data.append(fmt.shape.chunk(i, role=True, include_usage=fmt.include_usage))
         if fmt.prefix:
             data.append(fmt.shape.chunk(i, fmt.prefix, include_usage=fmt.include_usage))
-    return [Event(d, f"p.{j}") for j, d in enumerate(data)]
+    return [SSE(d, f"p.{j}") for j, d in enumerate(data)]
 
 
-def render(fmt: StreamFormat, events: Sequence[dict[str, Any]], attempt: int, seq: int) -> tuple[list[Event], bool]:
+def render(fmt: StreamFormat, events: Sequence[Event], attempt: int, seq: int) -> tuple[list[SSE], bool]:
     """The SSE events of one reply message, and whether it ended the stream."""
     out: list[str] = []
     ended = False
     shape = fmt.shape
     for ev in events:
-        t = ev["t"]
-        if t == "d":
-            out.append(shape.chunk(ev["i"], ev["x"], include_usage=fmt.include_usage, lp=ev.get("lp")))
-        elif t == "end":
-            out.append(shape.chunk(ev["i"], None, ev["fr"], include_usage=fmt.include_usage))
-        elif t == "done":
-            if fmt.include_usage:
-                out.append(shape.usage_chunk(ev["u"]))
-            out.append("[DONE]")
-            ended = True
-        elif t == "err":
-            out += [dumps(ServeError.from_event(ev).body()), "[DONE]"]
-            ended = True
-    return [Event(d, f"{attempt}.{seq}.{j}") for j, d in enumerate(out)], ended
+        match ev:
+            case Delta(index, text, _, logprobs):
+                out.append(shape.chunk(index, text, include_usage=fmt.include_usage, lp=logprobs))
+            case ChoiceEnd(index, finish_reason):
+                out.append(shape.chunk(index, None, finish_reason, include_usage=fmt.include_usage))
+            case Done(usage):
+                if fmt.include_usage:
+                    out.append(shape.usage_chunk(usage))
+                out.append("[DONE]")
+                ended = True
+            case Failure():
+                out += [dumps(ServeError.from_event(ev).body()), "[DONE]"]
+                ended = True
+    return [SSE(d, f"{attempt}.{seq}.{j}") for j, d in enumerate(out)], ended
 
 
-def failure(body: dict[str, Any]) -> list[Event]:
+def failure(body: dict[str, Any]) -> list[SSE]:
     """An error that is not a worker's message (a lost worker, a timeout): no id, nothing to resume."""
-    return [Event(dumps(body)), Event("[DONE]")]
+    return [SSE(dumps(body)), SSE("[DONE]")]

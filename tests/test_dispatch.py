@@ -11,13 +11,13 @@ import redis.asyncio as aioredis
 
 from broker.dispatch import Dispatcher
 from broker.errors import Busy, NoWorker, UnknownModel
-from broker.protocol import Job, JobKind
+from broker.protocol import Generate, Job, JobKind, Message
 from broker.registry import Registry, WorkerRecord
 
 
 def job(model: str = "m", i: int = 0) -> Job:
     return Job(request_id=f"r{i}", model=model, kind=JobKind.CHAT, reply_to="nowhere",
-               params={"messages": [{"role": "user", "content": "hi"}]})
+               params=Generate(messages=[Message("user", "hi")]))
 
 
 async def register(redis, keys, wid: str, *, speed: float = 1.0, ttl: float = 30.0, models=("m",),

@@ -20,9 +20,10 @@ import openai
 import pytest
 from support import wait_for
 
-from broker.protocol import Job, JobKind
+from broker.protocol import Delta, Done, Generate, Job, JobKind, Usage
 from workers.base import JobError
-from workers.hf import HFWorker, IncrementalDecoder, load_model, sampling_params
+from workers.hf import HFWorker, IncrementalDecoder, load_model
+from workers.params import fitted
 from workers.tiny_model import build_tiny_model
 
 #: Long enough that a default-length generation (thousands of tokens) outlives any test's patience.
@@ -164,15 +165,16 @@ async def test_logprobs_are_emitted_per_token(stack, tiny_dir):
     """The worker's own events: one logprob entry per generated token."""
     worker, _ = await serve(stack, tiny_dir)
     job = Job("lp-1", "tiny", JobKind.COMPLETION, "nowhere",
-              {"prompt": "Hello there", "max_tokens": 6, "temperature": 0, "logprobs": 2})
+              Generate(prompt="Hello there", max_tokens=6, temperature=0, logprobs=2))
     events = [ev async for ev in worker.generate(job)]
-    entries = [e for ev in events if ev["t"] == "d" for e in ev["lp"]]
-    assert sum(ev["k"] for ev in events if ev["t"] == "d") == len(entries) == 6
+    deltas = [ev for ev in events if isinstance(ev, Delta)]
+    entries = [e for ev in deltas for e in ev.logprobs or []]
+    assert sum(ev.tokens for ev in deltas) == len(entries) == 6
     for e in entries:
-        assert len(e["top_logprobs"]) == 2
-        assert e["logprob"] == e["top_logprobs"][0]["logprob"] <= 0  # greedy picks the most likely
+        assert len(e.top_logprobs) == 2
+        assert e.logprob == e.top_logprobs[0].logprob <= 0  # greedy picks the most likely
     prompt_tokens = len(worker.loaded.tokenizer("Hello there")["input_ids"])
-    assert events[-1] == {"t": "done", "u": {"prompt_tokens": prompt_tokens, "completion_tokens": 6}}
+    assert events[-1] == Done(Usage(prompt_tokens, 6))
 
 
 async def test_client_disconnect_stops_generation_within_a_step(stack, tiny_dir):
@@ -235,14 +237,11 @@ def test_incremental_decoding_never_splits_a_character(tiny_dir):
     assert "".join(pieces) + decoder.flush() == text
 
 
-def test_unknown_and_invalid_parameters_are_refused():
+def test_max_tokens_defaults_to_the_room_left_and_more_is_refused():
+    assert fitted(Generate(prompt="x"), JobKind.COMPLETION, 10, 16).max_tokens == 6
     with pytest.raises(JobError) as err:
-        sampling_params({"prompt": "x", "tools": []}, JobKind.COMPLETION, 1, 16)
-    assert err.value.param == "tools" and err.value.status == 400
-    with pytest.raises(JobError) as err:
-        sampling_params({"prompt": "x", "temperature": "hot"}, JobKind.COMPLETION, 1, 16)
-    assert err.value.param == "temperature"
-    assert sampling_params({"prompt": "x"}, JobKind.COMPLETION, 10, 16).max_tokens == 6  # the room left
+        fitted(Generate(prompt="x", max_tokens=7), JobKind.COMPLETION, 10, 16)
+    assert (err.value.param, err.value.code) == ("prompt", "context_length_exceeded")
 
 
 # --- embeddings -------------------------------------------------------------------------

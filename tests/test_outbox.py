@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.keys import Keys
-from broker.protocol import Reply, unpack
+from broker.protocol import Delta, Reply, unpack
 from broker.replies import ReplyRouter
 from broker.scripts import Scripts
 from workers.outbox import Outbox, ReplayLog
@@ -61,7 +61,7 @@ async def received(pubsub: aioredis.client.PubSub, quiet: float = 0.3) -> list[b
 
 
 def message(rid: str, seq: int = 0) -> bytes:
-    return Reply(rid, seq, [{"t": "d", "i": 0, "x": rid, "k": 1}]).encode()
+    return Reply(rid, seq, [Delta(0, rid)]).encode()
 
 
 async def test_concurrent_messages_leave_as_one_publish_per_gateway(raw, outbox):
@@ -123,6 +123,6 @@ async def test_the_router_delivers_each_reply_of_a_bundle_to_its_stream(raw, out
         assert outbox.commands == 1
         for s in streams:
             [event] = await s.next_events()
-            assert event["x"] == s.rid
+            assert event == Delta(0, s.rid)
     finally:
         await router.stop()

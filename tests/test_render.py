@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gateway.render import Shape
-from gateway.sse import Event, encode
+from gateway.sse import SSE, encode
 
 TEXTS = ["hi", 'a "quoted" \\ back\nslash\ttab', "\0 nul", "é ü 😀 \u2028", "</script>"]
 
@@ -30,11 +30,11 @@ def test_delta_chunks_are_the_full_objects(chat, include_usage):
 
 
 def test_events_of_one_message_encode_as_sse_that_parses_back():
-    events = [Event('{"a":1}', "0.3.0"), Event('{"b":"x\\ny"}', "0.3.1"), Event("[DONE]")]
+    events = [SSE('{"a":1}', "0.3.0"), SSE('{"b":"x\\ny"}', "0.3.1"), SSE("[DONE]")]
     wire = encode(events).decode()
     blocks = [b for b in wire.split("\r\n\r\n") if b]
     parsed = []
     for block in blocks:
         fields = dict(line.split(": ", 1) for line in block.split("\r\n"))
-        parsed.append(Event(fields["data"], fields.get("id")))
+        parsed.append(SSE(fields["data"], fields.get("id")))
     assert parsed == events

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from broker import replies
 from broker.errors import WorkerLost, WorkerTimeout
 from broker.keys import Keys
-from broker.protocol import Reply, bundle, choice_end, delta, done, lost
+from broker.protocol import ChoiceEnd, Delta, Done, Event, Reply, TokenLogprob, Usage, bundle
 from broker.replies import RESTART, ReplyRouter, ReplyStream
 from workers.publish import coalesce
 
@@ -30,18 +30,19 @@ def router(asks: list[list[str]]) -> ReplyRouter:
     return ReplyRouter(aioredis.Redis(), Keys(), "unit", on_gap=lambda streams: asks.append([s.rid for s in streams]))
 
 
-def feed(router: ReplyRouter, stream: ReplyStream, seq: int, *events: dict, attempt: int = 0) -> None:
+def feed(router: ReplyRouter, stream: ReplyStream, seq: int, *events: Event, attempt: int = 0) -> None:
     router._route(Reply(stream.rid, seq, list(events), attempt).encode())
 
 
-def text(events: list[dict] | tuple[dict, ...]) -> str:
-    return "".join(ev.get("x", "") for ev in events)
+def text(events: object) -> str:
+    assert isinstance(events, list)
+    return "".join(ev.text for ev in events if isinstance(ev, Delta))
 
 
 async def test_messages_come_out_in_order_and_the_terminal_one_ends_the_stream(router):
     s = router.open(1.0)
-    feed(router, s, 0, delta(0, "a"))
-    feed(router, s, 1, delta(0, "b"), choice_end(0, "stop"), done(1, 2))
+    feed(router, s, 0, Delta(0, "a"))
+    feed(router, s, 1, Delta(0, "b"), ChoiceEnd(0, "stop"), Done(Usage(1, 2)))
     assert text(await s.next_events()) == "a"
     assert not s.finished
     assert text(await s.next_events()) == "b" and s.finished and s.last_seq == 1
@@ -49,22 +50,22 @@ async def test_messages_come_out_in_order_and_the_terminal_one_ends_the_stream(r
 
 async def test_a_duplicate_is_dropped(router):
     s = router.open(1.0)
-    feed(router, s, 0, delta(0, "a"))
-    feed(router, s, 0, delta(0, "a"))  # a resend of what already arrived
-    feed(router, s, 1, delta(0, "b"))
+    feed(router, s, 0, Delta(0, "a"))
+    feed(router, s, 0, Delta(0, "a"))  # a resend of what already arrived
+    feed(router, s, 1, Delta(0, "b"))
     assert [text(await s.next_events()) for _ in range(2)] == ["a", "b"]
 
 
 async def test_a_gap_holds_early_messages_and_asks_once_until_it_is_filled(router, asks):
     s = router.open(1.0)
-    feed(router, s, 0, delta(0, "a"))
-    feed(router, s, 2, delta(0, "c"))
-    feed(router, s, 3, delta(0, "d"))
+    feed(router, s, 0, Delta(0, "a"))
+    feed(router, s, 2, Delta(0, "c"))
+    feed(router, s, 3, Delta(0, "d"))
     assert text(await s.next_events()) == "a"
     waiting = asyncio.create_task(s.next_events())
     await asyncio.sleep(0.01)
     assert asks == [[s.rid]] and not waiting.done()  # asked for what is missing, once, and waits
-    feed(router, s, 1, delta(0, "b"))  # the resend
+    feed(router, s, 1, Delta(0, "b"))  # the resend
     assert text(await waiting) == "b"
     assert [text(await s.next_events()) for _ in range(2)] == ["c", "d"]
     assert not s.ahead
@@ -73,11 +74,11 @@ async def test_a_gap_holds_early_messages_and_asks_once_until_it_is_filled(route
 async def test_an_open_gap_is_asked_for_again_until_filled(router, asks, monkeypatch):
     monkeypatch.setattr(replies, "GAP_RETRY", 0.05)
     s = router.open(2.0)
-    feed(router, s, 1, delta(0, "b"))
+    feed(router, s, 1, Delta(0, "b"))
     waiting = asyncio.create_task(s.next_events())
     await asyncio.sleep(0.18)
     assert len(asks) >= 3  # the first ask, then one per GAP_RETRY: a lost request for a resend is repeated
-    feed(router, s, 0, delta(0, "a"))
+    feed(router, s, 0, Delta(0, "a"))
     assert text(await waiting) == "a" and text(await s.next_events()) == "b"
 
 
@@ -88,7 +89,7 @@ async def test_after_a_resubscription_a_stream_asks_until_a_message_of_its_arriv
     waiting = asyncio.create_task(s.next_events())
     await asyncio.sleep(0.12)
     assert len(asks) >= 2
-    feed(router, s, 0, delta(0, "a"))
+    feed(router, s, 0, Delta(0, "a"))
     assert text(await waiting) == "a" and not s.unsure
 
 
@@ -106,10 +107,10 @@ async def test_a_lost_worker_before_anything_was_sent_restarts_the_stream(router
         retried.append(stream.rid)
 
     s.retry = retry
-    feed(router, s, 0, delta(0, "a"))
-    feed(router, s, 2, delta(0, "c"))
+    feed(router, s, 0, Delta(0, "a"))
+    feed(router, s, 2, Delta(0, "c"))
     assert text(await s.next_events()) == "a"
-    router._route(Reply(s.rid, -1, [lost()], 0).encode())
+    router._route(Reply.worker_lost(s.rid, 0).encode())
     assert await s.next_events() is RESTART
     assert retried == [s.rid] and s.next_seq == 0 and not s.ahead
 
@@ -118,30 +119,31 @@ async def test_a_lost_worker_after_the_client_saw_text_is_an_error(router):
     s = router.open(1.0)
     s.retry = lambda stream: asyncio.sleep(0)
     s.committed = True
-    router._route(Reply(s.rid, -1, [lost()], 0).encode())
+    router._route(Reply.worker_lost(s.rid, 0).encode())
     with pytest.raises(WorkerLost):
         await s.next_events()
 
 
 async def test_replies_of_a_superseded_attempt_are_ignored(router):
     s = router.open(1.0)
-    feed(router, s, 0, delta(0, "old"), attempt=1)  # the stream is on attempt 0 (no job: attempt 0)
-    feed(router, s, 0, delta(0, "new"))
+    feed(router, s, 0, Delta(0, "old"), attempt=1)  # the stream is on attempt 0 (no job: attempt 0)
+    feed(router, s, 0, Delta(0, "new"))
     assert text(await s.next_events()) == "new"
 
 
 async def test_a_bundle_is_split_to_its_streams(router):
     a, b = router.open(1.0), router.open(1.0)
-    router._route(bundle([Reply(a.rid, 0, [delta(0, "for a")]).encode(),
-                          Reply(b.rid, 0, [delta(0, "for b")]).encode(),
-                          Reply("unknown-request", 0, [delta(0, "nobody")]).encode()]))
+    router._route(bundle([Reply(a.rid, 0, [Delta(0, "for a")]).encode(),
+                          Reply(b.rid, 0, [Delta(0, "for b")]).encode(),
+                          Reply("unknown-request", 0, [Delta(0, "nobody")]).encode()]))
     assert text(await a.next_events()) == "for a" and text(await b.next_events()) == "for b"
 
 
 def test_coalescing_merges_runs_of_one_choice_and_keeps_order():
-    events = [delta(0, "a", 1, [{"t": 1}]), delta(0, "b", 1, [{"t": 2}]), delta(1, "x"), delta(0, "c"),
-              choice_end(0, "stop"), done(1, 4)]
+    lp1, lp2 = TokenLogprob("a", -0.1), TokenLogprob("b", -0.2)
+    events = [Delta(0, "a", 1, [lp1]), Delta(0, "b", 1, [lp2]), Delta(1, "x"), Delta(0, "c"),
+              ChoiceEnd(0, "stop"), Done(Usage(1, 4))]
     out = coalesce(events)
-    assert out[0] == {"t": "d", "i": 0, "x": "ab", "k": 2, "lp": [{"t": 1}, {"t": 2}]}
-    assert [ev["t"] for ev in out] == ["d", "d", "d", "end", "done"]
-    assert [ev.get("x") for ev in out[:3]] == ["ab", "x", "c"]
+    assert out[0] == Delta(0, "ab", 2, [lp1, lp2])
+    assert [type(ev) for ev in out] == [Delta, Delta, Delta, ChoiceEnd, Done]
+    assert [ev.text for ev in out[:3] if isinstance(ev, Delta)] == ["ab", "x", "c"]

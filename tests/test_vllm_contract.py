@@ -27,10 +27,9 @@ import pytest
 from support import wait_for
 from vllm_standin import RequestOutputKind, StandInAsyncLLM, standin_classes, toy_embedding
 
-from broker.protocol import Job, JobKind
+from broker.protocol import Failure, Generate, Job, JobKind, pack
 from broker.settings import Settings
 from workers.base import JobError
-from workers.params import SamplingParams
 from workers.tiny_model import CHAT_TEMPLATE, train_tokenizer
 from workers.vllm import VLLMEngine, VLLMWorker, vllm_classes
 
@@ -207,14 +206,15 @@ async def test_contract_context_length_is_enforced_with_a_400_naming_it(stack, t
 async def test_contract_bad_parameters_are_400s_before_vllm(stack, tokenizer):
     """Stand-in for vLLM's AsyncLLM (vLLM needs a GPU which CI lacks): redserve's own validation comes first."""
     worker, llm, _ = await serve(stack, tokenizer)
-    job = Job("bad-1", "toy", JobKind.COMPLETION, "nowhere", {"prompt": "x", "tools": []})
+    for payload, param in (({"prompt": "x", "tools": []}, "tools"), ({"prompt": ["not", "a string"]}, "prompt")):
+        job = Job.from_fields("0-1", {**Job("bad", "toy", JobKind.COMPLETION, "nowhere", Generate()).to_fields(),
+                                      "payload": pack(payload)})
+        [failure] = [ev async for ev in worker._events(job)]
+        assert isinstance(failure, Failure) and (failure.status, failure.param) == (400, param)
+    job = Job("bad-3", "toy", JobKind.COMPLETION, "nowhere", Generate(prompt="x", max_tokens=10**6))
     with pytest.raises(JobError) as err:
         [ev async for ev in worker.generate(job)]
-    assert err.value.param == "tools" and err.value.status == 400
-    job = Job("bad-2", "toy", JobKind.COMPLETION, "nowhere", {"prompt": ["not", "a string"]})
-    with pytest.raises(JobError) as err:
-        [ev async for ev in worker.generate(job)]
-    assert err.value.param == "prompt"
+    assert err.value.code == "context_length_exceeded"
     assert not llm.requests
 
 
@@ -305,9 +305,8 @@ def test_real_vllm_builds_the_mapped_requests():
     from vllm.sampling_params import RequestOutputKind as VLLMRequestOutputKind
 
     engine = VLLMEngine(None, **vllm_classes())
-    p = engine.sampling_params(SamplingParams(max_tokens=8, temperature=0.5, top_p=0.9, top_k=0, seed=7,
-                                              presence_penalty=0.5, frequency_penalty=-0.5, stop=("zzz",), n=2,
-                                              logprobs=2))
+    p = engine.sampling_params(Generate(max_tokens=8, temperature=0.5, top_p=0.9, top_k=0, seed=7,
+                                        presence_penalty=0.5, frequency_penalty=-0.5, stop=["zzz"], n=2, logprobs=2))
     assert isinstance(p, vllm.SamplingParams)
     assert (p.temperature, p.top_p, p.seed, p.stop, p.n, p.max_tokens, p.logprobs) == (
         0.5, 0.9, 7, ["zzz"], 2, 8, 2)
@@ -315,7 +314,7 @@ def test_real_vllm_builds_the_mapped_requests():
     assert (p.presence_penalty, p.frequency_penalty) == (0.5, -0.5)
     assert p.output_kind == VLLMRequestOutputKind.DELTA
     with pytest.raises(JobError) as err:
-        engine.sampling_params(SamplingParams(max_tokens=8, temperature=0, n=2))
+        engine.sampling_params(Generate(max_tokens=8, temperature=0, n=2))
     assert err.value.status == 400
     assert isinstance(engine.pooling_params(), vllm.PoolingParams) and engine.pooling_params().task == "embed"
     worker = VLLMWorker(Settings(redis_url="redis://unused"), [MODEL_PATH], engine_args={"max_model_len": 64})

@@ -18,6 +18,7 @@ import abc
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,7 +32,20 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from broker.connection import connect
 from broker.errors import ServeError
 from broker.keys import WORKER_GROUP, Keys
-from broker.protocol import Job, JobKind, Reply, as_str, lost, token_count, unpack
+from broker.protocol import (
+    Cancel,
+    Delta,
+    Embeddings,
+    Event,
+    Generate,
+    Job,
+    JobKind,
+    Reply,
+    Resend,
+    TokenCount,
+    as_str,
+    control,
+)
 from broker.registry import Registry, WorkerRecord
 from broker.scripts import Scripts
 from broker.settings import Settings
@@ -57,6 +71,8 @@ class JobError(ServeError):
 class BaseModelWorker(abc.ABC):
     #: The name ``redserve worker --engine`` knows this engine by.
     engine: ClassVar[str]
+    #: The optional features (``Generate.asks``) the engine honours; a job asking for another is a 400.
+    features: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, settings: Settings, models: list[str], *, worker_id: str | None = None) -> None:
         if not settings.redis_url:
@@ -100,15 +116,15 @@ class BaseModelWorker(abc.ABC):
         """Release what ``setup`` took (engine threads, HTTP clients); runs however ``serve`` ends."""
 
     @abc.abstractmethod
-    def generate(self, job: Job) -> AsyncIterator[dict[str, Any]]:
-        """Yield protocol events (``delta``, ``choice_end``) and finish with ``done``.
+    def generate(self, job: Job) -> AsyncIterator[Event]:
+        """Yield ``Delta`` and ``ChoiceEnd`` events and finish with ``Done``.
 
         Raise ``JobError`` for a bad request. Compute must not block the event
         loop: run it in a thread or process and await it.
         """
 
-    async def embed(self, job: Job) -> dict[str, Any]:
-        """Return an ``embeddings`` event. Engines without embeddings keep this."""
+    async def embed(self, job: Job) -> Embeddings:
+        """Embed ``job.params.input``. Engines without embeddings keep this."""
         raise JobError(f"The model `{job.model}` does not support embeddings.", code="unsupported")
 
     async def tokenize(self, job: Job) -> tuple[int, list[int] | None]:
@@ -204,7 +220,7 @@ class BaseModelWorker(abc.ABC):
             try:
                 await pubsub.subscribe(self.keys.worker_control(self.id))
                 async for msg in pubsub.listen():
-                    self._on_control(unpack(msg["data"]))
+                    self._on_control(msg["data"])
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("control channel lost: %s", exc)
                 await asyncio.sleep(0.1)
@@ -212,20 +228,22 @@ class BaseModelWorker(abc.ABC):
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
 
-    def _on_control(self, msg: dict[str, Any]) -> None:
-        if msg.get("resend"):
-            self._in_background(self._resend(msg["resend"], int(msg.get("from", 0)), int(msg.get("a", 0)),
-                                             str(msg.get("to", ""))))
+    def _on_control(self, data: bytes) -> None:
+        try:
+            msg = control(data)
+        except ValueError:  # msgspec's DecodeError and ValidationError: not ours to act on
+            log.warning("undecodable control message dropped")
             return
-        rid = msg.get("cancel")
-        if not rid:
-            return
-        task = self.tasks.get(rid)
-        if task is not None:
-            task.cancel()
-        else:  # still waiting in our stream: remember, so it is skipped when read
-            self._cancelled[rid] = time.monotonic()
-            _forget_older_than(self._cancelled, self.settings.reply_timeout * 2)
+        match msg:
+            case Resend(rid, from_seq, attempt, to):
+                self._in_background(self._resend(rid, from_seq, attempt, to))
+            case Cancel(rid):
+                task = self.tasks.get(rid)
+                if task is not None:
+                    task.cancel()
+                else:  # still waiting in our stream: remember, so it is skipped when read
+                    self._cancelled[rid] = time.monotonic()
+                    _forget_older_than(self._cancelled, self.settings.reply_timeout * 2)
 
     async def _read_loop(self) -> None:
         """Read jobs while there are free slots; when draining, stop once the stream is empty."""
@@ -289,7 +307,7 @@ class BaseModelWorker(abc.ABC):
             if publisher is not None and publisher.attempt == attempt:
                 await publisher.resend(from_seq)
             elif publisher is None and reply_to and not await self._queued(rid):
-                await self.outbox.publish(reply_to, Reply(rid, -1, [lost()], attempt).encode())  # type: ignore[union-attr]
+                await self.outbox.publish(reply_to, Reply.worker_lost(rid, attempt).encode())  # type: ignore[union-attr]
         except Exception as exc:  # Redis away again: the gateway asks again when it resubscribes
             log.info("resend of %s failed: %s", rid, exc)
 
@@ -364,25 +382,38 @@ class BaseModelWorker(abc.ABC):
                 log.info("job %s ended while Redis was unreachable (%s); retired later", job.request_id, exc)
                 self._unretired.add(job.entry_id)
 
-    async def _events(self, job: Job) -> AsyncIterator[dict[str, Any]]:
+    async def _events(self, job: Job) -> AsyncIterator[Event]:
         """The engine's events, with errors turned into a terminal error event."""
         try:
+            if job.invalid:
+                raise JobError(f"This worker cannot take the job's parameters: {job.invalid}.",
+                               param=_invalid_param(job.invalid), code="unsupported_parameter")
             if job.kind is JobKind.EMBEDDING:
                 yield await self.embed(job)
                 return
             if job.kind is JobKind.TOKENIZE:
                 count, ids = await self.tokenize(job)
-                yield token_count(count, ids, self.record.context_length)
+                yield TokenCount(count, ids, self.record.context_length)
                 return
+            assert isinstance(job.params, Generate)
+            if missing := sorted(job.params.asks() - self.features):
+                raise JobError(f"The model `{job.model}` does not support `{missing[0]}`.", param=missing[0],
+                               code="unsupported_parameter")
             async for ev in self.generate(job):
-                if ev["t"] == "d":
-                    self.record.tokens_out += ev["k"]
+                if isinstance(ev, Delta):
+                    self.record.tokens_out += ev.tokens
                 yield ev
         except ServeError as exc:
             yield exc.event()
         except Exception as exc:  # an engine bug must still end the stream
             log.exception("engine failed on job %s", job.request_id)
             yield ServeError(f"The worker failed: {type(exc).__name__}: {exc}").event()
+
+
+def _invalid_param(problem: str) -> str | None:
+    """The parameter a decoding problem names: msgspec says ``unknown field `x``` or ``at `$.x[0]```."""
+    found = re.search(r"unknown field `([^`]+)`", problem) or re.search(r"at `\$\.(\w+)", problem)
+    return found.group(1) if found else None
 
 
 def _forget_older_than(marks: dict[str, float], age: float, also: dict[str, Any] | None = None) -> None:

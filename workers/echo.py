@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
-from broker.protocol import Job, JobKind, choice_end, delta, done
+from broker.protocol import ChoiceEnd, Delta, Done, Event, Generate, Job, Tokenize, Usage
 from workers.base import BaseModelWorker
 
 
-def prompt_text(job: Job) -> str:
-    """The text an echo reply is derived from."""
-    if job.kind is JobKind.CHAT or "messages" in job.params:
-        messages = job.params.get("messages") or []
-        users = [m for m in messages if m.get("role") == "user"]
-        content = (users or messages or [{"content": ""}])[-1].get("content") or ""
-        if isinstance(content, list):  # OpenAI content parts
-            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-        return str(content)
-    prompt = job.params.get("prompt", "")
-    return prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+def prompt_text(params: Generate | Tokenize) -> str:
+    """The text an echo reply is derived from: the last user message of a chat, or the prompt."""
+    if params.messages is not None:
+        users = [m for m in params.messages if m.role == "user"]
+        last = (users or params.messages)[-1:]
+        return last[0].text(" ") if last else ""
+    return params.prompt or ""
 
 
 def echo_tokens(text: str, count: int) -> list[str]:
@@ -35,32 +30,34 @@ def echo_tokens(text: str, count: int) -> list[str]:
     return [(" " if i else "") + words[i % len(words)] for i in range(count)]
 
 
-def prompt_token_count(job: Job) -> int:
+def prompt_token_count(params: Generate | Tokenize) -> int:
     """Whitespace words (+1 per chat message), the echo engine's idea of a token."""
-    if job.kind is JobKind.CHAT or "messages" in job.params:
-        return sum(len(str(m.get("content") or "").split()) + 1 for m in job.params.get("messages") or [])
-    return len(prompt_text(job).split())
+    if params.messages is not None:
+        return sum(len(m.text(" ").split()) + 1 for m in params.messages)
+    return len(prompt_text(params).split())
 
 
 class EchoWorker(BaseModelWorker):
     engine = "echo"
 
-    async def generate(self, job: Job) -> AsyncIterator[dict[str, Any]]:
-        max_tokens = job.params.get("max_tokens")
+    async def generate(self, job: Job) -> AsyncIterator[Event]:
+        params = job.params
+        assert isinstance(params, Generate)
+        max_tokens = params.max_tokens
         limit = self.settings.echo_tokens if max_tokens is None else min(max_tokens, self.settings.echo_tokens)
-        tokens = echo_tokens(prompt_text(job), limit)
+        tokens = echo_tokens(prompt_text(params), limit)
         finish = "length" if max_tokens is not None and max_tokens < self.settings.echo_tokens else "stop"
-        n = int(job.params.get("n") or 1)
         delay = self.settings.echo_delay
         for tok in tokens:
             if delay:
                 await asyncio.sleep(delay)
-            for i in range(n):
-                yield delta(i, tok)
-        for i in range(n):
-            yield choice_end(i, finish)
-        yield done(prompt_token_count(job), len(tokens) * n)
+            for i in range(params.n):
+                yield Delta(i, tok)
+        for i in range(params.n):
+            yield ChoiceEnd(i, finish)
+        yield Done(Usage(prompt_token_count(params), len(tokens) * params.n))
 
     async def tokenize(self, job: Job) -> tuple[int, list[int] | None]:
-        return prompt_token_count(job), None
+        assert isinstance(job.params, Tokenize)
+        return prompt_token_count(job.params), None
 

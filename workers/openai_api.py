@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 
-from broker.protocol import Job, JobKind, choice_end, delta, done, embeddings
+from broker.protocol import ChoiceEnd, Delta, Done, Embed, Embeddings, Event, Generate, Job, JobKind, Usage
 from broker.settings import Settings
 from workers.base import BaseModelWorker, JobError
 
@@ -80,10 +81,12 @@ class ExternalAPIWorker(BaseModelWorker):
         if self.http is not None:
             await self.http.aclose()
 
-    async def generate(self, job: Job) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, job: Job) -> AsyncIterator[Event]:
         up = self.upstreams[job.model]
+        assert isinstance(job.params, Generate)
         path = "/chat/completions" if job.kind is JobKind.CHAT else "/completions"
-        body = {**job.params, "model": up.model, "stream": True, "stream_options": {"include_usage": True}}
+        body = {**msgspec.to_builtins(job.params), "model": up.model, "stream": True,
+                "stream_options": {"include_usage": True}}
         usage: dict[str, int] = {}
         tokens = 0
         assert self.http is not None
@@ -100,22 +103,22 @@ class ExternalAPIWorker(BaseModelWorker):
                     text = choice["delta"].get("content") if "delta" in choice else choice.get("text")
                     if text:
                         tokens += 1
-                        yield delta(choice["index"], text)
+                        yield Delta(choice["index"], text)
                     if choice.get("finish_reason"):
-                        yield choice_end(choice["index"], choice["finish_reason"])
+                        yield ChoiceEnd(choice["index"], choice["finish_reason"])
         # An upstream that ignores stream_options sends no usage: count chunks instead.
-        yield done(usage.get("prompt_tokens", 0), usage.get("completion_tokens", tokens))
+        yield Done(Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", tokens)))
 
-    async def embed(self, job: Job) -> dict[str, Any]:
+    async def embed(self, job: Job) -> Embeddings:
         up = self.upstreams[job.model]
-        assert self.http is not None
+        assert self.http is not None and isinstance(job.params, Embed)
         r = await self.http.post(up.base_url + "/embeddings", headers=up.headers(), timeout=up.timeout,
-                                 json={"model": up.model, "input": job.params["input"], "encoding_format": "float"})
+                                 json={"model": up.model, "input": job.params.input, "encoding_format": "float"})
         if r.status_code != 200:
             raise _upstream_error(r.status_code, r.content)
         data = r.json()
         vectors = [d["embedding"] for d in sorted(data["data"], key=lambda d: d["index"])]
-        return embeddings(vectors, (data.get("usage") or {}).get("prompt_tokens", 0))
+        return Embeddings(vectors, Usage((data.get("usage") or {}).get("prompt_tokens", 0)))
 
 
 async def _sse_json(r: httpx.Response) -> AsyncIterator[dict[str, Any]]:

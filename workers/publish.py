@@ -19,15 +19,19 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from redis.asyncio import Redis
 
 from broker.errors import ServeError
-from broker.protocol import TERMINAL_EVENTS, Reply
+from broker.protocol import Delta, Event, Reply
 from workers.outbox import Outbox, OutboxOverflow, ReplayLog
 
-_OVERFLOW: dict[str, Any] = {"t": "overflow"}  # a marker in the pump's queue, never sent
+
+class _Overflow:
+    """Put in the pump's queue when Redis has been away too long; never sent."""
+
+
+_OVERFLOW = _Overflow()
 
 
 class Orphaned(Exception):
@@ -52,7 +56,7 @@ class ReplyPublisher:
         self.history: list[bytes] = []
         self._unheard_since: float | None = None
 
-    async def send(self, events: list[dict[str, Any]]) -> None:
+    async def send(self, events: list[Event]) -> None:
         """Publish one message (at most one Redis command, log included).
 
         Raises Orphaned once no gateway has heard this job for ``grace`` seconds (a resumable job keeps going
@@ -79,7 +83,7 @@ class ReplyPublisher:
         elif now - self._unheard_since > self.grace:
             raise Orphaned(self.channel)
 
-    def keep(self, event: dict[str, Any]) -> None:
+    def keep(self, event: Event) -> None:
         """Add a message to the history without sending it (the job ended unheard: a resend will tell)."""
         self.history.append(Reply(self.rid, self.seq, [event], self.attempt).encode())
         self.seq += 1
@@ -100,9 +104,9 @@ class ReplyPublisher:
                 return False
             await asyncio.sleep(min(0.1, self.grace))
 
-    async def pump(self, events: AsyncIterator[dict[str, Any]]) -> None:
+    async def pump(self, events: AsyncIterator[Event]) -> None:
         """Publish ``events`` until a terminal one; guarantees the stream ends."""
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        queue: asyncio.Queue[Event | _Overflow | None] = asyncio.Queue()
 
         waiting = 0  # bytes of text produced but not yet handed to a send
 
@@ -110,12 +114,13 @@ class ReplyPublisher:
             nonlocal waiting
             try:
                 async for ev in events:
-                    waiting += len(ev.get("x", ""))
+                    if isinstance(ev, Delta):
+                        waiting += len(ev.text)
                     if waiting > self.max_waiting:  # Redis has been away that long: stop, say why later
                         queue.put_nowait(_OVERFLOW)
                         return
                     queue.put_nowait(ev)
-                    if ev["t"] in TERMINAL_EVENTS:
+                    if ev.terminal:
                         return
                 queue.put_nowait(ServeError("The engine ended without finishing the request.").event())
             finally:
@@ -131,28 +136,26 @@ class ReplyPublisher:
                 if batch[-1] is None:
                     batch.pop()
                     finished = True
-                if _OVERFLOW in batch:
+                if any(ev is _OVERFLOW for ev in batch):
                     raise OutboxOverflow(f"more than {self.max_waiting} bytes of replies waited for Redis")
                 waiting = 0
-                if batch:
-                    finished = finished or any(ev["t"] in TERMINAL_EVENTS for ev in batch)  # type: ignore[index]
-                    await self.send(coalesce(batch))  # type: ignore[arg-type]
+                ready = [ev for ev in batch if ev is not None and not isinstance(ev, _Overflow)]
+                if ready:
+                    finished = finished or any(ev.terminal for ev in ready)
+                    await self.send(coalesce(ready))
         finally:
             producer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await producer
 
 
-def coalesce(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def coalesce(events: list[Event]) -> list[Event]:
     """Merge runs of deltas of the same choice into one delta."""
-    out: list[dict[str, Any]] = []
+    out: list[Event] = []
     for ev in events:
         prev = out[-1] if out else None
-        if prev is not None and ev["t"] == "d" == prev["t"] and ev["i"] == prev["i"]:
-            merged = {**prev, "x": prev["x"] + ev["x"], "k": prev["k"] + ev["k"]}
-            if "lp" in prev or "lp" in ev:
-                merged["lp"] = prev.get("lp", []) + ev.get("lp", [])
-            out[-1] = merged
+        if isinstance(ev, Delta) and isinstance(prev, Delta) and ev.index == prev.index:
+            out[-1] = prev.merged(ev)
         else:
             out.append(ev)
     return out

@@ -51,10 +51,22 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.protocol import Job, choice_end, delta, done, embeddings
+from broker.protocol import (
+    ChoiceEnd,
+    Delta,
+    Done,
+    Embed,
+    Embeddings,
+    Event,
+    Generate,
+    Job,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
 from broker.settings import Settings
 from workers.base import BaseModelWorker, JobError
-from workers.params import SamplingParams, sampling_params
+from workers.params import fitted, inputs_fit
 from workers.prompts import prompt_ids
 
 log = logging.getLogger(__name__)
@@ -78,7 +90,7 @@ class _Pending:
     """A choice's tokens (and their logprobs) produced since its last delta: vLLM may hold text back."""
 
     tokens: int = 0
-    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class VLLMEngine:
@@ -125,8 +137,8 @@ class VLLMEngine:
         self.llm.shutdown()
 
     # --- requests -----------------------------------------------------------------
-    def sampling_params(self, p: SamplingParams) -> Any:
-        """redserve's validated parameters as ``vllm.SamplingParams``, streaming deltas.
+    def sampling_params(self, p: Generate) -> Any:
+        """redserve's validated, fitted parameters as ``vllm.SamplingParams``, streaming deltas.
 
         vLLM has rules of its own (``n > 1`` needs sampling, not greedy
         decoding): what it refuses is a 400 with vLLM's reason.
@@ -152,9 +164,8 @@ class VLLMEngine:
     def pooling_params(self) -> Any:
         return self._pooling_params(task="embed")
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str
-                       ) -> AsyncIterator[dict[str, Any]]:
-        """Protocol events for one request: deltas, a ``choice_end`` per choice, then ``done``."""
+    async def generate(self, prompt_ids: list[int], params: Generate, request_id: str) -> AsyncIterator[Event]:
+        """The events of one request: deltas, a ``ChoiceEnd`` per choice, then ``Done``."""
         request = self.sampling_params(params)
         pending: dict[int, _Pending] = {}
         prompt_tokens, completion_tokens = len(prompt_ids), 0
@@ -170,14 +181,14 @@ class VLLMEngine:
                         p.logprobs += logprob_entries(o.token_ids, o.logprobs or [], params.logprobs)
                     # As the transformers engine does: text as it comes; logprobs of held-back tokens at the end.
                     if o.text or (o.finish_reason and p.logprobs):
-                        yield delta(o.index, o.text, p.tokens, p.logprobs if params.logprobs is not None else None)
+                        yield Delta(o.index, o.text, p.tokens, p.logprobs if params.logprobs is not None else None)
                         pending[o.index] = _Pending()
                     if o.finish_reason:
                         if o.finish_reason not in FINISH_REASONS:
                             raise JobError(f"vLLM ended choice {o.index}: {o.finish_reason}.", status=500,
                                            type="server_error")
-                        yield choice_end(o.index, o.finish_reason)
-        yield done(prompt_tokens, completion_tokens)
+                        yield ChoiceEnd(o.index, o.finish_reason)
+        yield Done(Usage(prompt_tokens, completion_tokens))
 
     async def embed(self, prompt_ids: list[int], request_id: str) -> tuple[list[float], int]:
         """One input's pooled vector, as vLLM returns it, and its token count."""
@@ -216,7 +227,7 @@ def refused(exc: ValueError) -> JobError:
     return JobError(f"vLLM refused the request: {exc}", param=getattr(exc, "parameter", None))
 
 
-def logprob_entries(token_ids: Any, logprobs: list[Mapping[int, Any]], top: int) -> list[dict[str, Any]]:
+def logprob_entries(token_ids: Any, logprobs: list[Mapping[int, Any]], top: int) -> list[TokenLogprob]:
     """vLLM's per-token ``{token_id: Logprob}`` maps in the protocol's shape (as ``workers.hf`` emits it).
 
     vLLM returns the ``top`` most likely tokens plus the sampled one when it is
@@ -226,26 +237,17 @@ def logprob_entries(token_ids: Any, logprobs: list[Mapping[int, Any]], top: int)
     for token, candidates in zip(token_ids, logprobs):
         chosen = candidates[token]
         best = sorted(candidates.items(), key=lambda kv: kv[1].logprob, reverse=True)[:top]
-        entries.append({
-            "token": chosen.decoded_token or "", "logprob": float(chosen.logprob),
-            "top_logprobs": [{"token": lp.decoded_token or "", "logprob": float(lp.logprob)} for _, lp in best],
-        })
+        entries.append(TokenLogprob(chosen.decoded_token or "", float(chosen.logprob),
+                                    [TopLogprob(lp.decoded_token or "", float(lp.logprob)) for _, lp in best]))
     return entries
 
 
 # --- prompts -----------------------------------------------------------------------------
 
-def embedding_inputs(tokenizer: Any, job: Job, context_length: int) -> list[list[int]]:
+def embedding_inputs(tokenizer: Any, params: Embed, context_length: int) -> list[list[int]]:
     """Token ids of each embedding input (blocking); an overlong one is a 400 naming ``input``."""
-    texts = job.params.get("input")
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise JobError("`input` must be a string or a non-empty list of strings.", param="input")
-    ids = [list(tokenizer(t)["input_ids"]) for t in texts]
-    if any(len(i) > context_length for i in ids):
-        raise JobError(f"An input is longer than this model's maximum of {context_length} tokens.",
-                       param="input", code="context_length_exceeded")
+    ids = [list(tokenizer(t)["input_ids"]) for t in params.input]
+    inputs_fit(max(map(len, ids), default=0), context_length)
     return ids
 
 
@@ -297,21 +299,24 @@ class VLLMWorker(BaseModelWorker):
         if self.vllm is not None:
             await asyncio.to_thread(self.vllm.shutdown)
 
-    async def generate(self, job: Job) -> AsyncIterator[dict[str, Any]]:
+    features = frozenset({"logprobs"})
+
+    async def generate(self, job: Job) -> AsyncIterator[Event]:
         vllm = self.vllm
         assert vllm is not None
         if vllm.pooling:
             raise JobError(f"The model `{job.model}` serves embeddings only.", param="model", code="unsupported")
         ids = await asyncio.to_thread(prompt_ids, self.tokenizer, job)
-        params = sampling_params(job.params, job.kind, len(ids), vllm.context_length)
+        assert isinstance(job.params, Generate)
+        params = fitted(job.params, job.kind, len(ids), vllm.context_length)
         async for ev in vllm.generate(ids, params, job.request_id):
             yield ev
 
-    async def embed(self, job: Job) -> dict[str, Any]:
+    async def embed(self, job: Job) -> Embeddings:
         vllm = self.vllm
-        assert vllm is not None
+        assert vllm is not None and isinstance(job.params, Embed)
         if not vllm.pooling:
             return await super().embed(job)  # refuses: a generating vLLM engine cannot pool
-        inputs = await asyncio.to_thread(embedding_inputs, self.tokenizer, job, vllm.context_length)
+        inputs = await asyncio.to_thread(embedding_inputs, self.tokenizer, job.params, vllm.context_length)
         results = await asyncio.gather(*(vllm.embed(ids, f"{job.request_id}-{i}") for i, ids in enumerate(inputs)))
-        return embeddings([l2_normalised(v) for v, _ in results], sum(n for _, n in results))
+        return Embeddings([l2_normalised(v) for v, _ in results], Usage(sum(n for _, n in results)))

@@ -1,0 +1,53 @@
+"""Reading a request's replay log: what a resumed stream renders.
+
+The log is a stream that ``dispatch.lua`` opens with a ``meta`` entry (what a
+resumer needs to render the stream, and the ``owner``) and that ``emit.lua``
+appends each reply message to (field ``r``) as the worker publishes it. Those
+two scripts write it; this module is the one place that reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from broker.protocol import Reply, unpack
+
+
+@dataclass(slots=True)
+class ReplayLog:
+    """A replay log as read so far: its meta, its owner, the replies, and where to go on reading."""
+
+    key: str
+    meta: dict[str, Any]
+    owner: str
+    replies: list[Reply]
+    cursor: bytes | str = "0-0"
+
+
+async def open_log(redis: Redis, key: str) -> ReplayLog | None:
+    """The whole log so far; None when there is none (never resumable, or its window passed)."""
+    entries = await redis.xrange(key)
+    head = entries[0][1] if entries else {}
+    if b"meta" not in head:
+        return None
+    log = ReplayLog(key, unpack(head[b"meta"]), head.get(b"owner", b"").decode(), [], entries[0][0])
+    _take(log, entries[1:])
+    return log
+
+
+async def follow(redis: Redis, log: ReplayLog, block_ms: int) -> list[Reply]:
+    """Replies appended since the last read, waiting up to ``block_ms`` for the first (``[]`` when none came)."""
+    more = await redis.xread({log.key: log.cursor}, count=1000, block=block_ms)
+    log.replies = []
+    if more:
+        _take(log, more[0][1])
+    return log.replies
+
+
+def _take(log: ReplayLog, entries: list[Any]) -> None:
+    log.replies = [Reply.decode(fields[b"r"]) for _, fields in entries]
+    if entries:
+        log.cursor = entries[-1][0]

@@ -1,0 +1,208 @@
+"""The compute thread: one thread owns the model and runs every live sequence in one forward pass per step."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from broker.protocol import ChoiceEnd, Delta, Done, Generate, TokenLogprob, Usage
+from workers.hf.kv import KVBatch
+from workers.hf.loading import LoadedModel
+from workers.hf.sampling import choose_token, logprob_entry, new_generator
+from workers.hf.text import IncrementalDecoder
+from workers.params import max_tokens
+from workers.stops import StopMatcher
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[Any], None]
+
+
+@dataclass(eq=False)
+class Generation:
+    """One request as the compute thread sees it; ``cancel`` is the event loop's way to stop it."""
+
+    prompt_ids: list[int]
+    #: Fitted: ``max_tokens`` is set.
+    params: Generate
+    #: Thread-safe: hands a protocol event (or an exception) to the request's task.
+    emit: Emit
+    generator: torch.Generator
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    running: int = 0
+    completion_tokens: int = 0
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass(eq=False)
+class _Choice:
+    """One sequence of the batch: choice ``index`` of a request."""
+
+    gen: Generation
+    index: int
+    decoder: IncrementalDecoder
+    stops: StopMatcher
+    counts: torch.Tensor
+    tokens: int = 0
+    #: Tokens and logprobs produced since the last delta (text may be held back).
+    pending: int = 0
+    pending_lp: list[TokenLogprob] = field(default_factory=list)
+    finished: bool = False
+
+
+class BatchEngine:
+    """One thread that owns the model and runs every live sequence in one forward pass per step.
+
+    Each step: admit (prefill) what arrived, drop what was cancelled, one
+    batched decode forward, sample each row with its own parameters, retire
+    what finished. A request waits at most one step to join.
+    """
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self._inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"hf-engine-{loaded.path.name}", daemon=True)
+        self._batch = KVBatch(loaded.device)
+        self._choices: list[_Choice] = []
+        forward = inspect.signature(loaded.model.forward).parameters
+        self._prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
+        #: Observability (read from the event loop): sequences running now, the most at once, tokens made.
+        self.active = 0
+        self.max_batch_size = 0
+        self.tokens_generated = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread after its current step (blocking: call it in a thread)."""
+        self._inbox.put(None)
+        self._thread.join()
+
+    def submit(self, prompt_ids: list[int], params: Generate, emit: Emit) -> Generation:
+        gen = Generation(prompt_ids, params, emit, new_generator(params.seed, self.loaded.device))
+        self._inbox.put(gen)
+        return gen
+
+    # --- the loop ----------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                for gen in self._arrivals(wait=not self._choices):
+                    if gen is None:
+                        return
+                    self._guarded([gen], self._admit, gen)
+                self._retire([i for i, c in enumerate(self._choices) if not c.gen.cancelled.is_set()])
+                if self._choices:
+                    self._guarded(list({c.gen: None for c in self._choices}), self._step)
+
+    def _arrivals(self, *, wait: bool) -> list[Generation | None]:
+        arrived = [self._inbox.get()] if wait else []
+        while not self._inbox.empty():
+            arrived.append(self._inbox.get_nowait())
+        return arrived
+
+    def _guarded(self, gens: list[Generation], fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn``; if it fails, fail ``gens`` (and drop them) rather than the thread."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            log.exception("engine step failed")
+            if len(self._batch) != len(self._choices):  # the batch itself broke: nothing in it can go on
+                gens = [*gens, *(c.gen for c in self._choices)]
+                self._batch.clear()
+                self._choices = []
+            failed = set(gens)
+            for g in failed:
+                g.cancel()
+                g.emit(exc)
+            self._retire([i for i, c in enumerate(self._choices) if c.gen not in failed])
+            self._observe()
+
+    def _admit(self, gen: Generation) -> None:
+        """Prefill one request, sample each choice's first token, and join the batch with what is left."""
+        if gen.cancelled.is_set():
+            return
+        cache = DynamicCache()
+        ids = torch.tensor([gen.prompt_ids], dtype=torch.long, device=self.loaded.device)
+        out = self.loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, **self._prefill_kwargs)
+        logits = out.logits[0, -1].float()
+        choices = [self._new_choice(gen, i, logits.numel()) for i in range(gen.params.n)]
+        gen.running = len(choices)
+        tokens = [self._advance(c, logits) for c in choices]
+        live = [(c, t) for c, t in zip(choices, tokens) if not c.finished]
+        if live:
+            self._batch.add(cache, len(gen.prompt_ids), [t for _, t in live])
+            self._choices += [c for c, _ in live]
+            self._observe()
+
+    def _new_choice(self, gen: Generation, index: int, vocab: int) -> _Choice:
+        return _Choice(gen, index, IncrementalDecoder(self.loaded.tokenizer), StopMatcher(gen.params.stop),
+                       torch.zeros(vocab, device=self.loaded.device))
+
+    def _step(self) -> None:
+        logits = self._batch.forward(self.loaded.model)
+        self._batch.set_tokens([self._advance(c, logits[row]) for row, c in enumerate(self._choices)])
+        self._retire([i for i, c in enumerate(self._choices) if not c.finished])
+
+    def _retire(self, keep: list[int]) -> None:
+        if len(keep) != len(self._choices):
+            self._batch.keep(keep)
+            self._choices = [self._choices[i] for i in keep]
+            self._observe()
+
+    def _observe(self) -> None:
+        self.active = len(self._choices)
+        self.max_batch_size = max(self.max_batch_size, self.active)
+
+    # --- one token of one sequence ------------------------------------------------
+    def _advance(self, c: _Choice, logits: torch.Tensor) -> int:
+        """Sample ``c``'s next token and emit what it makes safe to show; returns the token."""
+        p = c.gen.params
+        token = choose_token(logits, c.counts, p, c.gen.generator)
+        c.counts[token] += 1
+        c.tokens += 1
+        c.pending += 1
+        c.gen.completion_tokens += 1
+        self.tokens_generated += 1
+        if p.logprobs is not None:
+            c.pending_lp.append(logprob_entry(logits, token, p.logprobs, self._token_text))
+        finish: str | None
+        if token in self.loaded.eos_ids:
+            piece, finish = c.decoder.flush(), "stop"
+        else:
+            piece = c.decoder.push(token)
+            finish = "length" if c.tokens >= max_tokens(p) else None
+            piece += c.decoder.flush() if finish else ""
+        text, stopped = c.stops.feed(piece)
+        if stopped:
+            finish = "stop"
+        elif finish:
+            text += c.stops.flush()
+        if text or (finish and c.pending_lp):  # the last tokens' logprobs go out even without text
+            c.gen.emit(Delta(c.index, text, c.pending, c.pending_lp if p.logprobs is not None else None))
+            c.pending, c.pending_lp = 0, []
+        if finish:
+            self._finish(c, finish)
+        return token
+
+    def _finish(self, c: _Choice, reason: str) -> None:
+        c.finished = True
+        c.gen.emit(ChoiceEnd(c.index, reason))
+        c.gen.running -= 1
+        if c.gen.running == 0:
+            c.gen.emit(Done(Usage(len(c.gen.prompt_ids), c.gen.completion_tokens)))
+
+    def _token_text(self, token: int) -> str:
+        return self.loaded.tokenizer.decode([token])
+

@@ -1,0 +1,86 @@
+"""The running sequences' KV cache as one left-padded batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+
+class KVBatch:
+    """The running sequences' KV cache, left-padded to one length so one forward serves them all.
+
+    Rows join after their own prefill (padded on the left to the batch's
+    length) and leave when they finish; columns that became padding in every
+    row are trimmed, so the cache stays as long as its longest live sequence.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.clear()
+
+    def clear(self) -> None:
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # 1 = a real cached token
+        self.positions = torch.zeros(0, dtype=torch.long, device=self.device)  # next position of each row
+        self.tokens = torch.zeros(0, dtype=torch.long, device=self.device)  # next input token of each row
+
+    def __len__(self) -> int:
+        return int(self.tokens.numel())
+
+    def add(self, cache: DynamicCache, length: int, tokens: list[int]) -> None:
+        """Append ``len(tokens)`` rows that share one prefilled single-row ``cache`` of ``length`` tokens."""
+        rows = len(tokens)
+        _map_kv(cache, lambda t: t.expand(rows, *t.shape[1:]).contiguous())
+        mask = torch.ones(rows, length, dtype=torch.long, device=self.device)
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+        else:
+            width = max(self.mask.shape[1], length)
+            # The layers are DynamicLayers, filled: keys and values are tensors (their type says maybe not).
+            for old, new in zip(self.cache.layers, cache.layers):
+                old.keys = torch.cat([_pad_kv(old.keys, width), _pad_kv(new.keys, width)])  # type: ignore[union-attr,arg-type]
+                old.values = torch.cat([_pad_kv(old.values, width), _pad_kv(new.values, width)])  # type: ignore[union-attr,arg-type]
+            self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(mask, width)])
+        self.positions = torch.cat([self.positions, torch.full((rows,), length, device=self.device)])
+        self.tokens = torch.cat([self.tokens, torch.tensor(tokens, dtype=torch.long, device=self.device)])
+
+    def forward(self, model: Any) -> torch.Tensor:
+        """One decode step for every row; returns the next-token logits, one row each."""
+        mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
+        out = model(input_ids=self.tokens[:, None], attention_mask=mask, position_ids=self.positions[:, None],
+                    past_key_values=self.cache, use_cache=True)
+        self.mask, self.positions = mask, self.positions + 1
+        return out.logits[:, -1].float()
+
+    def set_tokens(self, tokens: list[int]) -> None:
+        self.tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in this order), then drop the columns no row uses any more."""
+        if not rows:
+            self.clear()
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.mask, self.positions, self.tokens = self.mask[index], self.positions[index], self.tokens[index]
+        unused = int(self.mask.any(dim=0).long().argmax())  # leading all-padding columns
+        self.mask = self.mask[:, unused:]
+        _map_kv(self.cache, lambda t: t[index, :, unused:])  # type: ignore[arg-type]
+
+
+def _map_kv(cache: DynamicCache, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    # The layers are DynamicLayers, filled: keys and values are tensors (their type says maybe not).
+    for layer in cache.layers:
+        layer.keys, layer.values = fn(layer.keys), fn(layer.values)  # type: ignore[union-attr,arg-type]
+
+
+def _pad_kv(t: torch.Tensor, width: int) -> torch.Tensor:
+    return F.pad(t, (0, 0, width - t.shape[-2], 0))  # [batch, heads, seq, dim]: pad seq on the left
+
+
+def _pad_mask(t: torch.Tensor, width: int) -> torch.Tensor:
+    return F.pad(t, (width - t.shape[-1], 0))
+

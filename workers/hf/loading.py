@@ -1,0 +1,80 @@
+"""Loading a Hugging Face model directory: tokenizer, model, device, and what serving it must know.
+
+A directory whose architecture is not a causal LM (a BERT sentence encoder,
+say) loads for embeddings only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+#: Architecture name endings that mean "decoder-only LM we can generate with".
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+@dataclass
+class LoadedModel:
+    """A model directory in memory, with what serving it needs to know."""
+
+    path: Path
+    tokenizer: Any
+    model: Any
+    causal: bool
+    device: torch.device
+    #: Longest prompt + completion (or embedding input) in tokens.
+    context_length: int
+    eos_ids: frozenset[int] = frozenset()
+
+
+def is_causal_lm(config: Any) -> bool:
+    return any(a.endswith(CAUSAL_SUFFIXES) for a in getattr(config, "architectures", None) or [])
+
+
+def load_model(path: Path) -> LoadedModel:
+    """Load tokenizer and model (blocking: call it in a thread)."""
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    causal = is_causal_lm(config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:  # batched embedding pads; any token will do under the mask
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    model_cls = AutoModelForCausalLM if causal else AutoModel
+    # transformers types .to() through PreTrainedModel's decorator, which mypy reads as wanting a model
+    model = model_cls.from_pretrained(path, local_files_only=True, dtype="auto").to(device).eval()  # type: ignore[arg-type]
+    return LoadedModel(
+        path=path, tokenizer=tokenizer, model=model, causal=causal, device=device,
+        context_length=model_context_length(path, config, tokenizer),
+        eos_ids=frozenset(_ids(getattr(config, "eos_token_id", None), tokenizer.eos_token_id,
+                               getattr(getattr(model, "generation_config", None), "eos_token_id", None))),
+    )
+
+
+def model_context_length(path: Path, config: Any, tokenizer: Any) -> int:
+    """The model's window; a sentence-transformers directory may declare a shorter one it was trained for."""
+    st_config = path / "sentence_bert_config.json"
+    if st_config.is_file():
+        declared = json.loads(st_config.read_text()).get("max_seq_length")
+        if declared:
+            return int(declared)
+    for n in (getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)):
+        if isinstance(n, int) and 0 < n < 10**7:  # tokenizers say 1e30 when they do not know
+            return n
+    raise ValueError(f"cannot tell the context length of {path}: no max_position_embeddings in config.json")
+
+
+def _ids(*values: int | list[int] | None) -> Iterable[int]:
+    for v in values:
+        if isinstance(v, int):
+            yield v
+        elif v:
+            yield from v
+

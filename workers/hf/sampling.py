@@ -1,0 +1,47 @@
+"""Choosing one token from one row of logits with a request's own parameters and RNG, and its logprobs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from broker.protocol import Generate, TokenLogprob, TopLogprob
+
+
+def choose_token(logits: torch.Tensor, counts: torch.Tensor, p: Generate, gen: torch.Generator) -> int:
+    """One token from one row of logits: penalties, then greedy (temperature 0) or top-k/top-p sampling."""
+    if p.presence_penalty or p.frequency_penalty:  # OpenAI's formula, on the counts generated so far
+        logits = logits - counts * p.frequency_penalty - (counts > 0).to(logits.dtype) * p.presence_penalty
+    if p.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / p.temperature
+    if 0 < p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs >= p.top_p  # the most likely token always stays
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(outside, 0))
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def logprob_entry(logits: torch.Tensor, token: int, top: int, text: Callable[[int], str]) -> TokenLogprob:
+    """The chosen token's log-probability (under the model, before penalties) and the ``top`` best ones."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    best = torch.topk(logprobs, top) if top else None
+    return TokenLogprob(text(token), float(logprobs[token]), [] if best is None else [
+        TopLogprob(text(int(i)), float(v)) for v, i in zip(best.values, best.indices)])
+
+
+def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A request's own RNG: the same seed gives the same samples whatever else runs."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed % 2**64)
+    return gen
+
+

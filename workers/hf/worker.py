@@ -1,0 +1,91 @@
+"""HFWorker: ties a loaded model and its compute thread to the broker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from broker.protocol import Done, Embed, Embeddings, Event, Generate, Job, Usage
+from broker.settings import Settings
+from workers.base import BaseModelWorker, JobError
+from workers.hf.embeddings import mean_pooled
+from workers.hf.engine import BatchEngine, Emit
+from workers.hf.loading import LoadedModel, load_model
+from workers.params import fitted
+from workers.prompts import prompt_ids
+
+log = logging.getLogger(__name__)
+
+
+class HFWorker(BaseModelWorker):
+    engine = "hf"
+
+    def __init__(self, settings: Settings, models: list[str], *, worker_id: str | None = None,
+                 model_path: str | None = None) -> None:
+        super().__init__(settings, models, worker_id=worker_id)
+        # The directory: the argument, else the settings field, else the served name read as a path.
+        self.model_path = Path(model_path or getattr(settings, "model_path", None) or models[0]).expanduser()
+        self.loaded: LoadedModel | None = None
+        self.batcher: BatchEngine | None = None
+
+    async def setup(self) -> None:
+        self.loaded = await asyncio.to_thread(load_model, self.model_path)
+        self.record.context_length = self.loaded.context_length
+        if self.loaded.causal:
+            self.batcher = BatchEngine(self.loaded)
+            self.batcher.start()
+        log.info("hf worker loaded %s (%s, context %d, %s)", self.model_path,
+                 "causal LM" if self.loaded.causal else "embeddings only", self.loaded.context_length,
+                 self.loaded.device)
+
+    async def teardown(self) -> None:
+        if self.batcher is not None:
+            await asyncio.to_thread(self.batcher.close)
+
+    features = frozenset({"logprobs"})
+
+    async def generate(self, job: Job) -> AsyncIterator[Event]:
+        loaded, batcher = self.loaded, self.batcher
+        assert loaded is not None
+        if batcher is None:
+            raise JobError(f"The model `{job.model}` serves embeddings only.", param="model", code="unsupported")
+        ids = await asyncio.to_thread(prompt_ids, loaded.tokenizer, job)
+        assert isinstance(job.params, Generate)
+        params = fitted(job.params, job.kind, len(ids), loaded.context_length)
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        gen = batcher.submit(ids, params, _threadsafe_put(asyncio.get_running_loop(), events))
+        try:
+            while True:
+                ev = await events.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                yield ev
+                if isinstance(ev, Done):
+                    return
+        finally:  # cancelled, closed early or done: the compute thread drops it within a step
+            gen.cancel()
+
+    async def tokenize(self, job: Job) -> tuple[int, list[int] | None]:
+        assert self.loaded is not None
+        ids = await asyncio.to_thread(prompt_ids, self.loaded.tokenizer, job)
+        return len(ids), ids
+
+    async def embed(self, job: Job) -> Embeddings:
+        assert self.loaded is not None and isinstance(job.params, Embed)
+        vectors, tokens = await asyncio.to_thread(mean_pooled, self.loaded, job.params.input)
+        return Embeddings(vectors, Usage(tokens))
+
+
+def _threadsafe_put(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Any]) -> Emit:
+    """What the compute thread calls to hand an event to a task on ``loop``."""
+
+    def put(ev: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    return put
