@@ -58,43 +58,58 @@ class Result:
         }
 
 
+@dataclass
+class _Stream:
+    """What one streamed reply carried."""
+
+    text: list[str] = field(default_factory=list)
+    first: float | None = None
+    tokens: int = 0
+    done: bool = False
+    error: str = ""
+
+
+async def _read(r: aiohttp.ClientResponse, start: float) -> _Stream:
+    s = _Stream()
+    async for line in r.content:
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:].rstrip()
+        if data == b"[DONE]":
+            s.done = True
+            break
+        obj = json.loads(data)
+        if "error" in obj:
+            s.error = obj["error"]["message"]
+            break
+        if obj.get("usage"):
+            s.tokens = obj["usage"]["completion_tokens"]
+        if obj["choices"] and (content := obj["choices"][0]["delta"].get("content")):
+            s.text.append(content)
+            if s.first is None:
+                s.first = time.perf_counter() - start
+    return s
+
+
 async def one(http: aiohttp.ClientSession, model: str, max_tokens: int, i: int, res: Result,
               check_echo: bool = False, count_chunks: bool = False) -> None:
     prompt = f"benchmark request {i}"
     body = {"model": model, "messages": [{"role": "user", "content": prompt}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    first: float | None = None
-    chunks = tokens = 0
-    done = False
-    text: list[str] = []
     try:
         async with http.post("/v1/chat/completions", json=body) as r:
             if r.status != 200:
                 res.errors.append(f"HTTP {r.status}: {(await r.read())[:200]!r}")
                 return
-            async for line in r.content:
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[6:].rstrip()
-                if data == b"[DONE]":
-                    done = True
-                    break
-                obj = json.loads(data)
-                if "error" in obj:
-                    res.errors.append(obj["error"]["message"])
-                    return
-                if obj.get("usage"):
-                    tokens = obj["usage"]["completion_tokens"]
-                if obj["choices"] and obj["choices"][0]["delta"].get("content"):
-                    chunks += 1
-                    if check_echo:
-                        text.append(obj["choices"][0]["delta"]["content"])
-                    if first is None:
-                        first = time.perf_counter() - start
+            s = await _read(r, start)
     except (TimeoutError, aiohttp.ClientError) as exc:
         res.errors.append(f"{type(exc).__name__}: {exc}")
         return
+    if s.error:
+        res.errors.append(s.error)
+        return
+    first, chunks, tokens, done, text = s.first, len(s.text), s.tokens, s.done, s.text
     if count_chunks:
         tokens = chunks
     if not done or tokens != max_tokens or first is None:

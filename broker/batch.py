@@ -69,7 +69,7 @@ class Handler(Protocol):
     async def close(self) -> None: ...
 
 
-HandlerFactory = Callable[[Settings], Awaitable[Handler]]
+HandlerFactory = Callable[[str, Settings], Awaitable[Handler]]
 
 
 class JobState(StrEnum):
@@ -145,19 +145,15 @@ class BatchJob:
 class BatchClient:
     """Enqueue requests for the batch runners, follow them, abort them; create and follow OpenAI batches.
 
-    ``BatchClient("redis://host:6379/0")`` or ``BatchClient(settings=...)``;
-    other settings (the key prefix) come from the environment.
+    ``BatchClient("redis://host:6379/0")``; without ``settings``, the other
+    settings (the key prefix) come from the environment.
     """
 
-    def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None) -> None:
+    def __init__(self, redis_url: str, settings: Settings | None = None) -> None:
         settings = settings or Settings()
-        if redis_url:
-            settings = settings.model_copy(update={"redis_url": redis_url})
-        if not settings.redis_url:
-            raise ValueError("BatchClient needs a Redis URL (argument, settings.redis_url or REDIS_URL)")
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self.redis = arq_redis(settings)
+        self.redis = arq_redis(redis_url, settings)
         self.store = BatchStore(self.redis, self.keys, settings)
 
     async def close(self) -> None:
@@ -301,16 +297,15 @@ class BatchClient:
         await asyncio.gather(*(one(*job) for job in jobs))
 
 
-def arq_redis(settings: Settings) -> ArqRedis:
+def arq_redis(redis_url: str, settings: Settings) -> ArqRedis:
     """arq's client on the batch queue's Redis (a plain one, or the master behind Sentinels), msgpack jobs."""
-    if not settings.redis_url:
-        raise ValueError("batch jobs need a Redis URL (argument, settings.redis_url or REDIS_URL)")
-    return ArqRedis(connection_pool(settings.redis_url), job_serializer=pack, job_deserializer=unpack,
+    return ArqRedis(connection_pool(redis_url), job_serializer=pack, job_deserializer=unpack,
                     default_queue_name=Keys(settings.key_prefix).batch_queue(),
                     expires_extra_ms=int(settings.batch_ttl * 1000))
 
 
-def worker_options(settings: Settings, make_handler: HandlerFactory, *, owns_handler: bool = True) -> dict[str, Any]:
+def worker_options(redis_url: str, settings: Settings, make_handler: HandlerFactory, *,
+                   owns_handler: bool = True) -> dict[str, Any]:
     """The keyword arguments of arq's ``Worker`` for a batch runner (what a ``WorkerSettings`` holds).
 
     There is no arq job timeout: a job may wait long for free workers, and
@@ -324,7 +319,7 @@ def worker_options(settings: Settings, make_handler: HandlerFactory, *, owns_han
     handler_key = "redserve_handler"
 
     async def startup(ctx: dict[str, Any]) -> None:
-        ctx[handler_key] = await make_handler(settings)
+        ctx[handler_key] = await make_handler(redis_url, settings)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         handler = ctx.pop(handler_key, None)
@@ -347,7 +342,7 @@ def worker_options(settings: Settings, make_handler: HandlerFactory, *, owns_han
         "queue_name": keys.batch_queue(),
         "health_check_key": keys.batch_runner_health(),
         "health_check_interval": 5,
-        "redis_pool": arq_redis(settings),
+        "redis_pool": arq_redis(redis_url, settings),
         "on_startup": startup,
         "on_shutdown": shutdown,
         "max_jobs": settings.batch_concurrency,
@@ -362,7 +357,8 @@ def worker_options(settings: Settings, make_handler: HandlerFactory, *, owns_han
     }
 
 
-async def serve(settings: Settings, make_handler: HandlerFactory, *, handle_signals: bool = True) -> None:
+async def serve(redis_url: str, settings: Settings, make_handler: HandlerFactory, *,
+                handle_signals: bool = True) -> None:
     """Run a batch runner until SIGTERM/SIGINT (or until cancelled); jobs it was running go back to the queue.
 
     Redis going away does not end it: arq's worker stops, and a new one
@@ -371,15 +367,16 @@ async def serve(settings: Settings, make_handler: HandlerFactory, *, handle_sign
     """
     if not log.isEnabledFor(logging.DEBUG):
         logging.getLogger("arq.worker").setLevel(logging.WARNING)  # a line per job is debugging detail
-    handler = await make_handler(settings)  # one for every arq worker below: none leaks per outage
+    handler = await make_handler(redis_url, settings)  # one for every arq worker below: none leaks per outage
 
-    async def the_handler(_: Settings) -> Handler:
+    async def the_handler(_url: str, _settings: Settings) -> Handler:
         return handler
 
     delay = 0.25
     try:
         while True:
-            worker = Worker(**worker_options(settings, the_handler, owns_handler=False), handle_signals=handle_signals)
+            options = worker_options(redis_url, settings, the_handler, owns_handler=False)
+            worker = Worker(**options, handle_signals=handle_signals)
             worker.in_progress_timeout_s = settings.batch_lease  # the first claim, before the job renews it
             try:
                 await worker.async_run()

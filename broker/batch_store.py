@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
@@ -23,6 +22,7 @@ from broker.connection import resolved
 from broker.errors import ServeError
 from broker.keys import Keys
 from broker.protocol import as_str, pack, unpack
+from broker.scripts import source
 from broker.settings import Settings
 from broker.tenants import ANONYMOUS, Tenant, well_formed
 
@@ -147,10 +147,6 @@ def _file_error(code: str, message: str, line: int | None, param: str | None = N
     return {"code": code, "message": message, "param": param, "line": line}
 
 
-def _script(name: str) -> str:
-    return resources.files("broker").joinpath("lua", f"{name}.lua").read_text()
-
-
 class BatchStore:
     """Files, batches and results over one raw (non-decoding) Redis client."""
 
@@ -159,10 +155,10 @@ class BatchStore:
         self.keys = keys
         self.settings = settings
         self.ttl_ms = int(settings.batch_ttl * 1000)
-        self._record = redis.register_script(_script("batch_record"))
-        self._transition = redis.register_script(_script("batch_transition"))
-        self._file_store = redis.register_script(_script("file_store"))
-        self._file_delete = redis.register_script(_script("file_delete"))
+        self._record = redis.register_script(source("batch_record"))
+        self._transition = redis.register_script(source("batch_transition"))
+        self._file_store = redis.register_script(source("file_store"))
+        self._file_delete = redis.register_script(source("file_delete"))
 
     # --- files ---------------------------------------------------------------
     async def create_file(self, content: bytes, *, filename: str, purpose: str, owner: Tenant = ANONYMOUS,

@@ -22,7 +22,7 @@ from broker.dispatch import Dispatcher
 from broker.errors import NoWorker, RedisUnavailable, UnknownModel, WorkerLost
 from broker.janitor import Janitor
 from broker.keys import Keys
-from broker.protocol import Cancel, Job, JobKind, Params, Reply, Resend, pack
+from broker.protocol import Cancel, Job, JobKind, Params, Reply, Resend, StreamMeta, pack
 from broker.registry import Registry
 from broker.replay import ReplayLog, follow, open_log
 from broker.replies import ReplyRouter, ReplyStream
@@ -34,15 +34,14 @@ T = TypeVar("T")
 
 
 class BrokerClient:
-    def __init__(self, settings: Settings, *, gateway_id: str | None = None, janitor: bool = True,
+    def __init__(self, redis_url: str, settings: Settings, *, gateway_id: str | None = None, janitor: bool = True,
                  batch: bool = False) -> None:
-        """``batch``: this client dispatches batch work, only into the room ``batch_share`` leaves."""
-        if not settings.redis_url:
-            raise ValueError("BrokerClient needs settings.redis_url")
+        """``batch``: this client dispatches batch work, only into the room ``batch_share`` leaves.
+        (``settings.redis_url`` is not read: the caller resolved it into ``redis_url``.)"""
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self._text = connect(settings.redis_url, decode=True)
-        self._raw = connect(settings.redis_url, decode=False)
+        self._text = connect(redis_url, decode=True)
+        self._raw = connect(redis_url, decode=False)
         self.scripts = Scripts.register(self._raw)
         self.registry = Registry(self._text, self.keys, Scripts.register(self._text))
         self.dispatcher = Dispatcher(self._raw, self.keys, settings.dispatch_method, self.scripts,
@@ -85,7 +84,7 @@ class BrokerClient:
         *,
         timeout: float | None = None,
         method: DispatchMethod | None = None,
-        replay_meta: dict[str, Any] | None = None,
+        replay_meta: StreamMeta | None = None,
         owner: Tenant = ANONYMOUS,
     ) -> ReplyStream:
         """Dispatch one job; the returned stream yields its reply events.
@@ -100,7 +99,7 @@ class BrokerClient:
             raise RedisUnavailable(f"This gateway has had no reply channel for {self.settings.redis_wait:g} s "
                                    "(redis_wait): Redis is unreachable.")
         stream = self.router.open(timeout)
-        stream.job = Job(
+        stream.job = job = Job(
             request_id=stream.rid,
             model=model,
             kind=kind,
@@ -112,7 +111,7 @@ class BrokerClient:
         stream.retry = self._retry
         try:
             placed = await self._patiently(lambda: self.dispatcher.dispatch(
-                stream.job, method, meta=pack(replay_meta or {}), owner=owner.id))  # type: ignore[arg-type]
+                job, method, meta=b"" if replay_meta is None else pack(replay_meta), owner=owner.id))
         except BaseException:
             stream.close()
             raise

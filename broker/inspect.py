@@ -9,6 +9,7 @@ from redis.exceptions import ResponseError
 
 from broker.connection import resolved
 from broker.keys import WORKER_GROUP, Keys
+from broker.protocol import Job
 
 
 @dataclass
@@ -51,7 +52,7 @@ async def locate(redis: Redis, keys: Keys, request_id: str) -> Location:
         "XRANGE", stream, "-", "+", NEVER_DECODE=True)
     for eid, fields in entries or []:
         entry_id = eid.decode()
-        mine = fields.get(b"request_id", b"").decode() == request_id
+        mine = Job.request_id_of(fields) == request_id
         if entry_id in pending:
             if mine:
                 idle = pending[entry_id].get("time_since_delivered", 0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from enum import StrEnum
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -30,9 +31,35 @@ from broker.connection import resolved
 from broker.dispatch import Dispatcher
 from broker.errors import Gone, ServeError
 from broker.keys import WORKER_GROUP, Keys
-from broker.protocol import Job, Reply
+from broker.protocol import Job, Reply, as_str
+from broker.pubsub import listeners
 
 log = logging.getLogger(__name__)
+
+
+class Fate(StrEnum):
+    """What becomes of one entry left in a dead worker's stream."""
+
+    #: It was running: its gateway decides (retry if the client saw nothing, else a clean error).
+    LOST = "lost"
+    #: Nobody waits for it any more (deadline passed, or its gateway is gone).
+    DROP = "drop"
+    #: It never started and is still wanted: another worker runs it.
+    MOVE = "move"
+
+
+def fate(*, running: bool, expired: bool, waited_for: bool) -> Fate:
+    if running:
+        return Fate.LOST
+    if expired or not waited_for:
+        return Fate.DROP
+    return Fate.MOVE
+
+
+def confirm_dead(missing: set[str], suspects: set[str]) -> tuple[set[str], set[str]]:
+    """The two-sweep rule: dead are the workers missing now *and* on the last sweep; returns them and the
+    suspects for the next sweep (those missing now)."""
+    return missing & suspects, missing
 
 
 class Janitor:
@@ -81,7 +108,7 @@ class Janitor:
             alive = await pipe.execute()
         reclaimed = []
         missing = {wid for wid, is_alive in zip(ids, alive) if not is_alive}
-        dead, self._suspects = missing & self._suspects, missing
+        dead, self._suspects = confirm_dead(missing, self._suspects)
         for wid in sorted(dead):
             if await self.redis.set(self.keys.reclaim_lock(wid), "1", nx=True, px=int(self.lock_ttl * 1000)):
                 await self.reclaim(wid)
@@ -94,14 +121,17 @@ class Janitor:
         for eid, fields in await self.redis.xrange(stream):
             entry_id = eid.decode()
             job = Job.from_fields(entry_id, fields)
-            if entry_id in running:
-                await self._tell_lost(job)
-                await self.redis.xdel(stream, entry_id)
-            elif job.expired() or not await self._someone_waits(job):
-                self.dropped += 1
-                await self.redis.xdel(stream, entry_id)
-            else:
-                await self._move(job, stream, entry_id)
+            is_running, expired = entry_id in running, job.expired()
+            waited_for = not (is_running or expired) and await self._someone_waits(job)
+            match fate(running=is_running, expired=expired, waited_for=waited_for):
+                case Fate.LOST:
+                    await self._tell_lost(job)
+                    await self.redis.xdel(stream, entry_id)
+                case Fate.DROP:
+                    self.dropped += 1
+                    await self.redis.xdel(stream, entry_id)
+                case Fate.MOVE:
+                    await self._move(job, stream, entry_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(stream)
             pipe.srem(self.keys.workers(), worker_id)
@@ -123,12 +153,11 @@ class Janitor:
         await self.redis.publish(job.reply_to, Reply.worker_lost(job.request_id, job.attempt).encode())
 
     async def _someone_waits(self, job: Job) -> bool:
-        [(_, subscribers)] = await self.redis.pubsub_numsub(job.reply_to)
-        return bool(subscribers > 0)
+        return await listeners(self.redis, job.reply_to) > 0
 
     async def _pending_ids(self, stream: str) -> set[str]:
         try:
             rows = await self.redis.xpending_range(stream, WORKER_GROUP, min="-", max="+", count=100_000)
         except ResponseError:  # NOGROUP: the stream (or its group) is already gone
             return set()
-        return {(r["message_id"].decode() if isinstance(r["message_id"], bytes) else r["message_id"]) for r in rows}
+        return {as_str(r["message_id"]) for r in rows}

@@ -156,6 +156,39 @@ class Job:
     def expired(self, now: float | None = None) -> bool:
         return bool(self.deadline) and (now or time.time()) > self.deadline
 
+    @staticmethod
+    def request_id_of(fields: Mapping[Any, bytes | str]) -> str:
+        """The request id of a stream entry, without decoding the rest of it."""
+        value = fields.get(b"request_id", fields.get("request_id", b""))
+        return as_str(value) if value is not None else ""
+
+
+# --- the replay log ------------------------------------------------------------
+
+
+class StreamMeta(Struct):
+    """What a resumed stream needs to render exactly as the live one did: the first entry of its replay log
+    (``dispatch.lua`` writes it with the ``owner``; the worker's ``emit.lua`` appends each ``Reply``)."""
+
+    model: str
+    kind: str
+    n: int
+    include_usage: bool
+    prefix: str
+    created: int
+
+
+def replay_head(fields: Mapping[bytes, bytes]) -> tuple[StreamMeta, str] | None:
+    """A replay log's first entry as its meta and owner; None if the entry is not a meta entry."""
+    if b"meta" not in fields:
+        return None
+    return _META.decode(fields[b"meta"]), as_str(fields.get(b"owner", b""))
+
+
+def replay_reply(fields: Mapping[bytes, bytes]) -> Reply:
+    """A later replay log entry: one reply message, as published."""
+    return _REPLY.decode(fields[b"r"])
+
 
 # --- reply events ------------------------------------------------------------
 
@@ -324,6 +357,7 @@ _ENCODER = msgspec.msgpack.Encoder()
 _REPLY = msgspec.msgpack.Decoder(Reply)
 _REPLIES = msgspec.msgpack.Decoder(Reply | list[Reply])
 _CONTROL = msgspec.msgpack.Decoder(Control)
+_META = msgspec.msgpack.Decoder(StreamMeta)
 _ANY = msgspec.msgpack.Decoder()
 _PARAMS: dict[JobKind, msgspec.msgpack.Decoder[Any]] = {
     JobKind.CHAT: msgspec.msgpack.Decoder(Generate), JobKind.COMPLETION: msgspec.msgpack.Decoder(Generate),

@@ -107,9 +107,6 @@ class Registry:
             )
         )
 
-    async def set_status(self, worker_id: str, status: str) -> None:
-        await resolved(self.redis.hset(self.keys.worker(worker_id), "status", status))
-
     async def finish(self, record: WorkerRecord, entry_id: str) -> int:
         """Ack and delete one finished job; returns the queue length left."""
         k = self.keys
@@ -132,7 +129,12 @@ class Registry:
 
     # --- readers' side -----------------------------------------------------
     async def live_workers(self) -> list[WorkerRecord]:
-        """Every worker whose record still exists; prunes ids whose record expired."""
+        """Every worker whose record still exists.
+
+        An id whose record expired stays in the set: it is how the janitor
+        finds a dead worker's jobs, and only the janitor removes it, once
+        they are reclaimed.
+        """
         ids = sorted(await resolved(self.redis.smembers(self.keys.workers())))
         if not ids:
             return []
@@ -140,15 +142,7 @@ class Registry:
             for wid in ids:
                 pipe.hgetall(self.keys.worker(wid))
             records = await pipe.execute()
-        dead = [wid for wid, rec in zip(ids, records) if not rec]
-        if dead:
-            await resolved(self.redis.srem(self.keys.workers(), *dead))
         return [WorkerRecord.from_fields(rec) for rec in records if rec]
-
-    async def known_models(self, since: float = 0.0) -> dict[str, float]:
-        """Models any worker ever announced, with the last time one did (epoch s)."""
-        rows = await self.redis.zrangebyscore(self.keys.models(), since * 1000, "+inf", withscores=True)
-        return {m: score / 1000 for m, score in rows}
 
 
 def serving(workers: Iterable[WorkerRecord], model: str) -> list[WorkerRecord]:

@@ -1,9 +1,9 @@
 """Reading a request's replay log: what a resumed stream renders.
 
-The log is a stream that ``dispatch.lua`` opens with a ``meta`` entry (what a
-resumer needs to render the stream, and the ``owner``) and that ``emit.lua``
-appends each reply message to (field ``r``) as the worker publishes it. Those
-two scripts write it; this module is the one place that reads it.
+The log is a stream that ``dispatch.lua`` opens with a meta entry (a
+``StreamMeta`` and the owner) and that ``emit.lua`` appends each reply message
+to as the worker publishes it. Those two scripts write it; this module reads
+it, through the codec's ``replay_head`` and ``replay_reply``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from broker.protocol import Reply, unpack
+from broker.protocol import Reply, StreamMeta, replay_head, replay_reply
 
 
 @dataclass(slots=True)
@@ -21,7 +21,7 @@ class ReplayLog:
     """A replay log as read so far: its meta, its owner, the replies, and where to go on reading."""
 
     key: str
-    meta: dict[str, Any]
+    meta: StreamMeta
     owner: str
     replies: list[Reply]
     cursor: bytes | str = "0-0"
@@ -30,10 +30,10 @@ class ReplayLog:
 async def open_log(redis: Redis, key: str) -> ReplayLog | None:
     """The whole log so far; None when there is none (never resumable, or its window passed)."""
     entries = await redis.xrange(key)
-    head = entries[0][1] if entries else {}
-    if b"meta" not in head:
+    head = replay_head(entries[0][1]) if entries else None
+    if head is None:
         return None
-    log = ReplayLog(key, unpack(head[b"meta"]), head.get(b"owner", b"").decode(), [], entries[0][0])
+    log = ReplayLog(key, *head, [], entries[0][0])
     _take(log, entries[1:])
     return log
 
@@ -48,6 +48,6 @@ async def follow(redis: Redis, log: ReplayLog, block_ms: int) -> list[Reply]:
 
 
 def _take(log: ReplayLog, entries: list[Any]) -> None:
-    log.replies = [Reply.decode(fields[b"r"]) for _, fields in entries]
+    log.replies = [replay_reply(fields) for _, fields in entries]
     if entries:
         log.cursor = entries[-1][0]

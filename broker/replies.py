@@ -25,12 +25,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.errors import ServeError, WorkerLost, WorkerTimeout
 from broker.keys import Keys
 from broker.protocol import Event, Reply
+from broker.pubsub import subscribe_forever
 
 if TYPE_CHECKING:
     from broker.protocol import Job
@@ -216,34 +215,22 @@ class ReplyRouter:
         return stream
 
     async def _run(self) -> None:
-        delay = 0.05
-        lost = False
-        while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.channel)
-                self._subscribed.set()
-                delay = 0.05
-                if lost:  # whatever was published meanwhile reached nobody: ask for it again
-                    self.recovered_at = asyncio.get_running_loop().time()
-                    log.warning("reply channel back; asking workers to resend for %d streams", len(self.streams))
-                    for stream in self.streams.values():  # each asks again until a message of its arrives
-                        stream.unsure, stream.asked_at = True, self.recovered_at
-                    if self.on_gap is not None and self.streams:
-                        self.on_gap(list(self.streams.values()))
-                    lost = False
-                async for msg in pubsub.listen():
-                    self._route(msg["data"])
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                self._subscribed.clear()
-                if not lost:
-                    log.warning("reply channel lost (%s); resubscribing", exc)
-                lost = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.25)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py's PubSub.aclose has none
+        await subscribe_forever(self.redis, self.channel, self._route, on_up=self._up, on_down=self._down)
+
+    def _up(self, recovered: bool) -> None:
+        self._subscribed.set()
+        if recovered:  # whatever was published meanwhile reached nobody: ask for it again
+            self.recovered_at = asyncio.get_running_loop().time()
+            log.warning("reply channel back; asking workers to resend for %d streams", len(self.streams))
+            for stream in self.streams.values():  # each asks again until a message of its arrives
+                stream.unsure, stream.asked_at = True, self.recovered_at
+            if self.on_gap is not None and self.streams:
+                self.on_gap(list(self.streams.values()))
+
+    def _down(self, exc: BaseException, first: bool) -> None:
+        self._subscribed.clear()
+        if first:
+            log.warning("reply channel lost (%s); resubscribing", exc)
 
     def _route(self, data: bytes) -> None:
         try:

@@ -9,7 +9,8 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 
-def _source(name: str) -> str:
+def source(name: str) -> str:
+    """A script's text, by its file name in ``broker/lua``."""
     return resources.files("broker").joinpath("lua", f"{name}.lua").read_text()
 
 
@@ -27,10 +28,10 @@ class Scripts:
     @classmethod
     def register(cls, redis: Redis) -> Scripts:
         return cls(
-            dispatch=redis.register_script(_source("dispatch")),
-            heartbeat=redis.register_script(_source("heartbeat")),
-            finish=redis.register_script(_source("finish")),
-            cancel=redis.register_script(_source("cancel")),
-            emit=redis.register_script(_source("emit")),
-            ratelimit=redis.register_script(_source("ratelimit")),
+            dispatch=redis.register_script(source("dispatch")),
+            heartbeat=redis.register_script(source("heartbeat")),
+            finish=redis.register_script(source("finish")),
+            cancel=redis.register_script(source("cancel")),
+            emit=redis.register_script(source("emit")),
+            ratelimit=redis.register_script(source("ratelimit")),
         )

@@ -34,6 +34,10 @@ def fields_for(*roles: Role) -> list[str]:
     return [name for name, f in Settings.model_fields.items() if concerns(f.json_schema_extra)]
 
 
+class MissingRedisURL(ValueError):
+    """A process that meets the others in Redis was started without saying where."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REDSERVE_", extra="ignore")
 
@@ -289,6 +293,13 @@ class Settings(BaseSettings):
         if url:
             sentinel_target(url)
         return url
+
+    def resolved_redis_url(self) -> str:
+        """``redis_url``, required: every process but ``redserve up`` (which starts a private Redis) needs one.
+        The edges (the CLI, the arq entry point) resolve it once and hand it to what they build."""
+        if not self.redis_url:
+            raise MissingRedisURL("set --redis-url or REDIS_URL (only `redserve up` starts a private Redis)")
+        return self.redis_url
 
     def to_env(self) -> dict[str, str]:
         """These settings as environment variables, for child processes."""

@@ -21,13 +21,13 @@ from gateway.security import APIKeyMiddleware, BodyLimitMiddleware, RateLimiter,
 UPLOAD_ENVELOPE = 64 * 1024
 
 
-def create_app(settings: Settings, *, batch: bool = False) -> FastAPI:
+def create_app(redis_url: str, settings: Settings, *, batch: bool = False) -> FastAPI:
     """Build a gateway. Its Redis connections open in the lifespan, not at import.
 
     ``batch``: the batch runner's in-process gateway, whose jobs go only into batch room.
     """
 
-    broker = BrokerClient(settings, batch=batch)
+    broker = BrokerClient(redis_url, settings, batch=batch)
     limiter = RateLimiter(broker, settings.rpm_limit, settings.tpm_limit)
 
     @contextlib.asynccontextmanager
@@ -42,6 +42,7 @@ def create_app(settings: Settings, *, batch: bool = False) -> FastAPI:
     app = FastAPI(title="redserve", version=__version__, lifespan=lifespan, docs_url="/docs" if docs else None,
                   redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.state.settings = settings
+    app.state.redis_url = redis_url
     app.state.broker = broker
     app.state.limiter = limiter
     app.state.metrics = metrics = GatewayMetrics(broker)

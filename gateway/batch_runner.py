@@ -60,10 +60,10 @@ class Runner:
         self._stack = stack
 
     @classmethod
-    async def create(cls, settings: Settings) -> Runner:
+    async def create(cls, redis_url: str, settings: Settings) -> Runner:
         """Start an in-process batch gateway (its lifespan opens the broker) and a client to call it."""
         settings = settings.model_copy(update={"dispatch_method": "shortest_queue"})
-        app = create_app(settings, batch=True)
+        app = create_app(redis_url, settings, batch=True)
         stack = contextlib.AsyncExitStack()
         await stack.enter_async_context(app.router.lifespan_context(app))
 
@@ -75,7 +75,7 @@ class Runner:
         http = await stack.enter_async_context(httpx.AsyncClient(
             transport=httpx.ASGITransport(as_owner, raise_app_exceptions=False), base_url="http://batch-runner",
             timeout=None))
-        batches = await stack.enter_async_context(BatchClient(settings=settings))
+        batches = await stack.enter_async_context(BatchClient(redis_url, settings))
         return cls(settings, http, batches, stack)
 
     async def close(self) -> None:
@@ -224,19 +224,20 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-async def serve(settings: Settings, *, handle_signals: bool = True) -> None:
+async def serve(redis_url: str, settings: Settings, *, handle_signals: bool = True) -> None:
     """``redserve batch-runner``: run until SIGTERM/SIGINT."""
     from broker import batch
 
     log.info("batch runner: queue %s, %d jobs at once, batch share %.2f, lease %gs",
              Keys(settings.key_prefix).batch_queue(), settings.batch_concurrency, settings.batch_share,
              settings.batch_lease)
-    await batch.serve(settings, Runner.create, handle_signals=handle_signals)
+    await batch.serve(redis_url, settings, Runner.create, handle_signals=handle_signals)
 
 
 def __getattr__(name: str) -> Any:
     """``WorkerSettings`` for ``arq gateway.batch_runner.WorkerSettings``, built on first use from the environment
     (REDIS_URL, REDSERVE_*), so importing this module reads nothing."""
     if name == "WorkerSettings":
-        return type("WorkerSettings", (), worker_options(Settings(), Runner.create))
+        settings = Settings()
+        return type("WorkerSettings", (), worker_options(settings.resolved_redis_url(), settings, Runner.create))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,7 +27,7 @@ from gateway.security import tenant_of
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    async with BatchClient(settings=app.state.settings) as client:
+    async with BatchClient(app.state.redis_url, app.state.settings) as client:
         app.state.batches = client
         app.state.uploads = asyncio.Semaphore(app.state.settings.max_concurrent_uploads)
         yield

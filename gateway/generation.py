@@ -16,9 +16,9 @@ from starlette.responses import Response
 
 from broker.client import BrokerClient
 from broker.errors import ServeError, UnknownModel, WorkerTimeout
+from broker.ids import response_id
 from broker.protocol import ChoiceEnd, Delta, Done, Event, Failure, JobKind, Params, TokenLogprob, Usage
 from broker.replies import ReplyStream, Restarted
-from broker.tenants import well_formed
 from gateway import limits
 from gateway.disconnect import ClientGone, unless_disconnected
 from gateway.metrics import GatewayMetrics, since
@@ -124,17 +124,6 @@ def _usage_hook(request: Request, model: str, held: Reservation | None) -> Accou
         await limiter.settle(held, usage.prompt_tokens + usage.completion_tokens)
 
     return account
-
-
-def response_id(kind: JobKind, rid: str) -> str:
-    """The id clients see; it embeds the request id, so it is what the cancel API takes."""
-    return ("chatcmpl-" if kind is JobKind.CHAT else "cmpl-") + rid
-
-
-def request_id(response_id: str) -> str | None:
-    """The request id inside a response id; None when it has not the shape of one redserve hands out."""
-    rid = response_id.removeprefix("chatcmpl-").removeprefix("cmpl-")
-    return rid if well_formed("request", rid) else None
 
 
 async def first_reply(stream: ReplyStream) -> Sequence[Event]:

@@ -12,7 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.protocol import TokenLogprob, TopLogprob, Usage
+from broker.ids import response_id
+from broker.protocol import JobKind, TokenLogprob, TopLogprob, Usage
 
 #: Compact JSON with UTF-8 text as is; one encoder for the process (``json.dumps`` with
 #: options builds a new one per call).
@@ -42,7 +43,7 @@ class Shape:
     templates: dict[tuple[int, bool], tuple[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.id = self.id or response_id(JobKind.CHAT if self.chat else JobKind.COMPLETION, uuid.uuid4().hex)
 
     def logprobs(self, index: int, lp: list[TokenLogprob] | None) -> dict[str, Any] | None:
         """Worker logprob entries in the endpoint's own shape (they differ between chat and completions)."""

@@ -17,9 +17,9 @@ from sse_starlette.sse import EventSourceResponse
 
 from broker.client import BrokerClient
 from broker.errors import WorkerTimeout
+from broker.ids import request_id
 from broker.replay import ReplayLog
 from gateway.errors import APIError
-from gateway.generation import request_id
 from gateway.security import tenant_of
 from gateway.sse import EventId, StreamFormat, encode, failure, opening, render
 

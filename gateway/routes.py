@@ -11,11 +11,12 @@ from starlette.responses import Response
 
 from broker.client import BrokerClient
 from broker.errors import ServeError
+from broker.ids import request_id
 from broker.protocol import Embed, Embeddings, Event, Failure, JobKind, Params, TokenCount
 from gateway import limits
 from gateway.disconnect import ClientGone, unless_disconnected
 from gateway.errors import APIError
-from gateway.generation import first_reply, generate, request_id, submit
+from gateway.generation import first_reply, generate, submit
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest
 from gateway.security import RateLimiter, tenant_of
 
@@ -70,8 +71,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    prefix = body.prompt if body.echo else ""
-    return await generate(request, _broker(request), body, JobKind.COMPLETION, prefix=prefix)  # type: ignore[arg-type]
+    prefix = body.text if body.echo else ""
+    return await generate(request, _broker(request), body, JobKind.COMPLETION, prefix=prefix)
 
 
 @router.post("/v1/requests/{response_id}/cancel")

@@ -54,21 +54,7 @@ def _check_carriable(data: Any, root: str) -> None:
     todo: list[tuple[Any, str, int]] = [(data, root, 0)]
     while todo:
         value, path, depth = todo.pop()
-        if isinstance(value, str):
-            if not value.isascii():
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise BadInput(path or "body", "is not valid Unicode text (it holds a lone surrogate)") from None
-        elif isinstance(value, bool):
-            pass
-        elif isinstance(value, int):
-            if value not in _INT_RANGE:
-                raise BadInput(path or "body", "is out of range (integers must fit in 64 bits)")
-        elif isinstance(value, float):
-            if not math.isfinite(value):
-                raise BadInput(path or "body", "must be a finite number")
-        elif isinstance(value, (dict, list)):
+        if isinstance(value, (dict, list)):
             if depth >= MAX_DEPTH:
                 raise BadInput(path or "body", f"nests deeper than {MAX_DEPTH} levels")
             items = value.items() if isinstance(value, dict) else enumerate(value)
@@ -76,6 +62,22 @@ def _check_carriable(data: Any, root: str) -> None:
                 name = f"{path}.{k}" if path else str(k)
                 todo.append((k, name, depth + 1))
                 todo.append((v, name, depth + 1))
+        elif problem := _uncarriable(value):
+            raise BadInput(path or "body", problem)
+
+
+def _uncarriable(value: Any) -> str | None:
+    """What keeps a scalar from travelling, if anything."""
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "is not valid Unicode text (it holds a lone surrogate)"
+    elif isinstance(value, int) and not isinstance(value, bool) and value not in _INT_RANGE:
+        return "is out of range (integers must fit in 64 bits)"
+    elif isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    return None
 
 
 class StreamOptions(StrictModel):
@@ -218,8 +220,14 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("suffix is not supported")
         return None
 
+    @property
+    def text(self) -> str:
+        """The one prompt (``_one_prompt`` made a list of one a string)."""
+        assert isinstance(self.prompt, str)
+        return self.prompt
+
     def prompt_params(self) -> dict[str, Any]:
-        return {"prompt": self.prompt}
+        return {"prompt": self.text}
 
     def logprob_alternatives(self) -> int | None:
         return self.logprobs

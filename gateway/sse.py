@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from broker.errors import ServeError
-from broker.protocol import ChoiceEnd, Delta, Done, Event, Failure
+from broker.protocol import ChoiceEnd, Delta, Done, Event, Failure, StreamMeta
 from gateway.errors import APIError
 from gateway.render import Shape, dumps
 
@@ -30,14 +30,13 @@ class StreamFormat:
     include_usage: bool = False
     prefix: str = ""
 
-    def meta(self, kind: str) -> dict[str, Any]:
-        return {"model": self.shape.model, "kind": kind, "n": self.n, "include_usage": self.include_usage,
-                "prefix": self.prefix, "created": self.shape.created}
+    def meta(self, kind: str) -> StreamMeta:
+        return StreamMeta(self.shape.model, kind, self.n, self.include_usage, self.prefix, self.shape.created)
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any], response_id: str) -> StreamFormat:
-        shape = Shape(chat=meta["kind"] == "chat", model=meta["model"], id=response_id, created=meta["created"])
-        return cls(shape, meta["n"], meta["include_usage"], meta["prefix"])
+    def from_meta(cls, meta: StreamMeta, response_id: str) -> StreamFormat:
+        shape = Shape(chat=meta.kind == "chat", model=meta.model, id=response_id, created=meta.created)
+        return cls(shape, meta.n, meta.include_usage, meta.prefix)
 
 
 class SSE(NamedTuple):

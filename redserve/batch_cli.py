@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from broker.batch import BatchClient
 from broker.batch_store import ENDPOINTS, TERMINAL
 from broker.errors import ServeError
-from broker.settings import Settings
+from broker.settings import MissingRedisURL, Settings
 from redserve.flags import add_settings_flags, settings_from
 
 POLL = 0.25
@@ -59,11 +59,12 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> argparse.Arg
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    if not settings.redis_url:
-        print("redserve: set --redis-url or REDIS_URL", file=sys.stderr)
-        return 2
     try:
+        settings.resolved_redis_url()
         return asyncio.run(_COMMANDS[args.batch_command](args, settings))
+    except MissingRedisURL as exc:
+        print(f"redserve: {exc}", file=sys.stderr)
+        return 2
     except ServeError as exc:  # an unknown batch, a batch that can no longer be cancelled, ...
         print(f"redserve: {exc.message}", file=sys.stderr)
         return 1
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 async def _submit(args: argparse.Namespace, settings: Settings) -> int:
     with open(args.file, "rb") as f:
         content, endpoint = prepare(f.read(), args.model, args.endpoint)
-    async with BatchClient(settings=settings) as client:
+    async with BatchClient(settings.resolved_redis_url(), settings) as client:
         uploaded = await client.create_file(content, filename=os.path.basename(args.file))
         batch = await client.create_batch(input_file_id=uploaded["id"], endpoint=endpoint)
         print(f"{batch['id']}: {endpoint}; Ctrl-C stops watching, the batch goes on "
@@ -100,20 +101,20 @@ async def _submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
-    async with BatchClient(settings=settings) as client:
+    async with BatchClient(settings.resolved_redis_url(), settings) as client:
         batch = await client.batch(args.batch_id)
     print(json.dumps(batch, indent=2) if args.json else summary(batch))
     return 0
 
 
 async def _cancel(args: argparse.Namespace, settings: Settings) -> int:
-    async with BatchClient(settings=settings) as client:
+    async with BatchClient(settings.resolved_redis_url(), settings) as client:
         print(summary(await client.cancel_batch(args.batch_id)))
     return 0
 
 
 async def _results(args: argparse.Namespace, settings: Settings) -> int:
-    async with BatchClient(settings=settings) as client:
+    async with BatchClient(settings.resolved_redis_url(), settings) as client:
         batch = await client.batch(args.batch_id)
         if batch["status"] not in TERMINAL:
             print(f"{summary(batch)}: not finished yet", file=sys.stderr)

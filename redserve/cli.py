@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
-from broker.settings import Settings
+from broker.settings import MissingRedisURL, Settings
 from redserve import batch_cli, chat, loop
 from redserve.flags import add_settings_flags, settings_from
 
@@ -94,7 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"got {err.get('input')!r}", file=sys.stderr)
         return 2
     command: Callable[[argparse.Namespace, Settings], int] = args.run
-    return command(args, settings)
+    try:
+        return command(args, settings)
+    except MissingRedisURL as exc:
+        print(f"redserve: {exc}", file=sys.stderr)
+        return 2
 
 
 def _up(args: argparse.Namespace, settings: Settings) -> int:
@@ -109,19 +113,20 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _gateway(args: argparse.Namespace, settings: Settings) -> int:
-    _need_redis(settings)
+    url = settings.resolved_redis_url()
     if settings.gateway_processes > 1 and args.listen_fd is None:
         from redserve.gateways import GatewayGroup
 
         return GatewayGroup(settings, args.log_level).run()
     from redserve.serve import run_gateway
 
-    return loop.run(run_gateway(settings, log_level=args.log_level, listen_fd=args.listen_fd), settings.event_loop)
+    return loop.run(run_gateway(url, settings, log_level=args.log_level, listen_fd=args.listen_fd),
+                    settings.event_loop)
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    _need_redis(settings)
-    return loop.run(run_worker(settings, args.engine, args.models, args.worker_id), settings.event_loop)
+    url = settings.resolved_redis_url()
+    return loop.run(run_worker(url, settings, args.engine, args.models, args.worker_id), settings.event_loop)
 
 
 def _tiny_model(args: argparse.Namespace, _settings: Settings) -> int:
@@ -133,36 +138,28 @@ def _tiny_model(args: argparse.Namespace, _settings: Settings) -> int:
 
 
 def _status(_args: argparse.Namespace, settings: Settings) -> int:
-    _need_redis(settings)
     from redserve.status import print_status
 
-    return asyncio.run(print_status(settings))
+    return asyncio.run(print_status(settings.resolved_redis_url(), settings))
 
 
 def _inspect(args: argparse.Namespace, settings: Settings) -> int:
-    _need_redis(settings)
     from redserve.status import print_location
 
-    return asyncio.run(print_location(settings, args.request_id))
+    return asyncio.run(print_location(settings.resolved_redis_url(), settings, args.request_id))
 
 
 def _batch_runner(_args: argparse.Namespace, settings: Settings) -> int:
-    _need_redis(settings)
     from gateway.batch_runner import serve
 
-    loop.run(serve(settings), settings.event_loop)
+    loop.run(serve(settings.resolved_redis_url(), settings), settings.event_loop)
     return 0
 
 
-def _need_redis(settings: Settings) -> None:
-    if not settings.redis_url:
-        sys.exit("redserve: set --redis-url or REDIS_URL (only `redserve up` starts a private Redis)")
-
-
-async def run_worker(settings: Settings, engine: str, models: list[str], worker_id: str | None) -> int:
+async def run_worker(redis_url: str, settings: Settings, engine: str, models: list[str], worker_id: str | None) -> int:
     from workers import engine_class
 
-    worker = engine_class(engine)(settings, models, worker_id=worker_id)
+    worker = engine_class(engine)(redis_url, settings, models, worker_id=worker_id)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.drain)

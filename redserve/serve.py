@@ -44,9 +44,9 @@ class GatewayServer(uvicorn.Server):
         self.should_exit = True
 
 
-def gateway_server(settings: Settings, *, log_level: str = "info") -> GatewayServer:
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                            access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+def gateway_server(redis_url: str, settings: Settings, *, log_level: str = "info") -> GatewayServer:
+    config = uvicorn.Config(create_app(redis_url, settings), host=settings.host, port=settings.port,
+                            log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=5)
     return GatewayServer(config)
 
 
@@ -61,9 +61,10 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def run_gateway(settings: Settings, *, log_level: str = "info", listen_fd: int | None = None) -> int:
+async def run_gateway(redis_url: str, settings: Settings, *, log_level: str = "info",
+                      listen_fd: int | None = None) -> int:
     """One gateway process; on ``listen_fd`` it accepts on a socket inherited from a ``GatewayGroup``."""
-    server = gateway_server(settings, log_level=log_level)
+    server = gateway_server(redis_url, settings, log_level=log_level)
     sockets = None if listen_fd is None else [socket.socket(fileno=listen_fd)]
     await server.serve(sockets=sockets)
     return 0 if server.started else 1

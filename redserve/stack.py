@@ -54,7 +54,7 @@ def run_stack(settings: Settings, *, workers: int, engine: str, model: str, log_
 
 async def _serve(settings: Settings, model: str, redis: RedisServer | None, log_level: str,
                  sock: socket.socket | None) -> int:
-    server = gateway_server(settings, log_level=log_level)
+    server = gateway_server(settings.resolved_redis_url(), settings, log_level=log_level)
     task = asyncio.create_task(server.serve(sockets=None if sock is None else [sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.05)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from broker.connection import connect
+from broker.ids import request_id
 from broker.inspect import locate
 from broker.keys import Keys
 from broker.registry import Registry, WorkerRecord
@@ -26,8 +27,8 @@ def table(header: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
     return "\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body])
 
 
-async def print_status(settings: Settings) -> int:
-    redis = connect(settings.redis_url, decode=True)  # type: ignore[arg-type]
+async def print_status(redis_url: str, settings: Settings) -> int:
+    redis = connect(redis_url, decode=True)
     try:
         workers = await Registry(redis, Keys(settings.key_prefix)).live_workers()
     finally:
@@ -36,10 +37,10 @@ async def print_status(settings: Settings) -> int:
     return 0
 
 
-async def print_location(settings: Settings, response_id: str) -> int:
+async def print_location(redis_url: str, settings: Settings, response_id: str) -> int:
     """Exit status 0 when the request is known, 1 when it is not."""
-    rid = response_id.removeprefix("chatcmpl-").removeprefix("cmpl-")
-    redis = connect(settings.redis_url, decode=True)  # type: ignore[arg-type]
+    rid = request_id(response_id) or response_id  # a malformed id is simply unknown
+    redis = connect(redis_url, decode=True)
     try:
         where = await locate(redis, Keys(settings.key_prefix), rid)
     finally:

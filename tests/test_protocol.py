@@ -6,8 +6,31 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from broker.protocol import (Cancel, ChoiceEnd, Delta, Done, Embed, Embeddings, Failure, Generate, Job, JobKind, Message,
-                             Reply, Resend, TokenCount, TokenLogprob, TopLogprob, Usage, bundle, control, pack)
+from broker.protocol import (
+    Cancel,
+    ChoiceEnd,
+    Delta,
+    Done,
+    Embed,
+    Embeddings,
+    Failure,
+    Generate,
+    Job,
+    JobKind,
+    Message,
+    Reply,
+    Resend,
+    StreamMeta,
+    TokenCount,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    bundle,
+    control,
+    pack,
+    replay_head,
+    replay_reply,
+)
 from broker.settings import Settings
 from workers.echo import EchoWorker
 
@@ -66,14 +89,24 @@ async def test_a_job_the_worker_cannot_read_is_a_400_naming_the_parameter(payloa
     fields = {**Job("r", "echo", JobKind.CHAT, "replies", Generate()).to_fields(), "payload": msgpack.packb(payload)}
     job = Job.from_fields("1-0", fields)
     assert job.invalid
-    worker = EchoWorker(Settings(redis_url="redis://unused"), ["echo"])
+    worker = EchoWorker("redis://unused", Settings(), ["echo"])
     [failure] = [ev async for ev in worker._events(job)]
     assert isinstance(failure, Failure)
     assert (failure.status, failure.code, failure.param) == (400, "unsupported_parameter", param)
 
 
 async def test_an_engine_refuses_a_feature_it_does_not_declare():
-    worker = EchoWorker(Settings(redis_url="redis://unused"), ["echo"])
+    worker = EchoWorker("redis://unused", Settings(), ["echo"])
     job = Job("r", "echo", JobKind.COMPLETION, "replies", Generate(prompt="x", logprobs=1))
     [failure] = [ev async for ev in worker._events(job)]
     assert isinstance(failure, Failure) and (failure.status, failure.param) == (400, "logprobs")
+
+
+def test_a_replay_log_reads_back_its_meta_owner_and_replies():
+    meta = StreamMeta("echo", "chat", 2, True, "", 1700000000)
+    head = {b"meta": pack(meta), b"owner": b"0123456789abcdef"}  # as dispatch.lua writes it
+    assert replay_head(head) == (meta, "0123456789abcdef")
+    assert replay_head({b"r": b""}) is None  # a log that lost its head is no log
+    reply = Reply("r", 0, [Delta(0, "x")])
+    assert replay_reply({b"r": reply.encode()}) == reply  # as emit.lua appends it
+    assert Job.request_id_of({b"request_id": b"abc", b"payload": b"\xc1"}) == "abc"  # no payload decoding

@@ -46,6 +46,7 @@ from broker.protocol import (
     as_str,
     control,
 )
+from broker.pubsub import subscribe_forever
 from broker.registry import Registry, WorkerRecord
 from broker.scripts import Scripts
 from broker.settings import Settings
@@ -74,11 +75,11 @@ class BaseModelWorker(abc.ABC):
     #: The optional features (``Generate.asks``) the engine honours; a job asking for another is a 400.
     features: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, settings: Settings, models: list[str], *, worker_id: str | None = None) -> None:
-        if not settings.redis_url:
-            raise ValueError("a worker needs settings.redis_url")
+    def __init__(self, redis_url: str, settings: Settings, models: list[str], *, worker_id: str | None = None) -> None:
+        """``settings.redis_url`` is not read: the caller resolved it into ``redis_url``."""
         if not models:
             raise ValueError("a worker serves at least one model")
+        self.redis_url = redis_url
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self.record = WorkerRecord(
@@ -145,8 +146,8 @@ class BaseModelWorker(abc.ABC):
             await self.teardown()
 
     async def _serve(self) -> None:
-        self._text = connect(self.settings.redis_url, decode=True)  # type: ignore[arg-type]
-        self._raw = connect(self.settings.redis_url, decode=False)  # type: ignore[arg-type]
+        self._text = connect(self.redis_url, decode=True)
+        self._raw = connect(self.redis_url, decode=False)
         self.registry = Registry(self._text, self.keys)
         self.scripts = Scripts.register(self._raw)
         self.outbox = Outbox(self._raw, self.settings.outbox_max_bytes)
@@ -215,18 +216,12 @@ class BaseModelWorker(abc.ABC):
 
     async def _control_loop(self) -> None:
         assert self._raw is not None
-        while True:
-            pubsub = self._raw.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.keys.worker_control(self.id))
-                async for msg in pubsub.listen():
-                    self._on_control(msg["data"])
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("control channel lost: %s", exc)
-                await asyncio.sleep(0.1)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+
+        def down(exc: BaseException, first: bool) -> None:
+            if first:
+                log.warning("control channel lost (%s); resubscribing", exc)
+
+        await subscribe_forever(self._raw, self.keys.worker_control(self.id), self._on_control, on_down=down)
 
     def _on_control(self, data: bytes) -> None:
         try:
@@ -307,7 +302,8 @@ class BaseModelWorker(abc.ABC):
             if publisher is not None and publisher.attempt == attempt:
                 await publisher.resend(from_seq)
             elif publisher is None and reply_to and not await self._queued(rid):
-                await self.outbox.publish(reply_to, Reply.worker_lost(rid, attempt).encode())  # type: ignore[union-attr]
+                assert self.outbox is not None  # control messages arrive only while serving
+                await self.outbox.publish(reply_to, Reply.worker_lost(rid, attempt).encode())
         except Exception as exc:  # Redis away again: the gateway asks again when it resubscribes
             log.info("resend of %s failed: %s", rid, exc)
 
@@ -315,7 +311,7 @@ class BaseModelWorker(abc.ABC):
         """Whether ``rid`` still waits in this worker's stream."""
         assert self._raw is not None
         for _, fields in await self._raw.xrange(self.keys.worker_jobs(self.id)):
-            if fields.get(b"request_id", b"").decode() == rid:
+            if Job.request_id_of(fields) == rid:
                 return True
         return False
 

@@ -63,14 +63,14 @@ def load_upstreams(path: str | Path, environ: dict[str, str] | None = None) -> d
 class ExternalAPIWorker(BaseModelWorker):
     engine = "openai"
 
-    def __init__(self, settings: Settings, models: list[str], *, worker_id: str | None = None) -> None:
+    def __init__(self, redis_url: str, settings: Settings, models: list[str], *, worker_id: str | None = None) -> None:
         if not settings.api_config:
             raise ValueError("the openai engine needs --api-config FILE (see workers/openai_api.py)")
         self.upstreams = load_upstreams(settings.api_config)
         unknown = [m for m in models if m not in self.upstreams]
         if unknown:
             raise ValueError(f"{settings.api_config} has no upstream for {', '.join(unknown)}")
-        super().__init__(settings, models, worker_id=worker_id)
+        super().__init__(redis_url, settings, models, worker_id=worker_id)
         self.http: httpx.AsyncClient | None = None
 
     async def setup(self) -> None:

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 
 from broker.errors import ServeError
 from broker.protocol import Delta, Event, Reply
+from broker.pubsub import listeners
 from workers.outbox import Outbox, OutboxOverflow, ReplayLog
 
 
@@ -97,8 +98,7 @@ class ReplyPublisher:
         """Whether a gateway listens for this job's replies, waiting up to ``grace`` for one that reconnects."""
         end = time.monotonic() + self.grace
         while True:
-            [(_, subscribers)] = await self.redis.pubsub_numsub(self.channel)
-            if subscribers > 0:
+            if await listeners(self.redis, self.channel) > 0:
                 return True
             if time.monotonic() >= end:
                 return False

@@ -213,7 +213,7 @@ class VLLMEngine:
         submission, raising from the stream's first step): a 400.
         """
         try:
-            async with contextlib.aclosing(stream):  # type: ignore[type-var]
+            async with contextlib.aclosing(stream):  # type: ignore[type-var]  # an AsyncIterator that has aclose()
                 yield
         except (asyncio.CancelledError, GeneratorExit):
             await self.llm.abort(request_id)
@@ -270,9 +270,9 @@ def extra_engine_args(value: str | None) -> dict[str, Any]:
 class VLLMWorker(BaseModelWorker):
     engine = "vllm"
 
-    def __init__(self, settings: Settings, models: list[str], *, worker_id: str | None = None,
+    def __init__(self, redis_url: str, settings: Settings, models: list[str], *, worker_id: str | None = None,
                  engine_args: Mapping[str, Any] | None = None) -> None:
-        super().__init__(settings, models, worker_id=worker_id)
+        super().__init__(redis_url, settings, models, worker_id=worker_id)
         # A local directory or a Hugging Face repo id: the settings field, else the served name.
         self.model_path = os.path.expanduser(getattr(settings, "model_path", None) or models[0])
         #: What ``AsyncEngineArgs`` gets: the model, the ``vllm_engine_args`` setting, then ``engine_args``.

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 class KVBatch:
@@ -40,10 +41,9 @@ class KVBatch:
             self.cache, self.mask = cache, mask
         else:
             width = max(self.mask.shape[1], length)
-            # The layers are DynamicLayers, filled: keys and values are tensors (their type says maybe not).
-            for old, new in zip(self.cache.layers, cache.layers):
-                old.keys = torch.cat([_pad_kv(old.keys, width), _pad_kv(new.keys, width)])  # type: ignore[union-attr,arg-type]
-                old.values = torch.cat([_pad_kv(old.values, width), _pad_kv(new.values, width)])  # type: ignore[union-attr,arg-type]
+            for old, new in zip(_layers(self.cache), _layers(cache)):
+                old.keys = torch.cat([_pad_kv(_kv(old.keys), width), _pad_kv(_kv(new.keys), width)])
+                old.values = torch.cat([_pad_kv(_kv(old.values), width), _pad_kv(_kv(new.values), width)])
             self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(mask, width)])
         self.positions = torch.cat([self.positions, torch.full((rows,), length, device=self.device)])
         self.tokens = torch.cat([self.tokens, torch.tensor(tokens, dtype=torch.long, device=self.device)])
@@ -68,13 +68,24 @@ class KVBatch:
         self.mask, self.positions, self.tokens = self.mask[index], self.positions[index], self.tokens[index]
         unused = int(self.mask.any(dim=0).long().argmax())  # leading all-padding columns
         self.mask = self.mask[:, unused:]
-        _map_kv(self.cache, lambda t: t[index, :, unused:])  # type: ignore[arg-type]
+        assert self.cache is not None  # rows exist, so a cache does
+        _map_kv(self.cache, lambda t: t[index, :, unused:])
 
 
 def _map_kv(cache: DynamicCache, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    # The layers are DynamicLayers, filled: keys and values are tensors (their type says maybe not).
-    for layer in cache.layers:
-        layer.keys, layer.values = fn(layer.keys), fn(layer.values)  # type: ignore[union-attr,arg-type]
+    for layer in _layers(cache):
+        layer.keys, layer.values = fn(_kv(layer.keys)), fn(_kv(layer.values))
+
+
+def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """A decoder's DynamicCache holds DynamicLayers (its type allows linear-attention and dummy ones too)."""
+    return cast(list[DynamicLayer], cache.layers)
+
+
+def _kv(t: torch.Tensor | None) -> torch.Tensor:
+    """A filled DynamicLayer's keys or values: a tensor, though its type says it may be None."""
+    assert t is not None
+    return t
 
 
 def _pad_kv(t: torch.Tensor, width: int) -> torch.Tensor:

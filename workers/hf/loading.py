@@ -48,8 +48,8 @@ def load_model(path: Path) -> LoadedModel:
     if tokenizer.pad_token is None:  # batched embedding pads; any token will do under the mask
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model_cls = AutoModelForCausalLM if causal else AutoModel
-    # transformers types .to() through PreTrainedModel's decorator, which mypy reads as wanting a model
-    model = model_cls.from_pretrained(path, local_files_only=True, dtype="auto").to(device).eval()  # type: ignore[arg-type]
+    model = model_cls.from_pretrained(path, local_files_only=True, dtype="auto")
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' decorated .to() reads as taking a model
     return LoadedModel(
         path=path, tokenizer=tokenizer, model=model, causal=causal, device=device,
         context_length=model_context_length(path, config, tokenizer),

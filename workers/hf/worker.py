@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 class HFWorker(BaseModelWorker):
     engine = "hf"
 
-    def __init__(self, settings: Settings, models: list[str], *, worker_id: str | None = None,
+    def __init__(self, redis_url: str, settings: Settings, models: list[str], *, worker_id: str | None = None,
                  model_path: str | None = None) -> None:
-        super().__init__(settings, models, worker_id=worker_id)
+        super().__init__(redis_url, settings, models, worker_id=worker_id)
         # The directory: the argument, else the settings field, else the served name read as a path.
         self.model_path = Path(model_path or getattr(settings, "model_path", None) or models[0]).expanduser()
         self.loaded: LoadedModel | None = None

@@ -1,0 +1,24 @@
+"""Request ids, and the response ids clients see (``chatcmpl-<rid>``, ``cmpl-<rid>``).
+
+A response id embeds its request id, so whatever a client holds (a response
+id) is what the cancel, resume and inspect paths take.
+"""
+
+from __future__ import annotations
+
+from broker.protocol import JobKind
+from broker.tenants import well_formed
+
+_PREFIXES = {JobKind.CHAT: "chatcmpl-", JobKind.COMPLETION: "cmpl-"}
+
+
+def response_id(kind: JobKind, rid: str) -> str:
+    return _PREFIXES[kind] + rid
+
+
+def request_id(response_id: str) -> str | None:
+    """The request id inside a response id (or a bare request id); None when it has not the shape of one."""
+    rid = response_id
+    for prefix in _PREFIXES.values():
+        rid = rid.removeprefix(prefix)
+    return rid if well_formed("request", rid) else None
