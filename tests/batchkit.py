@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import subprocess
-import sys
 import time
 from typing import Any
 
 import httpx
-from support import in_background
+from support import in_background, settings_env, spawn_redserve, sse_events
 
 from broker.batch import BatchClient
 from broker.batch_store import TERMINAL
@@ -22,13 +20,13 @@ from gateway import batch_runner
 
 def running_runner(settings: Settings, **overrides: Any) -> contextlib.AbstractAsyncContextManager[None]:
     """A batch runner in this process (its own gateway app, broker and janitor) until the block ends."""
-    return in_background(batch_runner.serve(settings.model_copy(update=overrides), handle_signals=False))
+    settings = settings.model_copy(update=overrides)
+    return in_background(batch_runner.serve(settings.redis_url, settings, handle_signals=False))
 
 
 def spawn_runner(settings: Settings, **overrides: Any) -> subprocess.Popen[bytes]:
     """``python -m redserve batch-runner`` as a real process, for SIGKILL."""
-    env = os.environ | settings.model_copy(update=overrides).to_env()
-    return subprocess.Popen([sys.executable, "-m", "redserve", "batch-runner", "--log-level", "warning"], env=env)
+    return spawn_redserve("batch-runner", "--log-level", "warning", env=settings_env(settings, **overrides))
 
 
 async def wait_batch(client: BatchClient, batch_id: str, timeout: float = 30.0,
@@ -52,9 +50,8 @@ async def time_to_first_token(base_url: str, content: str = "interactive request
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
         async with http.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200, await r.aread()
-            async for line in r.aiter_lines():
-                if first is None and line.startswith("data: {") and '"content":"' in line and \
-                        '"content":""' not in line:
+            async for _, data in sse_events(r):
+                if first is None and data.startswith("{") and '"content":"' in data and '"content":""' not in data:
                     first = time.perf_counter() - start
     assert first is not None
     return first

@@ -56,7 +56,7 @@ def keys() -> Keys:
 
 @pytest.fixture
 async def batches(settings: Settings) -> AsyncIterator[BatchClient]:
-    async with BatchClient(settings=settings) as client:
+    async with BatchClient(settings.redis_url, settings) as client:
         yield client
 
 

@@ -8,9 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+import httpx
 from openai import AsyncOpenAI
 
 from broker.settings import Settings
@@ -34,6 +37,74 @@ async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):  #
         await asyncio.sleep(interval)
 
 
+async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str | None, str]]:
+    """(id, data) of each SSE event as its data line arrives: the tests' one reader of the gateway's streams."""
+    event_id = None
+    async for line in response.aiter_lines():
+        if line.startswith("id:"):
+            event_id = line[3:].removeprefix(" ")
+        elif line.startswith("data:"):
+            yield event_id, line[5:].removeprefix(" ")
+            event_id = None
+
+
+def settings_env(settings: Settings, **overrides: object) -> dict[str, str]:
+    """Our environment plus ``settings`` as variables: how a redserve process started by a test gets them."""
+    return os.environ | settings.model_copy(update=overrides).to_env()
+
+
+def redserve_argv(*args: str) -> list[str]:
+    """``python -m redserve ARGS`` with this interpreter, so the process runs this checkout."""
+    return [sys.executable, "-m", "redserve", *args]
+
+
+def spawn_redserve(*args: str, env: Mapping[str, str] | None = None, **popen: Any) -> subprocess.Popen[Any]:
+    """``redserve ARGS`` as a real process, for what only a process has: signals, kills, its own event loop."""
+    return subprocess.Popen(redserve_argv(*args), env=env, **popen)
+
+
+def run_redserve(*args: str, env: Mapping[str, str] | None = None,
+                 timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """``redserve ARGS`` run to its end, output captured as text: a command a user types and reads."""
+    return subprocess.run(redserve_argv(*args), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def wait_models(base_url: str, ready: Callable[[dict[str, int]], bool], *, interval: float = 0.2,
+                http_timeout: float = 1, watch: subprocess.Popen[Any] | None = None,
+                timeout: float = 60) -> dict[str, int]:
+    """Poll /v1/models until ``ready({model: workers})`` or ``watch`` exits: processes are up once it lists them."""
+    deadline = time.monotonic() + timeout
+    seen: dict[str, int] = {}
+    while time.monotonic() < deadline and (watch is None or watch.poll() is None):
+        try:
+            data = httpx.get(f"{base_url}/v1/models", timeout=http_timeout).json()["data"]
+            seen = {m["id"]: m["workers"] for m in data}
+        except (httpx.HTTPError, KeyError):
+            pass
+        if ready(seen):
+            break
+        time.sleep(interval)
+    return seen
+
+
+def kill(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL and reap: the process dies as in a crash, and leaves no zombie behind."""
+    proc.kill()
+    proc.wait()
+
+
+def shut_down(*procs: subprocess.Popen[Any], sig: int = signal.SIGTERM,
+              timeout: float = 30) -> list[subprocess.CompletedProcess[Any]]:
+    """Signal every process, then reap each with its output: their exit codes say whether they stopped cleanly."""
+    for p in procs:
+        p.send_signal(sig)
+    done = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
+
+
 @dataclass
 class Gateway:
     url: str
@@ -55,7 +126,7 @@ class Stack:
 
     async def gateway(self, **overrides: object) -> Gateway:
         s = self.settings.model_copy(update={"port": 0, **overrides})
-        server = gateway_server(s, log_level="warning")
+        server = gateway_server(s.redis_url, s, log_level="warning")
         task = asyncio.create_task(server.serve())
         while not server.started:
             if task.done():
@@ -69,7 +140,7 @@ class Stack:
     async def worker(self, models: list[str] | None = None, *, cls: type[BaseModelWorker] = EchoWorker,
                      worker_id: str | None = None, **overrides: object) -> BaseModelWorker:
         s = self.settings.model_copy(update=overrides)
-        w = cls(s, models or ["echo"], worker_id=worker_id)
+        w = cls(s.redis_url, s, models or ["echo"], worker_id=worker_id)
         task = asyncio.create_task(w.serve())
         waiter = asyncio.create_task(w.wait_registered())
         await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
@@ -81,12 +152,10 @@ class Stack:
     def spawn_worker(self, worker_id: str, models: list[str] | None = None,
                      **overrides: object) -> subprocess.Popen[bytes]:
         """A real worker process, for signals and kills."""
-        s = self.settings.model_copy(update=overrides)
-        cmd = [sys.executable, "-m", "redserve", "worker", "--log-level", "warning", "--engine", "echo",
-               "--worker-id", worker_id]
+        args = ["worker", "--log-level", "warning", "--engine", "echo", "--worker-id", worker_id]
         for m in models or ["echo"]:
-            cmd += ["--model", m]
-        proc = subprocess.Popen(cmd, env=os.environ | s.to_env())
+            args += ["--model", m]
+        proc = spawn_redserve(*args, env=settings_env(self.settings, **overrides))
         self.procs.append(proc)
         return proc
 
@@ -102,9 +171,7 @@ class Stack:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(gw.task, 10)
         for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-                p.wait()
+            kill(p)
 
 
 @contextlib.asynccontextmanager

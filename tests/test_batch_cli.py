@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 
 from batchkit import jsonl, lines, running_runner, wait_batch
+from support import run_redserve, settings_env
 
 from broker.batch import BatchClient
 from workers.echo import echo_tokens
 
 
 async def redserve(settings, *args: str) -> tuple[int, str, str]:  # noqa: ANN001
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "redserve", *args, env=os.environ | settings.to_env(),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode, out.decode(), err.decode()
+    """`redserve ARGS` in a thread: the runner and workers it talks to live in this event loop."""
+    done = await asyncio.to_thread(run_redserve, *args, env=settings_env(settings), timeout=60)
+    return done.returncode, done.stdout, done.stderr
 
 
 async def test_submit_shows_progress_and_writes_results_in_order(stack, settings, tmp_path):

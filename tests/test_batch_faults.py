@@ -12,7 +12,7 @@ import signal
 from collections import Counter
 
 from batchkit import jsonl, lines, running_runner, spawn_runner, wait_batch
-from support import wait_for
+from support import kill, wait_for
 
 from broker.batch import BatchClient
 
@@ -57,14 +57,12 @@ async def test_runner_killed_mid_batch_loses_and_duplicates_nothing(stack, setti
     try:
         await wait_for(lambda: _at_least(batches, batch_id, 100), timeout=30, interval=0.01)
         held = await redis.keys(f"arq:in-progress:{batch_id}:*")  # arq's claims on the jobs it is running
-        runner.send_signal(signal.SIGKILL)
-        runner.wait()
+        kill(runner)
         assert held and await settled(batches, batch_id) < 300
         runner = spawn_runner(settings, batch_lease=1.0)
         batch = await wait_batch(batches, batch_id, timeout=30)
     finally:
-        runner.kill()
-        runner.wait()
+        kill(runner)
     await every_custom_id_once(batches, batch, 300)
 
 

@@ -6,13 +6,12 @@ import asyncio
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 
 import pexpect
 import pytest
-from support import wait_for
+from support import redserve_argv, wait_for
 
 from workers.echo import echo_tokens
 
@@ -21,9 +20,9 @@ class Terminal:
     """One `redserve chat` on a pty. pexpect blocks, so waits run in a thread: the gateway lives in this loop."""
 
     def __init__(self, url: str, *args: str) -> None:
-        self.child = pexpect.spawn(
-            sys.executable, ["-m", "redserve", "chat", "--url", url, *args], encoding="utf-8", timeout=10,
-            dimensions=(50, 250), env=os.environ | {"TERM": "dumb"})
+        command, *argv = redserve_argv("chat", "--url", url, *args)
+        self.child = pexpect.spawn(command, argv, encoding="utf-8", timeout=10, dimensions=(50, 250),
+                                   env=os.environ | {"TERM": "dumb"})
 
     async def expect(self, pattern: str, timeout: float = 10) -> str:
         """Wait for `pattern` (a regex); returns what matched."""

@@ -7,23 +7,18 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
 from openai import OpenAI
+from support import run_redserve, shut_down, spawn_redserve, wait_for, wait_models
 
 from redserve.redis_server import free_port
 
 
-def run(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "redserve", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env or os.environ.copy())
-
-
 def test_every_command_explains_its_flags():
     for cmd in ["up", "gateway", "worker", "status", "tiny-model"]:
-        out = run(cmd, "--help").stdout
+        out = run_redserve(cmd, "--help").stdout
         flags = set(re.findall(r"(--[a-z][a-z-]+)", out)) - {"--help"}
         assert flags, cmd
         for flag in flags:  # each flag has help text after it somewhere in the listing
@@ -32,7 +27,7 @@ def test_every_command_explains_its_flags():
 
 def test_gateway_and_worker_refuse_to_start_without_redis():
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "REDSERVE_REDIS_URL")}
-    r = run("worker", "--engine", "echo", "--model", "m", env=env)
+    r = run_redserve("worker", "--engine", "echo", "--model", "m", env=env)
     assert r.returncode != 0 and "REDIS_URL" in r.stderr
 
 
@@ -40,31 +35,22 @@ def start_up(*args: str, workers: int = 1) -> tuple[subprocess.Popen[str], str, 
     """`redserve up ARGS` without REDIS_URL; returns once its models have `workers` live workers."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "REDSERVE_REDIS_URL")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "redserve", "up", "--port", str(port), "--workers", str(workers),
-         "--log-level", "warning", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = spawn_redserve("up", "--port", str(port), "--workers", str(workers), "--log-level", "warning", *args,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    models: list[str] = []
-    while time.monotonic() < deadline and not models and proc.poll() is None:
-        try:
-            data = httpx.get(f"{base}/v1/models", timeout=1).json()["data"]
-            models = [m["id"] for m in data if m["workers"] == workers]
-        except (httpx.HTTPError, KeyError):
-            pass
-        time.sleep(0.2)
-    return proc, base, models
+    seen = wait_models(base, lambda seen: workers in seen.values(), watch=proc)
+    return proc, base, [model for model, n in seen.items() if n == workers]
 
 
 def stop(proc: subprocess.Popen[str]) -> str:
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
-    return out
+    """Ctrl-C, as a person stops `redserve up`: it exits 0; returns what it printed."""
+    (done,) = shut_down(proc, sig=signal.SIGINT, timeout=60)
+    assert done.returncode == 0, done.stdout
+    return done.stdout
 
 
 def test_tiny_model_command_then_up_serves_it_with_the_hf_engine(tmp_path):
-    built = run("tiny-model", str(tmp_path / "tiny"), timeout=120)
+    built = run_redserve("tiny-model", str(tmp_path / "tiny"), timeout=120)
     assert built.returncode == 0, built.stderr
     assert (tmp_path / "tiny" / "config.json").exists() and (tmp_path / "tiny" / "tokenizer.json").exists()
     proc, base, models = start_up("--engine", "hf", "--model", str(tmp_path / "tiny"))
@@ -112,7 +98,7 @@ def test_up_starts_private_redis_gateway_and_worker_then_stops_cleanly(tmp_path)
 
 async def test_status_prints_live_workers(stack, redis_url):
     await stack.worker(["echo", "other"], worker_id="w-status")
-    r = run("status", "--redis-url", redis_url)
+    r = run_redserve("status", "--redis-url", redis_url)
     assert r.returncode == 0, r.stderr
     header, *rows = r.stdout.strip().splitlines()
     assert header.split()[:3] == ["WORKER", "ID", "MODELS"]
@@ -122,7 +108,7 @@ async def test_status_prints_live_workers(stack, redis_url):
 async def test_inspect_says_where_a_request_is(stack, redis_url):
     import asyncio
 
-    w = await stack.worker(["echo"], worker_id="w-inspect", echo_delay=0.2, max_concurrency=1)
+    w = await stack.worker(["echo"], worker_id="w-inspect", echo_delay=0.6, max_concurrency=1)  # a job lasts ~5 s
     gw = await stack.gateway()
     client = gw.client()
     calls = [asyncio.create_task(client.chat.completions.create(
@@ -133,15 +119,21 @@ async def test_inspect_says_where_a_request_is(stack, redis_url):
     running = next(iter(w.tasks))
 
     def inspect(rid: str) -> subprocess.CompletedProcess[str]:
-        return run("inspect", f"chatcmpl-{rid}", "--redis-url", redis_url)
+        return run_redserve("inspect", f"chatcmpl-{rid}", "--redis-url", redis_url)
 
     r = await asyncio.to_thread(inspect, running)
     assert r.returncode == 0 and f"{running}: running on worker w-inspect" in r.stdout, r.stdout
     import redis.asyncio as aioredis
 
     raw = aioredis.Redis.from_url(redis_url)
-    entries = await raw.xrange("redserve:worker:w-inspect:jobs")
-    await raw.aclose()
+    try:  # all three placed (the first runs, two wait), however loaded the machine is
+        async def all_placed() -> bool:
+            return await raw.xlen("redserve:worker:w-inspect:jobs") == 3
+
+        await wait_for(all_placed)
+        entries = await raw.xrange("redserve:worker:w-inspect:jobs")
+    finally:
+        await raw.aclose()
     queued = [f[b"request_id"].decode() for _, f in entries if f[b"request_id"].decode() != running]
     r = await asyncio.to_thread(inspect, queued[-1])
     assert "queued on worker w-inspect, 2 of 2 waiting" in r.stdout, r.stdout
@@ -162,7 +154,7 @@ def test_processes_run_on_uvloop_unless_told_otherwise():
 
     assert loop.run(kind()) == "uvloop"  # a dependency (uvicorn[standard]) on Linux
     assert loop.run(kind(), "asyncio") == "asyncio"
-    assert "--event-loop" in run("gateway", "--help").stdout
+    assert "--event-loop" in run_redserve("gateway", "--help").stdout
 
 
 async def test_gateway_processes_share_one_port_and_a_dead_one_is_replaced(stack, redis_url):
@@ -173,8 +165,8 @@ async def test_gateway_processes_share_one_port_and_a_dead_one_is_replaced(stack
     await stack.worker(max_concurrency=32)
     port = free_port()
     env = os.environ | {"REDIS_URL": redis_url}
-    group = subprocess.Popen([sys.executable, "-m", "redserve", "gateway", "--gateway-processes", "2",
-                              "--port", str(port), "--log-level", "warning"], env=env)
+    group = spawn_redserve("gateway", "--gateway-processes", "2", "--port", str(port), "--log-level", "warning",
+                           env=env)
     raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
 
     async def reply_channels() -> list[str]:
@@ -206,8 +198,7 @@ async def test_gateway_processes_share_one_port_and_a_dead_one_is_replaced(stack
         assert len(set(replaced) & set(first)) == 1
         assert await served(10) == 10
     finally:
-        group.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(group.wait, 30) == 0
+        assert [p.returncode for p in await asyncio.to_thread(shut_down, group)] == [0]
         await raw.aclose()
     assert await asyncio.wait_for(wait_channels(0), 10) == []
 
@@ -233,10 +224,10 @@ def test_up_with_two_gateway_processes_serves_on_one_port():
 
 
 def test_a_bad_setting_is_named_not_a_traceback():
-    r = run("worker", "--engine", "echo", "--model", "m", "--redis-url", "redis://127.0.0.1:1",
-            "--max-concurrency", "0")
+    r = run_redserve("worker", "--engine", "echo", "--model", "m", "--redis-url", "redis://127.0.0.1:1",
+                     "--max-concurrency", "0")
     assert r.returncode == 2 and "--max-concurrency" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    r = run("gateway", env=os.environ | {"REDSERVE_MAX_BODY_BYTES": "-5"})
+    r = run_redserve("gateway", env=os.environ | {"REDSERVE_MAX_BODY_BYTES": "-5"})
     assert r.returncode == 2 and "REDSERVE_MAX_BODY_BYTES" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 from openai import OpenAI
+from support import shut_down, spawn_redserve, wait_models
 
 from redserve.redis_server import free_port
 from workers.tiny_model import build_tiny_model
@@ -44,14 +42,14 @@ def test_docker_compose_validates_the_file():
             assert svc["environment"]["REDIS_URL"].startswith("redis://redis:"), name
 
 
-def local_command(command: list[str], replacements: dict[str, str]) -> list[str]:
-    """The service's command as a local process: `redserve` via this Python, flag values swapped."""
+def local_args(command: list[str], replacements: dict[str, str]) -> list[str]:
+    """The service's `redserve` arguments for a local process, flag values swapped."""
     assert command[0] == "redserve"
-    argv = [sys.executable, "-m", "redserve", *command[1:]]
-    for i, arg in enumerate(argv[:-1]):
+    args = command[1:]
+    for i, arg in enumerate(args[:-1]):
         if arg in replacements:
-            argv[i + 1] = replacements[arg]
-    return argv
+            args[i + 1] = replacements[arg]
+    return args
 
 
 def test_every_service_runs_locally_and_serves(redis_url, tmp_path):
@@ -64,21 +62,14 @@ def test_every_service_runs_locally_and_serves(redis_url, tmp_path):
             if name == "redis":
                 continue
             env = {**os.environ, **{k: str(v) for k, v in svc["environment"].items()}, "REDIS_URL": redis_url}
-            argv = local_command(svc["command"], {"--port": str(port), "--metrics-port": "0", "--host": "127.0.0.1",
-                                                  "--model-path": str(tiny)})
+            args = local_args(svc["command"], {"--port": str(port), "--metrics-port": "0", "--host": "127.0.0.1",
+                                               "--model-path": str(tiny)})
             for _ in range(svc.get("scale", 1)):
-                procs.append(subprocess.Popen(argv, env=env))
+                procs.append(spawn_redserve(*args, env=env))
         base = f"http://127.0.0.1:{port}"
         want = {"echo": services["worker-echo"]["scale"], "tiny": 1}
         deadline = time.monotonic() + 60
-        seen: dict[str, int] = {}
-        while time.monotonic() < deadline and seen != want:
-            try:
-                seen = {m["id"]: m["workers"] for m in httpx.get(f"{base}/v1/models", timeout=2).json()["data"]}
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        assert seen == want
+        assert wait_models(base, lambda seen: seen == want, interval=0.3, http_timeout=2) == want
         client = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
         for model in want:
             r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "compose"}],
@@ -95,7 +86,5 @@ def test_every_service_runs_locally_and_serves(redis_url, tmp_path):
             batch = client.batches.retrieve(batch.id)
         assert batch.status == "completed" and batch.request_counts.completed == 1
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        codes = [p.wait(30) for p in procs]
+        codes = [p.returncode for p in shut_down(*procs)]
     assert codes == [0] * len(procs)

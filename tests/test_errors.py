@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from support import sse_events
 
 from broker.registry import Registry, WorkerRecord
 
@@ -107,9 +108,9 @@ async def test_silent_worker_gives_error_event_when_streaming(stack, redis, keys
     async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
         async with http.stream("POST", "/v1/chat/completions", json={
             "model": "echo", "messages": [{"role": "user", "content": "hi"}], "stream": True}) as r:
-            lines = [line async for line in r.aiter_lines() if line.startswith("data:")]
-    assert '"worker_timeout"' in lines[-2] and '"error"' in lines[-2]
-    assert lines[-1] == "data: [DONE]"
+            data = [d async for _, d in sse_events(r)]
+    assert '"worker_timeout"' in data[-2] and '"error"' in data[-2]
+    assert data[-1] == "[DONE]"
     # And the official client surfaces it as an error, not a silent end.
     stream = await gw.client().chat.completions.create(
         model="echo", messages=[{"role": "user", "content": "hi"}], stream=True)
@@ -157,7 +158,7 @@ async def test_every_route_answers_503_when_redis_is_down():
         try:
             gw = await stack.gateway()
             server.stop()
-            schema = create_app(settings).openapi()["paths"]
+            schema = create_app(server.url, settings).openapi()["paths"]
             routes = [(m.upper(), path) for path, ops in schema.items() for m in ops]
             assert len(routes) >= 15
             async with httpx.AsyncClient(base_url=gw.url, timeout=10,

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 from batchkit import lines, running_runner
+from support import sse_events
 
 
 def schemathesis() -> list[str]:
@@ -67,8 +68,8 @@ async def test_another_tenant_never_sees_a_tenants_data(stack, settings, tmp_pat
     body = {"model": "echo", "messages": [{"role": "user", "content": marker}], "stream": True,
             "stream_options": {"resumable": True}}
     async with httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {key_a}"}) as http:
-        stream = (await http.post("/v1/chat/completions", json=body)).text
-    response_id = json.loads(stream.split("data: ", 2)[1].split("\r\n")[0])["id"]
+        stream = await http.post("/v1/chat/completions", json=body)
+    response_id = json.loads([data async for _, data in sse_events(stream)][0])["id"]
     foreign = {"marker": marker, "files": [uploaded.id, batch.output_file_id], "batches": [batch.id],
                "responses": [response_id]}
     secrets = tmp_path / "foreign.json"

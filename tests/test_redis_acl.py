@@ -60,7 +60,7 @@ async def test_stack_runs_with_least_privilege_users(acl_redis, settings):
         assert proc.poll() is None  # the worker never tripped over a missing permission
         runner = spawn_runner(stack.settings, redis_url=url(acl_redis, "redserve-batch-runner", "runner-secret"))
         stack.procs.append(runner)
-        async with BatchClient(settings=stack.settings) as batch:
+        async with BatchClient(stack.settings.redis_url, stack.settings) as batch:
             job = await batch.enqueue_chat(model="echo", messages=[{"role": "user", "content": "acl batch"}])
             result = await job.result(timeout=30)
         assert result["choices"][0]["message"]["content"] == "".join(echo_tokens("acl batch", 8))

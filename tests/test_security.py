@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 from faults.faultkit import stream_chat
+from support import sse_events
 
 from broker.keys import Keys
 from broker.tenants import tenant_id
@@ -233,14 +234,13 @@ async def test_abandoned_and_cancelled_streams_are_charged(stack, redis):
         body = {"model": "echo", "messages": [{"role": "user", "content": "drop me soon " * 30}], "max_tokens": 60,
                 "stream": True}
         async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers("sk-t")) as r:
-            lines = r.aiter_lines()
-            async for line in lines:
-                if line.startswith("data: {"):
-                    rid = json.loads(line[6:])["id"]
-                    cancel = await http.post(f"/v1/requests/{rid}/cancel", headers=headers("sk-t"))
-                    assert cancel.status_code == 200
-                    break
-            rest = [line async for line in lines]
+            events = sse_events(r)
+            async for _, data in events:
+                rid = json.loads(data)["id"]
+                cancel = await http.post(f"/v1/requests/{rid}/cancel", headers=headers("sk-t"))
+                assert cancel.status_code == 200
+                break
+            rest = [data async for _, data in events]
     assert any('"cancelled"' in line for line in rest)
     await asyncio.sleep(0.3)
     assert int(await redis.get(key)) == 6 * reservation

@@ -14,6 +14,7 @@ import openai
 import pytest
 from batchkit import lines, running_runner
 from faults.faultkit import stream_chat
+from support import sse_events
 
 from broker.tenants import tenant_id
 
@@ -74,20 +75,19 @@ async def test_cancel_and_resume_belong_to_their_key(stack):
         async with http.stream("POST", "/v1/chat/completions", json=body,
                                headers={"Authorization": f"Bearer {KEY_A}"}) as r:
             assert r.status_code == 200
-            lines_seen = r.aiter_lines()
-            async for line in lines_seen:
-                if line.startswith("data: {"):
-                    rid = json.loads(line[6:])["id"]
-                    break
+            events = sse_events(r)
+            async for _, data in events:
+                rid = json.loads(data)["id"]
+                break
             as_b = {"Authorization": f"Bearer {KEY_B}"}
             cancel = await http.post(f"/v1/requests/{rid}/cancel", headers=as_b)
             assert cancel.status_code == 404 and cancel.json()["error"]["code"] == "request_not_found"
             resume = await http.get(f"/v1/streams/{rid}", headers=as_b)
             assert resume.status_code == 404 and resume.json()["error"]["code"] == "stream_not_found"
-            rest = [line async for line in lines_seen]
+            rest = [data async for _, data in events]
     # A's stream was not cancelled by B's attempt: it ran to its end.
-    chunks = [json.loads(x[6:]) for x in rest if x.startswith("data: {")]
-    assert "data: [DONE]" in rest and not any("error" in c for c in chunks)
+    chunks = [json.loads(x) for x in rest if x != "[DONE]"]
+    assert "[DONE]" in rest and not any("error" in c for c in chunks)
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] in ("stop", "length")
     async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
         mine = await http.get(f"/v1/streams/{rid}", headers={"Authorization": f"Bearer {KEY_A}"})

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
-from support import in_background, wait_for
+from support import in_background, kill, wait_for
 
 from workers.echo import echo_tokens
 
@@ -251,8 +250,7 @@ async def test_fleet_dashboard_is_live_and_drops_a_killed_worker(stack, page, re
         await expect(page.locator("#chart-tps polyline")).not_to_have_count(0)
         await screenshot(page, "ui-fleet-wide")
 
-        doomed.send_signal(signal.SIGKILL)
-        doomed.wait()
+        kill(doomed)
         killed = time.monotonic()
         await expect(doomed_row).to_have_count(0, timeout=(settings.worker_ttl + 5) * 1000)
         assert time.monotonic() - killed <= settings.worker_ttl + 2.5  # TTL + one poll + slack

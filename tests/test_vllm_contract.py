@@ -317,5 +317,5 @@ def test_real_vllm_builds_the_mapped_requests():
         engine.sampling_params(Generate(max_tokens=8, temperature=0, n=2))
     assert err.value.status == 400
     assert isinstance(engine.pooling_params(), vllm.PoolingParams) and engine.pooling_params().task == "embed"
-    worker = VLLMWorker(Settings(redis_url="redis://unused"), [MODEL_PATH], engine_args={"max_model_len": 64})
+    worker = VLLMWorker("redis://unused", Settings(), [MODEL_PATH], engine_args={"max_model_len": 64})
     assert AsyncEngineArgs(**worker.engine_args).max_model_len == 64

@@ -7,7 +7,7 @@ import signal
 import time
 
 from faults.faultkit import stream_chat
-from support import wait_for
+from support import kill, wait_for
 
 from workers.echo import echo_tokens
 
@@ -23,8 +23,7 @@ async def test_killed_worker_leaves_dispatch_within_its_ttl(stack, redis, keys, 
     await wait_for(lambda: redis.exists(keys.worker("victim")))
     gw = await stack.gateway()
 
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    kill(victim)
     killed = time.monotonic()
     await wait_for(lambda: not_(redis.exists(keys.worker("victim"))), timeout=settings.worker_ttl + 2)
     assert time.monotonic() - killed <= settings.worker_ttl + 0.5

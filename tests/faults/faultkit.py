@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from support import sse_events
 
 
 @dataclass
@@ -37,15 +38,13 @@ async def stream_chat(base_url: str, content: str, *, timeout: float = 30.0, mod
                 if r.status_code != 200:
                     res.error = json.loads(await r.aread())["error"]
                     return res
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
+                async for _, data in sse_events(r):
                     now = time.monotonic()
                     res.max_gap, last = max(res.max_gap, now - last), now
-                    if line == "data: [DONE]":
+                    if data == "[DONE]":
                         res.done = True
                         break
-                    obj = json.loads(line[6:])
+                    obj = json.loads(data)
                     if "error" in obj:
                         res.error = obj["error"]
                         continue

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from faultkit import pauses, stream_chat, tally
-from support import Stack, wait_for
+from support import Stack, kill, wait_for
 
 from redserve.redis_server import RedisServer, free_port
 from workers.echo import echo_tokens
@@ -65,8 +65,7 @@ async def test_redis_restart_under_streams(own_redis, settings, outcome, persist
     own_redis.persist = persist
     own_redis.start()
     async with streaming_stack(own_redis, settings) as (stack, gw, streams):
-        own_redis.proc.kill()  # type: ignore[union-attr]
-        own_redis.proc.wait()  # type: ignore[union-attr]
+        kill(own_redis.proc)  # type: ignore[arg-type]
         await asyncio.sleep(0.5)
         own_redis.start()
         await _all_complete(outcome, streams)
@@ -118,8 +117,7 @@ async def test_requests_during_a_restart_wait_or_get_503(own_redis, settings, ou
             assert r.status_code == 503 and r.headers.get("retry-after"), (r.status_code, r.text)
             return 503, took, None
 
-        own_redis.proc.kill()  # type: ignore[union-attr]
-        own_redis.proc.wait()  # type: ignore[union-attr]
+        kill(own_redis.proc)  # type: ignore[arg-type]
         probes = []
         for i in range(20):
             probes.append(asyncio.create_task(probe(i)))
@@ -175,10 +173,10 @@ async def test_a_ghost_entry_is_run_or_retired(stack, redis, keys, outcome):
     client = gw.client()
     # A job the worker never saw: delivered to its consumer by hand, as the AOF would bring it back.
     await redis.xgroup_createconsumer(keys.worker_jobs("keeper"), "workers", "keeper")
-    from broker.protocol import Job, JobKind
+    from broker.protocol import Generate, Job, JobKind, Message
 
     ghost = Job(request_id="f" * 32, model="echo", kind=JobKind.CHAT, reply_to=keys.replies("gone-gateway"),
-                params={"messages": [{"role": "user", "content": "nobody"}]}, deadline=time.time() + 60)
+                params=Generate(messages=[Message("user", "nobody")]), deadline=time.time() + 60)
     await redis.xadd(keys.worker_jobs("keeper"), ghost.to_fields())
     await redis.xreadgroup("workers", "keeper", {keys.worker_jobs("keeper"): ">"}, count=1)
     await wait_for(lambda: redis.xlen(keys.worker_jobs("keeper")), timeout=2)

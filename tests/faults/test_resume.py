@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import httpx
-from support import wait_for
+from support import sse_events, wait_for
 
 from workers.echo import echo_tokens
 
@@ -16,18 +16,13 @@ BODY = {"model": "echo", "messages": [{"role": "user", "content": "resume me ple
 
 async def read_events(response: httpx.Response, limit: int | None = None) -> list[tuple[str | None, str]]:
     """(id, data) of each SSE event, stopping after ``limit`` content chunks."""
-    events, eid, content = [], None, 0
-    async for line in response.aiter_lines():
-        if line.startswith("id: "):
-            eid = line[4:]
-        elif line.startswith("data: "):
-            data = line[6:]
-            events.append((eid, data))
-            eid = None
-            if data != "[DONE]" and (json.loads(data).get("choices") or [{}])[0].get("delta", {}).get("content"):
-                content += 1
-                if limit is not None and content >= limit:
-                    break
+    events, content = [], 0
+    async for eid, data in sse_events(response):
+        events.append((eid, data))
+        if data != "[DONE]" and (json.loads(data).get("choices") or [{}])[0].get("delta", {}).get("content"):
+            content += 1
+            if limit is not None and content >= limit:
+                break
     return events
 
 
@@ -59,8 +54,7 @@ async def test_resume_after_a_dropped_connection_on_another_gateway(stack, outco
     assert after[-1][1] == "[DONE]" and json.loads(after[-2][1])["usage"]["completion_tokens"] == 30
     ids = [eid for eid, _ in before + after if eid]
     assert len(ids) == len(set(ids))
-    full = [line[6:] for line in whole.text.splitlines() if line.startswith("data: ")]
-    assert text([(None, d) for d in full]) == "".join(echo_tokens("resume me please", 30))
+    assert text([event async for event in sse_events(whole)]) == "".join(echo_tokens("resume me please", 30))
     outcome.requests, outcome.ok = 1, 1
 
 

@@ -18,7 +18,7 @@ import pytest
 import redis as sync_redis
 from batchkit import jsonl, lines, running_runner
 from faultkit import pauses, stream_chat, tally
-from support import Stack, wait_for
+from support import Stack, kill, wait_for
 
 from redserve.redis_server import find_binary, free_port
 from workers.echo import echo_tokens
@@ -103,8 +103,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         yield d
     finally:
         for proc in d.procs.values():
-            proc.kill()
-            proc.wait()
+            kill(proc)
 
 
 async def test_master_killed_under_streams_and_a_batch(deployment, settings, outcome):
