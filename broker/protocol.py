@@ -47,6 +47,8 @@ class Message(Struct, omit_defaults=True, forbid_unknown_fields=True):
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    #: An assistant turn's calls, in OpenAI's shape (``{"id", "type": "function", "function": {...}}``).
+    tool_calls: list[dict[str, Any]] | None = None
 
     def text(self, sep: str = "") -> str:
         """The content as plain text (text parts joined with ``sep``)."""
@@ -77,10 +79,68 @@ class Generate(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=T
     stop: list[str] = []
     n: int = 1
     logprobs: int | None = None
+    #: The output must match this (``response_format``, vLLM's ``structured_outputs``).
+    structured: Structured | None = None
+    #: OpenAI tool definitions (``{"type": "function", "function": {"name", "description", "parameters"}}``).
+    tools: list[dict[str, Any]] | None = None
+    #: ``auto``, ``required``, ``none``, or ``function`` (then ``tool_name`` says which).
+    tool_choice: str = "auto"
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
+    # vLLM's sampling extras.
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = []
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    #: Token id -> bias added to its logit (OpenAI's ``logit_bias``, in [-100, 100]).
+    logit_bias: dict[int, float] = {}
+    # How chat messages become a prompt (vLLM's extras).
+    chat_template_kwargs: dict[str, Any] = {}
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     def asks(self) -> set[str]:
         """The optional engine features this job needs, each named by the parameter that asks for it."""
-        return {"logprobs"} if self.logprobs is not None else set()
+        wanted = {name for name, default in _FEATURE_DEFAULTS.items() if getattr(self, name) != default}
+        if self.tools and self.tool_choice != "none":
+            wanted.add("tools")
+        return wanted
+
+
+class Structured(Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """A constraint on the whole output: exactly one field is set."""
+
+    #: A JSON schema, as JSON text (text, so equal schemas are equal keys for a grammar cache).
+    json: str | None = None
+    #: Any JSON object (``response_format: {"type": "json_object"}``).
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    #: An EBNF (GBNF) grammar.
+    grammar: str | None = None
+
+    def key(self) -> tuple[str, str]:
+        """What kind of constraint, and its text: a cache key and a description for errors."""
+        if self.json is not None:
+            return "json", self.json
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", "\x00".join(self.choice)
+        if self.grammar is not None:
+            return "grammar", self.grammar
+        return "json_object", ""
+
+
+#: The optional features (besides ``tools``) a ``Generate`` asks for by leaving a field off its default.
+_FEATURE_DEFAULTS: dict[str, Any] = {
+    "logprobs": None, "structured": None, "min_p": 0.0, "repetition_penalty": 1.0, "min_tokens": 0,
+    "ignore_eos": False, "stop_token_ids": [], "skip_special_tokens": True, "include_stop_str_in_output": False,
+    "logit_bias": {}, "chat_template_kwargs": {}, "add_generation_prompt": True, "continue_final_message": False,
+}
 
 
 class Embed(Struct, forbid_unknown_fields=True):
@@ -231,6 +291,17 @@ class Delta(_Event, tag="d"):
         return Delta(self.index, self.text + later.text, self.tokens + later.tokens, lp)
 
 
+class ToolCall(_Event, tag="tc"):
+    """A piece of tool call number ``call`` of choice ``index``: its first piece names the call (``id``,
+    ``name``); ``arguments`` (JSON text) may follow in pieces, as OpenAI streams them."""
+
+    index: int = field(name="i")
+    call: int = field(name="c")
+    arguments: str = field(default="", name="x")
+    id: str | None = None
+    name: str | None = None
+
+
 class ChoiceEnd(_Event, tag="end"):
     index: int = field(name="i")
     finish_reason: str = field(name="fr")
@@ -271,7 +342,7 @@ class Failure(_Event, tag="err"):
     param: str | None = None
 
 
-Event = Delta | ChoiceEnd | Done | Embeddings | TokenCount | Failure
+Event = Delta | ToolCall | ChoiceEnd | Done | Embeddings | TokenCount | Failure
 
 
 class Reply(Struct, omit_defaults=True):

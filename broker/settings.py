@@ -108,6 +108,12 @@ class Settings(BaseSettings):
         default=0.0, ge=0, description="Seconds between echo tokens.",
         json_schema_extra=_for("worker"),
     )
+    tool_parser: str = Field(
+        default="hermes",
+        description="How this worker finds tool calls in a model's text under tool_choice auto: hermes "
+                    "(<tool_call>{...}</tool_call>), llama3_json, mistral ([TOOL_CALLS][...]) or pythonic.",
+        json_schema_extra=_for("worker"),
+    )
 
     # --- dispatch and gateway ----------------------------------------------
     dispatch_method: DispatchMethod = Field(

@@ -17,7 +17,7 @@ from starlette.responses import Response
 from broker.client import BrokerClient
 from broker.errors import ServeError, UnknownModel, WorkerTimeout
 from broker.ids import response_id
-from broker.protocol import ChoiceEnd, Delta, Done, Event, Failure, JobKind, Params, TokenLogprob, Usage
+from broker.protocol import ChoiceEnd, Delta, Done, Event, Failure, JobKind, Params, TokenLogprob, ToolCall, Usage
 from broker.replies import ReplyStream, Restarted
 from gateway import limits
 from gateway.disconnect import ClientGone, unless_disconnected
@@ -145,10 +145,11 @@ async def _collect(stream: ReplyStream, first: Events, shape: Shape, prefix: str
     texts: dict[int, list[str]] = {}
     finish: dict[int, str] = {}
     lps: dict[int, list[TokenLogprob]] = {}
+    calls: dict[int, list[dict[str, Any]]] = {}
     events = first
     while True:
         if isinstance(events, Restarted):  # the worker died, the job runs again elsewhere: start over
-            texts, finish, lps = {}, {}, {}
+            texts, finish, lps, calls = {}, {}, {}, {}
             events = []
         for ev in events:
             match ev:
@@ -156,12 +157,18 @@ async def _collect(stream: ReplyStream, first: Events, shape: Shape, prefix: str
                     texts.setdefault(index, [prefix] if prefix else []).append(text)
                     if logprobs is not None:
                         lps.setdefault(index, []).extend(logprobs)
+                case ToolCall(index, call, arguments, id_, name):
+                    made = calls.setdefault(index, [])
+                    if id_ is not None:
+                        made.append({"id": id_, "type": "function", "function": {"name": name, "arguments": ""}})
+                    made[call]["function"]["arguments"] += arguments
                 case ChoiceEnd(index, finish_reason):
                     finish[index] = finish_reason
                 case Failure():
                     raise ServeError.from_event(ev)
                 case Done(usage):
-                    return Whole(shape.whole({i: "".join(p) for i, p in texts.items()}, finish, usage, lps), usage)
+                    joined = {i: "".join(p) for i, p in texts.items()}
+                    return Whole(shape.whole(joined, finish, usage, lps, calls), usage)
         events = await stream.next_events()
 
 

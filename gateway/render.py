@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.ids import response_id
-from broker.protocol import JobKind, TokenLogprob, TopLogprob, Usage
+from broker.protocol import JobKind, TokenLogprob, ToolCall, TopLogprob, Usage
 
 #: Compact JSON with UTF-8 text as is; one encoder for the process (``json.dumps`` with
 #: options builds a new one per call).
@@ -96,16 +96,31 @@ class Shape:
             template = self.templates[index, include_usage] = (head, tail)
         return template[0] + dumps(text) + template[1]
 
+    def tool_chunk(self, call: ToolCall, include_usage: bool = False) -> str:
+        """A piece of a tool call in ``delta.tool_calls`` (chat only: completions have no tools)."""
+        fn: dict[str, Any] = {"arguments": call.arguments}
+        entry: dict[str, Any] = {"index": call.call}
+        if call.id is not None:
+            entry |= {"id": call.id, "type": "function"}
+            fn = {"name": call.name, **fn}
+        entry["function"] = fn
+        choice = {"index": call.index, "delta": {"tool_calls": [entry]}, "logprobs": None, "finish_reason": None}
+        extra = {"usage": None} if include_usage else {}
+        return dumps(self._obj("chat.completion.chunk", [choice], **extra))
+
     def usage_chunk(self, u: Usage) -> str:
         return dumps(self._obj("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage(u)))
 
     # --- whole ---------------------------------------------------------------
     def whole(self, texts: dict[int, str], finish: dict[int, str], u: Usage,
-              lps: dict[int, list[TokenLogprob]] | None = None) -> dict[str, Any]:
+              lps: dict[int, list[TokenLogprob]] | None = None,
+              calls: dict[int, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
         choices = []
         for i in sorted(texts.keys() | finish.keys()):
             text = texts.get(i, "")
-            body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+            body: dict[str, Any] = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+            if calls and calls.get(i):
+                body["message"] |= {"content": text or None, "tool_calls": calls[i]}
             logprobs = self.logprobs(i, (lps or {}).get(i))
             choices.append({"index": i, **body, "logprobs": logprobs, "finish_reason": finish.get(i, "stop")})
         return self._obj("chat.completion" if self.chat else "text_completion", choices, usage=usage(u))

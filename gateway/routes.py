@@ -66,7 +66,7 @@ async def get_model(model: str, request: Request) -> dict[str, Any]:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    return await generate(request, _broker(request), body, JobKind.CHAT)
+    return await generate(request, _broker(request), body, JobKind.CHAT, prefix=body.echoed)
 
 
 @router.post("/v1/completions")

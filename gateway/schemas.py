@@ -7,6 +7,7 @@ model (context room) and what their engine supports.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Literal
 
@@ -98,6 +99,7 @@ class Message(StrictModel):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None
 
     @field_validator("content")
     @classmethod
@@ -107,6 +109,88 @@ class Message(StrictModel):
             if bad:
                 raise ValueError(f"only text content parts are supported, got {bad[0]!r}")
         return v
+
+
+class CalledFunction(StrictModel):
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class AssistantToolCall(StrictModel):
+    """A call an earlier assistant turn made (the client sends it back with the ``tool`` result)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class JSONSchemaFormat(StrictModel):
+    name: str = Field(default="schema", max_length=64)
+    description: str | None = None
+    #: ``schema`` shadows a BaseModel attribute, hence the alias.
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only then")
+        return self
+
+
+class StructuredOutputs(StrictModel):
+    """vLLM's ``structured_outputs``: exactly one constraint."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = Field(default=None, min_length=1)
+    choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = Field(default=None, min_length=1)
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [n for n in ("json_", "regex", "choice", "grammar") if getattr(self, n) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar or json_object")
+        return self
+
+    def constraint(self) -> protocol.Structured:
+        if self.json_ is not None:
+            return protocol.Structured(json=self.json_ if isinstance(self.json_, str) else _schema_text(self.json_))
+        if self.json_object:
+            return protocol.Structured(json_object=True)
+        return protocol.Structured(regex=self.regex, choice=self.choice, grammar=self.grammar)
+
+
+def _schema_text(schema: dict[str, Any]) -> str:
+    return json.dumps(schema, sort_keys=True, separators=(",", ":"))
+
+
+class FunctionDef(StrictModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(StrictModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class SamplingRequest(RequestBody):
@@ -127,6 +211,17 @@ class SamplingRequest(RequestBody):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = Field(
+        default=None, description="vLLM's extension: constrain the output to a JSON schema, regex, choice or grammar.")
+    # vLLM's sampling extensions.
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
 
     @field_validator("stop")
     @classmethod
@@ -141,18 +236,45 @@ class SamplingRequest(RequestBody):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_bias(cls, v: dict[str, float] | None) -> None:
-        if v:
-            raise ValueError("logit_bias is not supported")
-        return None
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (v or {}).items():
+            if not token.isdigit() or int(token) >= 2**31:
+                raise ValueError(f"logit_bias keys are token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+        return v or None
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> SamplingRequest:
+        if self.structured_outputs is not None and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise ValueError("give response_format or structured_outputs, not both")
+        return self
 
     def job_params(self) -> protocol.Generate:
         """What travels to the worker: the prompt and the sampling parameters, not transport options."""
-        given: dict[str, Any] = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                 "top_k": self.top_k if self.top_k and self.top_k > 0 else None, "seed": self.seed,
-                 "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-                 "stop": self.stop, "logprobs": self.logprob_alternatives()}
+        given: dict[str, Any] = {
+            "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "top_k": self.top_k if self.top_k and self.top_k > 0 else None, "seed": self.seed,
+            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+            "stop": self.stop, "logprobs": self.logprob_alternatives(), "structured": self.constraint(),
+            "min_p": self.min_p, "repetition_penalty": self.repetition_penalty, "min_tokens": self.min_tokens,
+            "ignore_eos": self.ignore_eos, "stop_token_ids": self.stop_token_ids,
+            "skip_special_tokens": self.skip_special_tokens,
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "logit_bias": {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+        }
         return protocol.Generate(n=self.n, **self.prompt_params(), **{k: v for k, v in given.items() if v is not None})
+
+    def constraint(self) -> protocol.Structured | None:
+        if self.structured_outputs is not None:
+            return self.structured_outputs.constraint()
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object" or fmt.json_schema is None:
+            return protocol.Structured(json_object=True)
+        return protocol.Structured(json=_schema_text(fmt.json_schema.schema_))
 
     def prompt_params(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -175,7 +297,15 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
+    tools: list[ToolDef] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # vLLM's chat extensions.
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    echo: bool = Field(default=False, description="vLLM's extension: the reply starts with the last message's "
+                                                  "content when that message is the assistant's.")
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
@@ -183,14 +313,41 @@ class ChatCompletionRequest(SamplingRequest):
             self.max_tokens = self.max_completion_tokens if self.max_tokens is None else min(
                 self.max_tokens, self.max_completion_tokens)
             self.max_completion_tokens = None
-        if self.response_format and self.response_format.get("type") != "text":
-            raise ValueError("response_format: only {'type': 'text'} is supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs=true")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
+                t.function.name for t in self.tools or []}:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools")
+        if self.tool_choice == "required" and not self.tools:
+            raise ValueError("tool_choice 'required' needs tools")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         return self
 
     def prompt_params(self) -> dict[str, Any]:
-        return {"messages": wire_messages(self.messages)}
+        named = self.tool_choice if isinstance(self.tool_choice, NamedToolChoice) else None
+        out: dict[str, Any] = {"messages": wire_messages(self.messages)}
+        if self.tools:
+            out["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
+            out["tool_choice"] = "function" if named else (self.tool_choice or "auto")
+            if named:
+                out["tool_name"] = named.function.name
+            if self.parallel_tool_calls is not None:
+                out["parallel_tool_calls"] = self.parallel_tool_calls
+        for name in ("chat_template_kwargs", "add_generation_prompt", "continue_final_message"):
+            if (value := getattr(self, name)) is not None:
+                out[name] = value
+        if self.continue_final_message and self.add_generation_prompt is None:
+            out["add_generation_prompt"] = False
+        return out
+
+    @property
+    def echoed(self) -> str:
+        """What the reply starts with under ``echo``: the last message's text, if the assistant wrote it."""
+        last = self.messages[-1]
+        if not self.echo or last.role != "assistant":
+            return ""
+        return wire_messages([last])[0].text()
 
     def logprob_alternatives(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

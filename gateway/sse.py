@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from broker.errors import ServeError
-from broker.protocol import ChoiceEnd, Delta, Done, Event, Failure, StreamMeta
+from broker.protocol import ChoiceEnd, Delta, Done, Event, Failure, StreamMeta, ToolCall
 from gateway.errors import APIError
 from gateway.render import Shape, dumps
 
@@ -89,6 +89,8 @@ def render(fmt: StreamFormat, events: Sequence[Event], attempt: int, seq: int) -
         match ev:
             case Delta(index, text, _, logprobs):
                 out.append(shape.chunk(index, text, include_usage=fmt.include_usage, lp=logprobs))
+            case ToolCall():
+                out.append(shape.tool_chunk(ev, include_usage=fmt.include_usage))
             case ChoiceEnd(index, finish_reason):
                 out.append(shape.chunk(index, None, finish_reason, include_usage=fmt.include_usage))
             case Done(usage):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -67,3 +68,11 @@ async def stack(settings: Settings) -> AsyncIterator[Stack]:
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight chat model (``redserve tiny-model``), with a 4096-token context."""
+    from workers.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), context_length=4096)

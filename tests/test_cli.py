@@ -109,7 +109,7 @@ async def test_inspect_says_where_a_request_is(stack, redis_url):
     import asyncio
 
     w = await stack.worker(["echo"], worker_id="w-inspect", echo_delay=0.6, max_concurrency=1)  # a job lasts ~5 s
-    gw = await stack.gateway()
+    gw = await stack.gateway(reply_timeout=60)  # the third waits two jobs for its first token
     client = gw.client()
     calls = [asyncio.create_task(client.chat.completions.create(
         model="echo", messages=[{"role": "user", "content": f"inspect {i}"}])) for i in range(3)]

@@ -27,13 +27,9 @@ from workers.params import fitted
 from workers.tiny_model import build_tiny_model
 
 #: Long enough that a default-length generation (thousands of tokens) outlives any test's patience.
+#: The context of the `tiny_dir` fixture (conftest): long enough that a default-length generation outlives any test.
 CONTEXT = 4096
 USER = [{"role": "user", "content": "hello there, how are you today?"}]
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"), context_length=CONTEXT)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -24,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
+import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -53,6 +55,8 @@ from broker.settings import Settings
 from workers.metrics import serve_metrics
 from workers.outbox import Outbox, OutboxOverflow, ReplayLog
 from workers.publish import Orphaned, ReplyPublisher
+from workers.tools import PARSERS
+from workers.tools.calls import constraint, tool_events
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +77,18 @@ class BaseModelWorker(abc.ABC):
     #: The name ``redserve worker --engine`` knows this engine by.
     engine: ClassVar[str]
     #: The optional features (``Generate.asks``) the engine honours; a job asking for another is a 400.
+    #: With ``structured`` and ``tools``, this base makes tool calls of the engine's text (``workers.tools``).
     features: ClassVar[frozenset[str]] = frozenset()
+    #: The engine relays tool calls itself (an upstream API makes them): the base leaves its text alone.
+    native_tools: ClassVar[bool] = False
 
     def __init__(self, redis_url: str, settings: Settings, models: list[str], *, worker_id: str | None = None) -> None:
         """``settings.redis_url`` is not read: the caller resolved it into ``redis_url``."""
         if not models:
             raise ValueError("a worker serves at least one model")
+        if settings.tool_parser not in PARSERS:
+            raise ValueError(f"unknown tool_parser {settings.tool_parser!r}; known: {', '.join(PARSERS)}")
+        self.tool_parser = PARSERS[settings.tool_parser]
         self.redis_url = redis_url
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
@@ -395,15 +405,46 @@ class BaseModelWorker(abc.ABC):
             if missing := sorted(job.params.asks() - self.features):
                 raise JobError(f"The model `{job.model}` does not support `{missing[0]}`.", param=missing[0],
                                code="unsupported_parameter")
-            async for ev in self.generate(job):
-                if isinstance(ev, Delta):
-                    self.record.tokens_out += ev.tokens
+            job, calls = self._with_tools(job)
+            events = self._counted(self.generate(job))
+            if calls:
+                assert isinstance(job.params, Generate)
+                events = tool_events(events, job.params, self.tool_parser)
+            async for ev in events:
                 yield ev
         except ServeError as exc:
             yield exc.event()
         except Exception as exc:  # an engine bug must still end the stream
             log.exception("engine failed on job %s", job.request_id)
             yield ServeError(f"The worker failed: {type(exc).__name__}: {exc}").event()
+
+
+    async def _counted(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+        async for ev in events:
+            if isinstance(ev, Delta):
+                self.record.tokens_out += ev.tokens
+            yield ev
+
+    def _with_tools(self, job: Job) -> tuple[Job, bool]:
+        """The job as the engine runs it, and whether its text becomes tool calls here.
+
+        A forced choice (``required``, a named function) constrains the output
+        to valid calls, which needs the engine's structured outputs.
+        """
+        params = job.params
+        assert isinstance(params, Generate)
+        if not params.tools or params.tool_choice == "none" or self.native_tools:
+            return job, False
+        forced = constraint(params)
+        if forced is not None:
+            if "structured" not in self.features:
+                raise JobError(f"The model `{job.model}` cannot force a tool choice (it has no constrained "
+                               "decoding); use tool_choice auto.", param="tool_choice", code="unsupported_parameter")
+            if params.structured is not None:
+                raise JobError("A forced tool_choice and response_format cannot be combined.",
+                               param="response_format")
+            job = dataclasses.replace(job, params=msgspec.structs.replace(params, structured=forced))
+        return job, True
 
 
 def _invalid_param(problem: str) -> str | None:

@@ -39,6 +39,8 @@ def prompt_token_count(params: Generate | Tokenize) -> int:
 
 class EchoWorker(BaseModelWorker):
     engine = "echo"
+    #: Its text can hold tool calls (the worker's parser finds them); it has no constrained decoding.
+    features = frozenset({"tools"})
 
     async def generate(self, job: Job) -> AsyncIterator[Event]:
         params = job.params

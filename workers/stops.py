@@ -20,8 +20,10 @@ class StopStep(NamedTuple):
 
 
 class StopMatcher:
-    def __init__(self, stops: Iterable[str]) -> None:
+    def __init__(self, stops: Iterable[str], *, include: bool = False) -> None:
+        """``include``: the stop string that ends the text is emitted too (vLLM's ``include_stop_str_in_output``)."""
         self.stops = tuple(s for s in stops if s)
+        self.include = include
         self._held = ""
         self.stopped = False
 
@@ -32,8 +34,9 @@ class StopMatcher:
         buffer = self._held + text
         hit = self._first_stop(buffer)
         if hit is not None:
+            at, stop = hit
             self._held, self.stopped = "", True
-            return StopStep(buffer[:hit], True)
+            return StopStep(buffer[:at + (len(stop) if self.include else 0)], True)
         keep = self._partial_suffix(buffer)
         self._held = buffer[len(buffer) - keep:] if keep else ""
         return StopStep(buffer[: len(buffer) - keep], False)
@@ -43,9 +46,10 @@ class StopMatcher:
         held, self._held = self._held, ""
         return "" if self.stopped else held
 
-    def _first_stop(self, buffer: str) -> int | None:
-        found = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
-        return min(found) if found else None
+    def _first_stop(self, buffer: str) -> tuple[int, str] | None:
+        """Where the earliest stop string starts, and which (the longest, of those starting there)."""
+        found = [(i, -len(s), s) for s in self.stops if (i := buffer.find(s)) >= 0]
+        return (min(found)[0], min(found)[2]) if found else None
 
     def _partial_suffix(self, buffer: str) -> int:
         """Length of the longest suffix of ``buffer`` that a stop string starts with."""

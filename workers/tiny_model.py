@@ -18,10 +18,17 @@ from pathlib import Path
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 
-#: Each turn is ``<|role|>`` + content + ``<|eos|>``; the model answers after ``<|assistant|>``.
+#: Each turn is ``<|role|>`` + content + ``<|eos|>``; the model answers after ``<|assistant|>``. Tools are
+#: listed in a system turn first; an assistant's calls follow its content Hermes-style
+#: (``<tool_call>{"name", "arguments"}</tool_call>``), and a tool's result is a ``<|tool|>`` turn.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|eos|>\n{% endfor %}"
+    "{% if tools %}<|system|>\nYou may call these tools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+    "<|eos|>\n{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{% for c in m.get('tool_calls') or [] %}<tool_call>"
+    "{{ {'name': c['function']['name'], 'arguments': c['function']['arguments']} | tojson }}</tool_call>"
+    "{% endfor %}<|eos|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 

@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from broker.protocol import ChoiceEnd, Delta, Done, Generate, TokenLogprob, Usage
+from workers.hf.grammar import Masks, matcher
 from workers.hf.kv import KVBatch
 from workers.hf.loading import LoadedModel
 from workers.hf.sampling import choose_token, logprob_entry, new_generator
@@ -36,6 +37,8 @@ class Generation:
     #: Thread-safe: hands a protocol event (or an exception) to the request's task.
     emit: Emit
     generator: torch.Generator
+    #: The compiled constraint every choice's output must match (xgrammar), if any.
+    grammar: Any = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     running: int = 0
     completion_tokens: int = 0
@@ -53,6 +56,8 @@ class _Choice:
     decoder: IncrementalDecoder
     stops: StopMatcher
     counts: torch.Tensor
+    #: Where ``grammar`` allows this sequence to go next (one matcher per sequence).
+    matcher: Any = None
     tokens: int = 0
     #: Tokens and logprobs produced since the last delta (text may be held back).
     pending: int = 0
@@ -80,6 +85,8 @@ class BatchEngine:
         self.active = 0
         self.max_batch_size = 0
         self.tokens_generated = 0
+        self._masks = Masks(loaded.vocab_size)
+        self._eos = torch.tensor(sorted(loaded.eos_ids), dtype=torch.long, device=loaded.device)
 
     def start(self) -> None:
         self._thread.start()
@@ -89,8 +96,8 @@ class BatchEngine:
         self._inbox.put(None)
         self._thread.join()
 
-    def submit(self, prompt_ids: list[int], params: Generate, emit: Emit) -> Generation:
-        gen = Generation(prompt_ids, params, emit, new_generator(params.seed, self.loaded.device))
+    def submit(self, prompt_ids: list[int], params: Generate, emit: Emit, grammar: Any = None) -> Generation:
+        gen = Generation(prompt_ids, params, emit, new_generator(params.seed, self.loaded.device), grammar)
         self._inbox.put(gen)
         return gen
 
@@ -138,6 +145,10 @@ class BatchEngine:
         out = self.loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, **self._prefill_kwargs)
         logits = out.logits[0, -1].float()
         choices = [self._new_choice(gen, i, logits.numel()) for i in range(gen.params.n)]
+        if gen.grammar is not None:  # every choice starts in the same state: one mask for all
+            logits = logits[None]
+            self._masks.apply(logits, [(0, choices[0].matcher)])
+            logits = logits[0]
         gen.running = len(choices)
         tokens = [self._advance(c, logits) for c in choices]
         live = [(c, t) for c, t in zip(choices, tokens) if not c.finished]
@@ -147,11 +158,15 @@ class BatchEngine:
             self._observe()
 
     def _new_choice(self, gen: Generation, index: int, vocab: int) -> _Choice:
-        return _Choice(gen, index, IncrementalDecoder(self.loaded.tokenizer), StopMatcher(gen.params.stop),
-                       torch.zeros(vocab, device=self.loaded.device))
+        p = gen.params
+        return _Choice(gen, index, IncrementalDecoder(self.loaded.tokenizer, skip_special=p.skip_special_tokens),
+                       StopMatcher(p.stop, include=p.include_stop_str_in_output),
+                       torch.zeros(vocab, device=self.loaded.device),
+                       None if gen.grammar is None else matcher(gen.grammar))
 
     def _step(self) -> None:
         logits = self._batch.forward(self.loaded.model)
+        self._masks.apply(logits, [(row, c.matcher) for row, c in enumerate(self._choices) if c.matcher is not None])
         self._batch.set_tokens([self._advance(c, logits[row]) for row, c in enumerate(self._choices)])
         self._retire([i for i, c in enumerate(self._choices) if not c.finished])
 
@@ -169,7 +184,9 @@ class BatchEngine:
     def _advance(self, c: _Choice, logits: torch.Tensor) -> int:
         """Sample ``c``'s next token and emit what it makes safe to show; returns the token."""
         p = c.gen.params
-        token = choose_token(logits, c.counts, p, c.gen.generator)
+        token = choose_token(self._adjusted(c, logits), c.counts, p, c.gen.generator, c.gen.prompt_ids)
+        if c.matcher is not None:
+            c.matcher.accept_token(token)
         c.counts[token] += 1
         c.tokens += 1
         c.pending += 1
@@ -178,7 +195,8 @@ class BatchEngine:
         if p.logprobs is not None:
             c.pending_lp.append(logprob_entry(logits, token, p.logprobs, self._token_text))
         finish: str | None
-        if token in self.loaded.eos_ids:
+        if (token in self.loaded.eos_ids and not p.ignore_eos) or token in p.stop_token_ids \
+                or (c.matcher is not None and c.matcher.is_terminated()):
             piece, finish = c.decoder.flush(), "stop"
         else:
             piece = c.decoder.push(token)
@@ -195,6 +213,22 @@ class BatchEngine:
         if finish:
             self._finish(c, finish)
         return token
+
+    def _adjusted(self, c: _Choice, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` with the request's biases: ``logit_bias``, and no end before ``min_tokens``."""
+        p = c.gen.params
+        if p.logit_bias:
+            logits = logits.clone()
+            for token, bias in p.logit_bias.items():
+                if token < logits.numel():
+                    logits[token] += bias
+        if c.tokens < p.min_tokens:
+            logits = logits.clone()
+            logits[self._eos] = float("-inf")
+            stops = [t for t in p.stop_token_ids if t < logits.numel()]
+            if stops:
+                logits[stops] = float("-inf")
+        return logits
 
     def _finish(self, c: _Choice, reason: str) -> None:
         c.finished = True

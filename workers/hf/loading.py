@@ -32,6 +32,11 @@ class LoadedModel:
     context_length: int
     eos_ids: frozenset[int] = frozenset()
 
+    @property
+    def vocab_size(self) -> int:
+        """The width of the model's logits (a tokenizer may know fewer tokens)."""
+        return int(self.model.config.vocab_size)
+
 
 def is_causal_lm(config: Any) -> bool:
     return any(a.endswith(CAUSAL_SUFFIXES) for a in getattr(config, "architectures", None) or [])

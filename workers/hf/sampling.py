@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from broker.protocol import Generate, TokenLogprob, TopLogprob
 
 
-def choose_token(logits: torch.Tensor, counts: torch.Tensor, p: Generate, gen: torch.Generator) -> int:
-    """One token from one row of logits: penalties, then greedy (temperature 0) or top-k/top-p sampling."""
+def choose_token(logits: torch.Tensor, counts: torch.Tensor, p: Generate, gen: torch.Generator,
+                 prompt_ids: Sequence[int] = ()) -> int:
+    """One token from one row of logits: penalties, then greedy (temperature 0) or top-k/top-p/min-p sampling."""
+    if p.repetition_penalty != 1.0:  # vLLM's (and HF's): on every token of prompt and output so far
+        seen = counts > 0
+        seen[[t for t in prompt_ids if t < seen.numel()]] = True
+        scaled = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+        logits = torch.where(seen, scaled, logits)
     if p.presence_penalty or p.frequency_penalty:  # OpenAI's formula, on the counts generated so far
         logits = logits - counts * p.frequency_penalty - (counts > 0).to(logits.dtype) * p.presence_penalty
     if p.temperature == 0:
@@ -24,6 +30,8 @@ def choose_token(logits: torch.Tensor, counts: torch.Tensor, p: Generate, gen: t
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(0) - sorted_probs >= p.top_p  # the most likely token always stays
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(outside, 0))
+    if p.min_p > 0:  # drop tokens less likely than min_p times the most likely one
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0)
     return int(torch.multinomial(probs, 1, generator=gen))
 
 

@@ -14,8 +14,9 @@ class IncrementalDecoder:
     that depend on the left context (leading spaces) decode correctly.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, *, skip_special: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special = skip_special
         self.ids: list[int] = []
         self.prefix = 0
         self.read = 0
@@ -37,5 +38,5 @@ class IncrementalDecoder:
         return ""
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special) if ids else ""
 

@@ -13,6 +13,7 @@ from broker.settings import Settings
 from workers.base import BaseModelWorker, JobError
 from workers.hf.embeddings import mean_pooled
 from workers.hf.engine import BatchEngine, Emit
+from workers.hf.grammar import Grammars
 from workers.hf.loading import LoadedModel, load_model
 from workers.params import fitted
 from workers.prompts import prompt_ids
@@ -30,6 +31,7 @@ class HFWorker(BaseModelWorker):
         self.model_path = Path(model_path or getattr(settings, "model_path", None) or models[0]).expanduser()
         self.loaded: LoadedModel | None = None
         self.batcher: BatchEngine | None = None
+        self.grammars: Grammars | None = None
 
     async def setup(self) -> None:
         self.loaded = await asyncio.to_thread(load_model, self.model_path)
@@ -37,6 +39,7 @@ class HFWorker(BaseModelWorker):
         if self.loaded.causal:
             self.batcher = BatchEngine(self.loaded)
             self.batcher.start()
+            self.grammars = await asyncio.to_thread(Grammars, self.loaded.tokenizer, self.loaded.vocab_size)
         log.info("hf worker loaded %s (%s, context %d, %s)", self.model_path,
                  "causal LM" if self.loaded.causal else "embeddings only", self.loaded.context_length,
                  self.loaded.device)
@@ -45,7 +48,11 @@ class HFWorker(BaseModelWorker):
         if self.batcher is not None:
             await asyncio.to_thread(self.batcher.close)
 
-    features = frozenset({"logprobs"})
+    features = frozenset({
+        "logprobs", "structured", "tools", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
+        "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "logit_bias",
+        "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
+    })
 
     async def generate(self, job: Job) -> AsyncIterator[Event]:
         loaded, batcher = self.loaded, self.batcher
@@ -55,8 +62,14 @@ class HFWorker(BaseModelWorker):
         ids = await asyncio.to_thread(prompt_ids, loaded.tokenizer, job)
         assert isinstance(job.params, Generate)
         params = fitted(job.params, job.kind, len(ids), loaded.context_length)
+        grammar = None
+        if params.structured is not None:  # compiled before the job joins the batch: a bad one costs nothing
+            assert self.grammars is not None
+            forced = params.tools and params.tool_choice in ("required", "function")
+            grammar = await asyncio.to_thread(self.grammars.compile, params.structured,
+                                              "tools" if forced else "response_format")
         events: asyncio.Queue[Any] = asyncio.Queue()
-        gen = batcher.submit(ids, params, _threadsafe_put(asyncio.get_running_loop(), events))
+        gen = batcher.submit(ids, params, _threadsafe_put(asyncio.get_running_loop(), events), grammar)
         try:
             while True:
                 ev = await events.get()
