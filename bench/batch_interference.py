@@ -74,7 +74,7 @@ async def phase(name: str, a: argparse.Namespace, url: str, settings: Settings,
     if share is not None:
         env = os.environ | settings.model_copy(update={"batch_share": share}).to_env()
         runner = subprocess.Popen([sys.executable, "-m", "redserve", "batch-runner", "--log-level", "warning"], env=env)
-        client = BatchClient(settings.redis_url, settings)
+        client = BatchClient(settings.resolved_redis_url(), settings)
         uploaded = await client.create_file(batch_file(a.requests, a.max_tokens), filename="bench.jsonl")
         created = time.perf_counter()
         batch_id = (await client.create_batch(input_file_id=uploaded["id"], endpoint="/v1/chat/completions"))["id"]

@@ -34,7 +34,7 @@ from broker.batch_store import BatchStore, Request, line_problem
 from broker.connection import connection_pool
 from broker.errors import ServeError
 from broker.keys import Keys
-from broker.protocol import pack, unpack
+from broker.protocol import BatchTask, FinishBatch, RunLine, RunRequest, StartBatch, batch_task, pack, unpack
 from broker.settings import Settings
 from broker.tenants import ANONYMOUS, Tenant
 
@@ -48,12 +48,6 @@ MAX_TRIES = 5
 POLL_DELAY = 0.05
 
 
-class Task(StrEnum):
-    REQUEST = "request"  # run one request; payload: url, body (+ batch, index, custom_id, method for a batch line)
-    START = "start"  # validate an OpenAI batch's input file and enqueue its requests
-    FINISH = "finish"  # write an OpenAI batch's output and error files and end it
-
-
 @dataclass(frozen=True, slots=True)
 class Attempt:
     job_id: str
@@ -64,7 +58,7 @@ class Attempt:
 class Handler(Protocol):
     """What a batch runner implements; arq calls it for every job."""
 
-    async def handle(self, task: Task, attempt: Attempt, payload: dict[str, Any]) -> None: ...
+    async def handle(self, task: BatchTask, attempt: Attempt) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -177,7 +171,7 @@ class BatchClient:
         if problem:
             raise ValueError(problem)
         job_id = job_id or uuid.uuid4().hex
-        await self._enqueue(Task.REQUEST, {"url": url, "body": body}, job_id)
+        await self._enqueue(RunRequest(url, body), job_id)
         return BatchJob(job_id, self)
 
     async def enqueue_chat(self, *, model: str, messages: list[dict[str, Any]], job_id: str | None = None,
@@ -204,7 +198,7 @@ class BatchClient:
             if problem or not isinstance(r.get("body"), dict):
                 raise ValueError(f"request {i}: {problem or 'body must be an object'}")
         jobs = [BatchJob(str(r.get("job_id") or uuid.uuid4().hex), self) for r in items]
-        await self._enqueue_all((Task.REQUEST, {"url": r["url"], "body": r["body"]}, j.id) for r, j in zip(items, jobs))
+        await self._enqueue_all((RunRequest(r["url"], r["body"]), j.id) for r, j in zip(items, jobs))
         return jobs
 
     def job(self, job_id: str) -> BatchJob:
@@ -255,7 +249,7 @@ class BatchClient:
         """Record the batch (``validating``) and hand it to the runners, which validate and run it."""
         batch = await self.store.create_batch(input_file_id=input_file_id, endpoint=endpoint,
                                               completion_window=completion_window, metadata=metadata, owner=tenant)
-        await self._enqueue(Task.START, {"batch": batch["id"]}, f"{batch['id']}:start")
+        await self._enqueue(StartBatch(batch["id"]), f"{batch['id']}:start")
         return batch
 
     async def batch(self, batch_id: str, *, tenant: Tenant = ANONYMOUS) -> dict[str, Any]:
@@ -277,22 +271,21 @@ class BatchClient:
         """One job per request of a batch, run as its ``owner``; job ids are derived from the batch, so a repeat
         enqueues nothing new."""
         await self._enqueue_all(
-            (Task.REQUEST, {"batch": batch_id, "index": r.index, "custom_id": r.custom_id, "method": r.method,
-                            "url": r.url, "body": r.body, "owner": owner}, f"{batch_id}:{r.index}")
+            (RunLine(batch_id, r.index, r.custom_id, r.method, r.url, r.body, owner), f"{batch_id}:{r.index}")
             for r in requests)
 
     async def enqueue_finish(self, batch_id: str) -> None:
-        await self._enqueue(Task.FINISH, {"batch": batch_id}, f"{batch_id}:finish")
+        await self._enqueue(FinishBatch(batch_id), f"{batch_id}:finish")
 
-    async def _enqueue(self, task: Task, payload: dict[str, Any], job_id: str) -> None:
-        await self.redis.enqueue_job(FUNCTION, str(task), payload, _job_id=job_id)
+    async def _enqueue(self, task: BatchTask, job_id: str) -> None:
+        await self.redis.enqueue_job(FUNCTION, task, _job_id=job_id)
 
-    async def _enqueue_all(self, jobs: Iterable[tuple[Task, dict[str, Any], str]], concurrency: int = 32) -> None:
+    async def _enqueue_all(self, jobs: Iterable[tuple[BatchTask, str]], concurrency: int = 32) -> None:
         room = asyncio.Semaphore(concurrency)
 
-        async def one(task: Task, payload: dict[str, Any], job_id: str) -> None:
+        async def one(task: BatchTask, job_id: str) -> None:
             async with room:
-                await self._enqueue(task, payload, job_id)
+                await self._enqueue(task, job_id)
 
         await asyncio.gather(*(one(*job) for job in jobs))
 
@@ -326,11 +319,11 @@ def worker_options(redis_url: str, settings: Settings, make_handler: HandlerFact
         if handler is not None and owns_handler:
             await handler.close()
 
-    async def run(ctx: dict[str, Any], task: str, payload: dict[str, Any]) -> None:
+    async def run(ctx: dict[str, Any], payload: Any) -> None:
         claim = in_progress_key_prefix + ctx["job_id"]
         renewing = asyncio.create_task(_renew(ctx["redis"], claim, lease_ms))
         try:
-            await ctx[handler_key].handle(Task(task), Attempt(ctx["job_id"], ctx["job_try"]), payload)
+            await ctx[handler_key].handle(batch_task(payload), Attempt(ctx["job_id"], ctx["job_try"]))
         except Exception as exc:  # Redis hiccup, a bug: never drop the job, try it again shortly
             log.exception("batch job %s failed; it will run again", ctx["job_id"])
             raise Retry(defer=min(2 ** ctx["job_try"], 30)) from exc

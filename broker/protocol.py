@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 from msgspec import Struct, field
@@ -146,7 +146,7 @@ _FEATURE_DEFAULTS: dict[str, Any] = {
 class Embed(Struct, forbid_unknown_fields=True):
     """An embedding job: the texts to embed, at least one."""
 
-    input: list[str]
+    input: Annotated[list[str], msgspec.Meta(min_length=1)]
 
 
 class Tokenize(Struct, omit_defaults=True, forbid_unknown_fields=True):
@@ -177,6 +177,8 @@ class Job:
     #: Why ``payload`` did not decode as this kind's parameters (a newer gateway's field, say); the worker
     #: answers it as a 400 instead of running it.
     invalid: str = ""
+    #: The payload as read, kept when it did not decode: a job moved or dead-lettered keeps what was sent.
+    raw_payload: bytes = b""
 
     def to_fields(self) -> dict[str, str | bytes]:
         return {
@@ -187,19 +189,18 @@ class Job:
             "deadline": f"{self.deadline:.3f}",
             "attempt": str(self.attempt),
             "replay": str(self.replay_ms),
-            "payload": pack(self.params),
+            "payload": self.raw_payload if self.invalid else pack(self.params),
         }
 
     @classmethod
     def from_fields(cls, entry_id: str, fields: Mapping[Any, bytes | str]) -> Job:
         f = {as_str(k): v for k, v in fields.items()}
         kind = JobKind(as_str(f["kind"]))
-        invalid = ""
-        decoder = _PARAMS[kind]
+        payload, invalid, raw = _as_bytes(f["payload"]), "", b""
         try:
-            params: Params = decoder.decode(_as_bytes(f["payload"]))
+            params: Params = _PARAMS[kind].decode(payload)
         except msgspec.ValidationError as exc:  # never run: the worker refuses it, saying this
-            params, invalid = decoder.type([]) if decoder.type is Embed else decoder.type(), str(exc)
+            params, invalid, raw = _BLANK[kind], str(exc), payload
         return cls(
             request_id=as_str(f["request_id"]),
             model=as_str(f["model"]),
@@ -211,6 +212,7 @@ class Job:
             replay_ms=int(as_str(f.get("replay", "0"))),
             entry_id=entry_id,
             invalid=invalid,
+            raw_payload=raw,
         )
 
     def expired(self, now: float | None = None) -> bool:
@@ -219,8 +221,7 @@ class Job:
     @staticmethod
     def request_id_of(fields: Mapping[Any, bytes | str]) -> str:
         """The request id of a stream entry, without decoding the rest of it."""
-        value = fields.get(b"request_id", fields.get("request_id", b""))
-        return as_str(value) if value is not None else ""
+        return as_str(fields.get(b"request_id") or fields.get("request_id") or b"")
 
 
 # --- the replay log ------------------------------------------------------------
@@ -231,7 +232,7 @@ class StreamMeta(Struct):
     (``dispatch.lua`` writes it with the ``owner``; the worker's ``emit.lua`` appends each ``Reply``)."""
 
     model: str
-    kind: str
+    kind: JobKind
     n: int
     include_usage: bool
     prefix: str
@@ -422,6 +423,53 @@ def control(data: bytes) -> Control:
     return _CONTROL.decode(data)
 
 
+# --- batch tasks (arq jobs on the batch queue) --------------------------------------
+
+
+class _BatchTask(Struct, tag_field="t"):
+    pass
+
+
+class RunRequest(_BatchTask, tag="request"):
+    """A Python API job (``BatchClient.enqueue``): one request; its result is stored under the job id."""
+
+    url: str
+    body: dict[str, Any]
+
+
+class RunLine(_BatchTask, tag="line"):
+    """One line of an OpenAI batch, run as the batch's ``owner``."""
+
+    batch: str
+    index: int
+    custom_id: str
+    method: str
+    url: str
+    body: dict[str, Any]
+    owner: str = ""
+
+
+class StartBatch(_BatchTask, tag="start"):
+    """Validate an OpenAI batch's input file and enqueue its lines."""
+
+    batch: str
+
+
+class FinishBatch(_BatchTask, tag="finish"):
+    """Write an OpenAI batch's output and error files and end it."""
+
+    batch: str
+
+
+BatchTask = RunRequest | RunLine | StartBatch | FinishBatch
+
+
+def batch_task(payload: Any) -> BatchTask:
+    """A batch task back from arq's job (arq decodes its job with ``unpack``: plain values)."""
+    task: BatchTask = msgspec.convert(payload, BatchTask)
+    return task
+
+
 # --- the codec ---------------------------------------------------------------
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -430,9 +478,12 @@ _REPLIES = msgspec.msgpack.Decoder(Reply | list[Reply])
 _CONTROL = msgspec.msgpack.Decoder(Control)
 _META = msgspec.msgpack.Decoder(StreamMeta)
 _ANY = msgspec.msgpack.Decoder()
+_GENERATE, _EMBED, _TOKENIZE = (msgspec.msgpack.Decoder(t) for t in (Generate, Embed, Tokenize))
 _PARAMS: dict[JobKind, msgspec.msgpack.Decoder[Any]] = {
-    JobKind.CHAT: msgspec.msgpack.Decoder(Generate), JobKind.COMPLETION: msgspec.msgpack.Decoder(Generate),
-    JobKind.EMBEDDING: msgspec.msgpack.Decoder(Embed), JobKind.TOKENIZE: msgspec.msgpack.Decoder(Tokenize)}
+    JobKind.CHAT: _GENERATE, JobKind.COMPLETION: _GENERATE, JobKind.EMBEDDING: _EMBED, JobKind.TOKENIZE: _TOKENIZE}
+#: What a job that did not decode holds instead (it is refused, never run).
+_BLANK: dict[JobKind, Params] = {JobKind.CHAT: Generate(), JobKind.COMPLETION: Generate(),
+                                 JobKind.EMBEDDING: Embed(["-"]), JobKind.TOKENIZE: Tokenize()}
 
 
 def pack(obj: Any) -> bytes:

@@ -28,10 +28,11 @@ from typing import Any
 
 import httpx
 
-from broker.batch import MAX_TRIES, Attempt, BatchClient, Task, worker_options
+from broker.batch import MAX_TRIES, Attempt, BatchClient, worker_options
 from broker.batch_store import TERMINAL, NotFound, Request, line_problem, parse_requests
 from broker.errors import ServeError
 from broker.keys import Keys
+from broker.protocol import BatchTask, FinishBatch, RunLine, RunRequest, StartBatch
 from broker.settings import Settings
 from broker.tenants import ANONYMOUS, Tenant
 from gateway.app import create_app
@@ -81,17 +82,17 @@ class Runner:
     async def close(self) -> None:
         await self._stack.aclose()
 
-    async def handle(self, task: Task, attempt: Attempt, payload: dict[str, Any]) -> None:
-        if task is Task.REQUEST:
-            if "batch" in payload:
-                await self._batch_request(attempt, payload)
-            else:
-                await self._job(attempt, payload)
-        elif task is Task.START:
-            await self._start(payload["batch"])
-        elif task is Task.FINISH:
-            with contextlib.suppress(NotFound):
-                await self.store.finalize(payload["batch"])
+    async def handle(self, task: BatchTask, attempt: Attempt) -> None:
+        match task:
+            case RunLine():
+                await self._batch_request(attempt, task)
+            case RunRequest():
+                await self._job(attempt, task)
+            case StartBatch(batch):
+                await self._start(batch)
+            case FinishBatch(batch):
+                with contextlib.suppress(NotFound):
+                    await self.store.finalize(batch)
 
     # --- requests --------------------------------------------------------------
     async def answer(self, url: str, body: dict[str, Any], wanted: Callable[[], Awaitable[bool]],
@@ -121,7 +122,7 @@ class Runner:
             await asyncio.sleep(room_delay if code == "no_batch_room" else delay)
             room_delay, delay = min(room_delay * 2, 0.5), min(delay * 2, 2.0)
 
-    async def _job(self, attempt: Attempt, p: dict[str, Any]) -> None:
+    async def _job(self, attempt: Attempt, p: RunRequest) -> None:
         """A Python API job: its result is stored once, under its job id."""
         async def unfinished() -> bool:  # False once an earlier attempt finished it, or it was aborted
             return await self.store.job_result(attempt.job_id) is None
@@ -130,12 +131,12 @@ class Runner:
             return
         if attempt.number > MAX_TRIES:
             await self.store.store_job_result(attempt.job_id, 500, _gave_up())
-        elif answered := await self.answer(p["url"], p["body"], unfinished):
+        elif answered := await self.answer(p.url, p.body, unfinished):
             await self.store.store_job_result(attempt.job_id, *answered)
 
-    async def _batch_request(self, attempt: Attempt, p: dict[str, Any]) -> None:
-        batch_id = p["batch"]
-        request = Request(p["index"], p["custom_id"], p["method"], p["url"], p["body"])
+    async def _batch_request(self, attempt: Attempt, p: RunLine) -> None:
+        batch_id = p.batch
+        request = Request(p.index, p.custom_id, p.method, p.url, p.body)
 
         async def runnable() -> bool:  # False once the batch is cancelled, expired or over
             status, expires_at = await self.store.state(batch_id)
@@ -148,7 +149,7 @@ class Runner:
         if attempt.number > MAX_TRIES:
             answered = 500, _gave_up()
         elif await runnable():
-            answered = await self.answer(request.url, request.body, runnable, p.get("owner", ""))
+            answered = await self.answer(request.url, request.body, runnable, p.owner)
         if answered is not None:
             counts = await self.store.record(batch_id, request, *answered)
         else:

@@ -48,7 +48,7 @@ async def generate(
     started = time.perf_counter()
     shape = Shape(chat=kind is JobKind.CHAT, model=body.model)
     fmt = StreamFormat(shape, body.n, body.include_usage, prefix)
-    meta = fmt.meta(str(kind)) if body.resumable else None
+    meta = fmt.meta(kind) if body.resumable else None
     try:
         stream = await submit(request, broker, body.model, kind, body.job_params(), replay_meta=meta)
     except BaseException:
@@ -153,20 +153,20 @@ async def _collect(stream: ReplyStream, first: Events, shape: Shape, prefix: str
             events = []
         for ev in events:
             match ev:
-                case Delta(index, text, _, logprobs):
+                case Delta(index=index, text=text, logprobs=logprobs):
                     texts.setdefault(index, [prefix] if prefix else []).append(text)
                     if logprobs is not None:
                         lps.setdefault(index, []).extend(logprobs)
-                case ToolCall(index, call, arguments, id_, name):
+                case ToolCall(index=index, call=call, arguments=arguments, id=id_, name=name):
                     made = calls.setdefault(index, [])
                     if id_ is not None:
                         made.append({"id": id_, "type": "function", "function": {"name": name, "arguments": ""}})
                     made[call]["function"]["arguments"] += arguments
-                case ChoiceEnd(index, finish_reason):
+                case ChoiceEnd(index=index, finish_reason=finish_reason):
                     finish[index] = finish_reason
                 case Failure():
                     raise ServeError.from_event(ev)
-                case Done(usage):
+                case Done(usage=usage):
                     joined = {i: "".join(p) for i, p in texts.items()}
                     return Whole(shape.whole(joined, finish, usage, lps, calls), usage)
         events = await stream.next_events()
@@ -185,7 +185,7 @@ async def _sse(broker: BrokerClient, stream: ReplyStream, first: Events, fmt: St
                     itl.observe(since(last))
                 last = time.perf_counter()
                 sse, ended = render(fmt, events, stream.attempt, stream.last_seq)
-                stream.committed = stream.committed or any(isinstance(ev, Delta) for ev in events)
+                stream.committed = stream.committed or any(isinstance(ev, (Delta, ToolCall)) for ev in events)
                 if sse:
                     yield encode(sse)
                 if ended:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from broker.errors import ServeError
-from broker.protocol import ChoiceEnd, Delta, Done, Event, Failure, StreamMeta, ToolCall
+from broker.protocol import ChoiceEnd, Delta, Done, Event, Failure, JobKind, StreamMeta, ToolCall
 from gateway.errors import APIError
 from gateway.render import Shape, dumps
 
@@ -30,12 +30,12 @@ class StreamFormat:
     include_usage: bool = False
     prefix: str = ""
 
-    def meta(self, kind: str) -> StreamMeta:
+    def meta(self, kind: JobKind) -> StreamMeta:
         return StreamMeta(self.shape.model, kind, self.n, self.include_usage, self.prefix, self.shape.created)
 
     @classmethod
     def from_meta(cls, meta: StreamMeta, response_id: str) -> StreamFormat:
-        shape = Shape(chat=meta.kind == "chat", model=meta.model, id=response_id, created=meta.created)
+        shape = Shape(chat=meta.kind is JobKind.CHAT, model=meta.model, id=response_id, created=meta.created)
         return cls(shape, meta.n, meta.include_usage, meta.prefix)
 
 
@@ -87,13 +87,13 @@ def render(fmt: StreamFormat, events: Sequence[Event], attempt: int, seq: int) -
     shape = fmt.shape
     for ev in events:
         match ev:
-            case Delta(index, text, _, logprobs):
+            case Delta(index=index, text=text, logprobs=logprobs):
                 out.append(shape.chunk(index, text, include_usage=fmt.include_usage, lp=logprobs))
             case ToolCall():
                 out.append(shape.tool_chunk(ev, include_usage=fmt.include_usage))
-            case ChoiceEnd(index, finish_reason):
+            case ChoiceEnd(index=index, finish_reason=finish_reason):
                 out.append(shape.chunk(index, None, finish_reason, include_usage=fmt.include_usage))
-            case Done(usage):
+            case Done(usage=usage):
                 if fmt.include_usage:
                     out.append(shape.usage_chunk(usage))
                 out.append("[DONE]")

@@ -83,12 +83,13 @@ def test_jobs_round_trip_through_their_stream_fields(kind, params):
 
 
 @pytest.mark.parametrize("payload,param", [
-    ({"prompt": "x", "tools": []}, "tools"), ({"prompt": "x", "temperature": "hot"}, "temperature"),
-    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "tool_calls")])
+    ({"prompt": "x", "frobnicate": []}, "frobnicate"), ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x", "mood": "sunny"}]}, "mood")])
 async def test_a_job_the_worker_cannot_read_is_a_400_naming_the_parameter(payload, param):
     fields = {**Job("r", "echo", JobKind.CHAT, "replies", Generate()).to_fields(), "payload": msgpack.packb(payload)}
     job = Job.from_fields("1-0", fields)
     assert job.invalid
+    assert job.to_fields()["payload"] == fields["payload"]  # moved or dead-lettered as it was sent
     worker = EchoWorker("redis://unused", Settings(), ["echo"])
     [failure] = [ev async for ev in worker._events(job)]
     assert isinstance(failure, Failure)

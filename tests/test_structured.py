@@ -339,3 +339,34 @@ async def test_an_engine_refuses_each_extra_it_cannot_honour_by_name(stack):
         assert err.value.param == next(iter(extra)) and err.value.code == "unsupported_parameter", extra
 
 
+
+
+async def test_the_openai_engine_relays_calls_constraints_and_logprobs(stack, tiny_dir, tmp_path):
+    """client -> gateway A -> openai engine -> gateway B -> tiny model: the upstream makes the calls."""
+    from workers.hf import HFWorker
+    from workers.openai_api import ExternalAPIWorker
+
+    await stack.worker(["tiny"], cls=HFWorker, model_path=str(tiny_dir), key_prefix="upstream")
+    gw_b = await stack.gateway(key_prefix="upstream")
+    config = tmp_path / "upstreams.toml"
+    config.write_text(f'[models.remote-tiny]\nbase_url = "{gw_b.url}/v1"\nmodel = "tiny"\n')
+    await stack.worker(["remote-tiny"], cls=ExternalAPIWorker, api_config=str(config))
+    client = (await stack.gateway()).client()
+    ask = dict(model="remote-tiny", messages=[{"role": "user", "content": "Add."}], tools=TOOLS, max_tokens=200,
+               temperature=0, tool_choice={"type": "function", "function": {"name": "add"}})
+    r = await client.chat.completions.create(**ask)
+    [call] = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "add"
+    check_calls([call])
+    stream = await client.chat.completions.create(stream=True, **ask)
+    calls = [tc for c in [c async for c in stream] if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert calls[0].function.name == "add" and calls[0].id
+    assert json.loads("".join(tc.function.arguments or "" for tc in calls)) == json.loads(call.function.arguments)
+    r = await client.chat.completions.create(
+        model="remote-tiny", messages=[{"role": "user", "content": "Weather?"}], max_tokens=200, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMAS[0]}})
+    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMAS[0])
+    r = await client.chat.completions.create(model="remote-tiny", messages=[{"role": "user", "content": "Hi"}],
+                                             max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5 and all(len(e.top_logprobs) == 2 for e in content)  # relayed, not dropped

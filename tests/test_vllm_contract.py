@@ -15,6 +15,7 @@ The stand-in is the only stand-in: Redis, the gateway and the HTTP client are re
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import subprocess
@@ -206,7 +207,8 @@ async def test_contract_context_length_is_enforced_with_a_400_naming_it(stack, t
 async def test_contract_bad_parameters_are_400s_before_vllm(stack, tokenizer):
     """Stand-in for vLLM's AsyncLLM (vLLM needs a GPU which CI lacks): redserve's own validation comes first."""
     worker, llm, _ = await serve(stack, tokenizer)
-    for payload, param in (({"prompt": "x", "tools": []}, "tools"), ({"prompt": ["not", "a string"]}, "prompt")):
+    for payload, param in (({"prompt": "x", "frobnicate": []}, "frobnicate"),
+                           ({"prompt": ["not", "a string"]}, "prompt")):
         job = Job.from_fields("0-1", {**Job("bad", "toy", JobKind.COMPLETION, "nowhere", Generate()).to_fields(),
                                       "payload": pack(payload)})
         [failure] = [ev async for ev in worker._events(job)]
@@ -319,3 +321,36 @@ def test_real_vllm_builds_the_mapped_requests():
     assert isinstance(engine.pooling_params(), vllm.PoolingParams) and engine.pooling_params().task == "embed"
     worker = VLLMWorker("redis://unused", Settings(), [MODEL_PATH], engine_args={"max_model_len": 64})
     assert AsyncEngineArgs(**worker.engine_args).max_model_len == 64
+
+
+async def test_contract_structured_outputs_and_sampling_extras_map(stack, tokenizer):
+    """Stand-in for vLLM's AsyncLLM (vLLM needs a GPU which CI lacks): constraints become
+    StructuredOutputsParams and vLLM's extras reach SamplingParams under their own names."""
+    _, llm, client = await serve(stack, tokenizer, max_model_len=512)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    await client.chat.completions.create(
+        model="toy", messages=USER, max_tokens=8, temperature=0.7, logit_bias={"5": -3},
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+        extra_body={"min_p": 0.1, "repetition_penalty": 1.2, "min_tokens": 2, "ignore_eos": True,
+                    "stop_token_ids": [7], "skip_special_tokens": False, "include_stop_str_in_output": True})
+    _, got = only_request(llm)
+    p = got.params
+    assert (p.min_p, p.repetition_penalty, p.min_tokens, p.ignore_eos, p.stop_token_ids) == (0.1, 1.2, 2, True, [7])
+    assert (p.skip_special_tokens, p.include_stop_str_in_output, p.logit_bias) == (False, True, {5: -3.0})
+    assert json.loads(p.structured_outputs.json) == schema and p.structured_outputs.regex is None
+    llm.requests.clear()
+    await client.completions.create(model="toy", prompt="x", max_tokens=4,
+                                    extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    _, got = only_request(llm)
+    assert got.params.structured_outputs.choice == ["yes", "no"] and got.params.structured_outputs.json is None
+
+
+async def test_contract_a_vllm_validation_error_is_a_400_naming_the_parameter(stack, tokenizer):
+    """Stand-in for vLLM's AsyncLLM (vLLM needs a GPU which CI lacks): vLLM 0.33's VLLMValidationError is no
+    ValueError; it still becomes a 400, never a 500."""
+    _, llm, client = await serve(stack, tokenizer, max_model_len=512)
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.completions.create(model="toy", prompt="x", max_tokens=3, extra_body={"min_tokens": 5})
+    assert "min_tokens must be less than or equal to max_tokens" in err.value.message
+    with pytest.raises(openai.BadRequestError):
+        await client.completions.create(model="toy", prompt="x", max_tokens=3, n=2, temperature=0)

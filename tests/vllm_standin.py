@@ -6,7 +6,8 @@ that module's docstring), under vLLM's names and with vLLM's shapes and rules
 ``vllm/pooling_params.py``): DELTA ``RequestOutput``s whose ``outputs`` carry
 only the choices that moved, ``finish_reason`` ``"stop"``/``"length"``/``"abort"``,
 the EOS token counted in ``token_ids`` but not shown in ``text``, stop strings
-cut before they show, per-token ``{token_id: Logprob}`` maps, ``ValueError``
+cut before they show, per-token ``{token_id: Logprob}`` maps, ``VLLMValidationError`` (in 0.33 not a
+``ValueError``)
 for what vLLM refuses (``n > 1`` with greedy decoding, generation on a pooling
 model). Anything else the worker might call is missing, so it fails loudly.
 
@@ -34,6 +35,48 @@ from workers.stops import StopMatcher
 REPLY = " the quick brown fox jumps over the lazy dog. Hello there! How are you today? I am fine, thank you."
 
 
+class VLLMError(Exception):
+    """``vllm.exceptions.VLLMError`` (0.33): the base of vLLM's own errors, not a ``ValueError``."""
+
+
+class VLLMClientError(VLLMError):
+    """``vllm.exceptions.VLLMClientError``: the request's fault (a 4xx)."""
+
+
+class VLLMValidationError(VLLMClientError):
+    """``vllm.exceptions.VLLMValidationError``: a refused parameter, named when vLLM knows it."""
+
+    def __init__(self, message: str, *, parameter: str | None = None, value: Any = None) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+        self.value = value
+
+
+@dataclass
+class StructuredOutputsParams:
+    """``vllm.sampling_params.StructuredOutputsParams``: exactly one constraint, else VLLMValidationError."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+
+    def __post_init__(self) -> None:
+        count = sum(x is not None for x in (self.json, self.regex, self.choice, self.grammar, self.json_object,
+                                            self.structural_tag))
+        if count > 1:
+            raise VLLMValidationError("You can only use one kind of structured outputs constraint "
+                                      f"but multiple are specified: {self.__dict__}")
+        if count < 1:
+            raise VLLMValidationError("You must use one kind of structured outputs constraint "
+                                      f"but none are specified: {self.__dict__}")
+
+
 class RequestOutputKind(Enum):
     CUMULATIVE = 0
     DELTA = 1
@@ -55,13 +98,33 @@ class SamplingParams:
     max_tokens: int | None = 16
     logprobs: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self.stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
+        self.stop_token_ids = self.stop_token_ids or []
         if self.top_k < -1:
-            raise ValueError(f"top_k must be 0 (disable), or at least 1, got {self.top_k}.")
-        if self.temperature < 1e-5 and self.n > 1:
-            raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
+            raise VLLMValidationError(f"top_k must be 0 (disable), or at least 1, got {self.top_k}.")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise VLLMValidationError(f"min_p must be in [0, 1], got {self.min_p}.")
+        if self.repetition_penalty <= 0.0:
+            raise VLLMValidationError(f"repetition_penalty must be greater than zero, got "
+                                      f"{self.repetition_penalty}.", parameter="repetition_penalty")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise VLLMValidationError(f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
+                                      f"got {self.min_tokens}.")
+        if self.temperature < 1e-5:
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+            if self.n > 1:
+                raise VLLMValidationError(f"n must be 1 when using greedy sampling, got {self.n}.")
 
 
 @dataclass
@@ -119,7 +182,8 @@ class ModelConfig:
 
 def standin_classes() -> dict[str, Any]:
     """The stand-in twin of ``workers.vllm.vllm_classes()``."""
-    return {"sampling_params": SamplingParams, "pooling_params": PoolingParams, "delta": RequestOutputKind.DELTA}
+    return {"sampling_params": SamplingParams, "pooling_params": PoolingParams, "delta": RequestOutputKind.DELTA,
+            "structured_outputs": StructuredOutputsParams, "client_error": VLLMClientError}
 
 
 @dataclass
@@ -175,7 +239,7 @@ class StandInAsyncLLM:
     async def generate(self, prompt: dict[str, Any], sampling_params: SamplingParams, request_id: str
                        ) -> AsyncIterator[RequestOutput]:
         if self.runner_type == "pooling":
-            raise ValueError("This model does not support generation")
+            raise VLLMValidationError("This model does not support generation")
         if sampling_params.output_kind is not RequestOutputKind.DELTA:
             raise NotImplementedError("the stand-in streams DELTA outputs only")
         ids = list(prompt["prompt_token_ids"])
@@ -225,7 +289,7 @@ class StandInAsyncLLM:
     async def encode(self, prompt: dict[str, Any], pooling_params: PoolingParams, request_id: str
                      ) -> AsyncIterator[PoolingRequestOutput]:
         if self.runner_type != "pooling":
-            raise ValueError("This model does not support pooling")
+            raise VLLMValidationError("This model does not support pooling")
         if pooling_params.task != "embed":
             raise ValueError(f"Unsupported task: {pooling_params.task!r}")
         ids = list(prompt["prompt_token_ids"])

@@ -24,7 +24,21 @@ from typing import Any
 import httpx
 import msgspec
 
-from broker.protocol import ChoiceEnd, Delta, Done, Embed, Embeddings, Event, Generate, Job, JobKind, Usage
+from broker.protocol import (
+    ChoiceEnd,
+    Delta,
+    Done,
+    Embed,
+    Embeddings,
+    Event,
+    Generate,
+    Job,
+    JobKind,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
+    Usage,
+)
 from broker.settings import Settings
 from workers.base import BaseModelWorker, JobError
 
@@ -62,6 +76,14 @@ def load_upstreams(path: str | Path, environ: dict[str, str] | None = None) -> d
 
 class ExternalAPIWorker(BaseModelWorker):
     engine = "openai"
+    #: Whatever the request asks goes to the upstream, which honours it or answers a 400 (relayed as is).
+    features = frozenset({
+        "logprobs", "structured", "tools", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
+        "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "logit_bias",
+        "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
+    })
+    #: The upstream makes the tool calls; they are relayed, not parsed here.
+    native_tools = True
 
     def __init__(self, redis_url: str, settings: Settings, models: list[str], *, worker_id: str | None = None) -> None:
         if not settings.api_config:
@@ -84,13 +106,14 @@ class ExternalAPIWorker(BaseModelWorker):
     async def generate(self, job: Job) -> AsyncIterator[Event]:
         up = self.upstreams[job.model]
         assert isinstance(job.params, Generate)
-        path = "/chat/completions" if job.kind is JobKind.CHAT else "/completions"
-        body = {**msgspec.to_builtins(job.params), "model": up.model, "stream": True,
+        chat = job.kind is JobKind.CHAT
+        body = {**upstream_body(job.params, chat=chat), "model": up.model, "stream": True,
                 "stream_options": {"include_usage": True}}
         usage: dict[str, int] = {}
         tokens = 0
         assert self.http is not None
-        async with self.http.stream("POST", up.base_url + path, json=body, headers=up.headers(),
+        async with self.http.stream("POST", up.base_url + ("/chat/completions" if chat else "/completions"),
+                                    json=body, headers=up.headers(),
                                     timeout=up.timeout) as r:
             if r.status_code != 200:
                 raise _upstream_error(r.status_code, await r.aread())
@@ -100,12 +123,9 @@ class ExternalAPIWorker(BaseModelWorker):
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
-                    text = choice["delta"].get("content") if "delta" in choice else choice.get("text")
-                    if text:
-                        tokens += 1
-                        yield Delta(choice["index"], text)
-                    if choice.get("finish_reason"):
-                        yield ChoiceEnd(choice["index"], choice["finish_reason"])
+                    for ev in relayed(choice):
+                        tokens += isinstance(ev, Delta)
+                        yield ev
         # An upstream that ignores stream_options sends no usage: count chunks instead.
         yield Done(Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", tokens)))
 
@@ -119,6 +139,59 @@ class ExternalAPIWorker(BaseModelWorker):
         data = r.json()
         vectors = [d["embedding"] for d in sorted(data["data"], key=lambda d: d["index"])]
         return Embeddings(vectors, Usage((data.get("usage") or {}).get("prompt_tokens", 0)))
+
+
+def upstream_body(params: Generate, *, chat: bool) -> dict[str, Any]:
+    """A job's parameters as the OpenAI (or vLLM) request they came from."""
+    body: dict[str, Any] = msgspec.to_builtins(params)  # fields at their defaults are left out
+    for internal in ("structured", "tool_choice", "tool_name", "logprobs", "logit_bias"):
+        body.pop(internal, None)
+    if params.logprobs is not None:
+        body |= {"logprobs": True, "top_logprobs": params.logprobs} if chat else {"logprobs": params.logprobs}
+    if params.logit_bias:
+        body["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
+    if params.tools:
+        body["tool_choice"] = {"type": "function", "function": {"name": params.tool_name}} \
+            if params.tool_choice == "function" else params.tool_choice
+    s = params.structured
+    if s is not None and s.json is not None:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "schema",
+                                                                          "schema": json.loads(s.json)}}
+    elif s is not None and s.json_object:
+        body["response_format"] = {"type": "json_object"}
+    elif s is not None:  # vLLM's own extension; an OpenAI upstream refuses it, and says so
+        body["structured_outputs"] = {k: v for k, v in msgspec.to_builtins(s).items()}
+    return body
+
+
+def relayed(choice: dict[str, Any]) -> list[Event]:
+    """One upstream streamed choice as events: text (with its logprobs), tool call pieces, its end."""
+    i = choice["index"]
+    delta = choice.get("delta")
+    text = delta.get("content") if delta is not None else choice.get("text")
+    out: list[Event] = []
+    logprobs = _logprobs(choice.get("logprobs"))
+    if text or logprobs:
+        out.append(Delta(i, text or "", max(1, len(logprobs or [])), logprobs))
+    for call in (delta or {}).get("tool_calls") or []:
+        fn = call.get("function") or {}
+        out.append(ToolCall(i, call.get("index", 0), fn.get("arguments") or "", call.get("id"), fn.get("name")))
+    if choice.get("finish_reason"):
+        out.append(ChoiceEnd(i, choice["finish_reason"]))
+    return out
+
+
+def _logprobs(lp: dict[str, Any] | None) -> list[TokenLogprob] | None:
+    """OpenAI's logprobs, chat (``content``) or completions (``tokens``...), as the protocol's entries."""
+    if not lp:
+        return None
+    if "content" in lp:
+        return [TokenLogprob(e["token"], e["logprob"], [TopLogprob(t["token"], t["logprob"])
+                                                        for t in e.get("top_logprobs") or []])
+                for e in lp["content"] or []]
+    tops = lp.get("top_logprobs") or [None] * len(lp.get("tokens") or [])
+    return [TokenLogprob(t, v, [TopLogprob(k, w) for k, w in (top or {}).items()])
+            for t, v, top in zip(lp.get("tokens") or [], lp.get("token_logprobs") or [], tops)]
 
 
 async def _sse_json(r: httpx.Response) -> AsyncIterator[dict[str, Any]]:

@@ -136,7 +136,7 @@ class ReplyPublisher:
                 if batch[-1] is None:
                     batch.pop()
                     finished = True
-                if any(ev is _OVERFLOW for ev in batch):
+                if any(isinstance(ev, _Overflow) for ev in batch):
                     raise OutboxOverflow(f"more than {self.max_waiting} bytes of replies waited for Redis")
                 waiting = 0
                 ready = [ev for ev in batch if ev is not None and not isinstance(ev, _Overflow)]

@@ -76,12 +76,18 @@ FINISH_REASONS = frozenset({"stop", "length"})
 
 
 def vllm_classes() -> dict[str, Any]:
-    """vLLM's request classes, imported only here, so this module imports without vLLM."""
+    """vLLM's request classes, imported only here, so this module imports without vLLM.
+
+    ``client_error`` is what vLLM raises for a request it refuses: since 0.2x
+    ``VLLMClientError`` (``VLLMValidationError`` is one), no longer a ``ValueError``.
+    """
     from vllm import PoolingParams
     from vllm import SamplingParams as VLLMSamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.exceptions import VLLMClientError
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-    return {"sampling_params": VLLMSamplingParams, "pooling_params": PoolingParams, "delta": RequestOutputKind.DELTA}
+    return {"sampling_params": VLLMSamplingParams, "pooling_params": PoolingParams, "delta": RequestOutputKind.DELTA,
+            "structured_outputs": StructuredOutputsParams, "client_error": VLLMClientError}
 
 
 # --- the adapter: every vLLM name this worker uses ---------------------------------------
@@ -100,11 +106,15 @@ class VLLMEngine:
     stand-in ``llm`` and stand-in classes, which is why they are arguments.
     """
 
-    def __init__(self, llm: Any, *, sampling_params: Any, pooling_params: Any, delta: Any) -> None:
+    def __init__(self, llm: Any, *, sampling_params: Any, pooling_params: Any, delta: Any, structured_outputs: Any,
+                 client_error: type[Exception]) -> None:
         self.llm = llm
         self._sampling_params = sampling_params
         self._pooling_params = pooling_params
         self._delta = delta
+        self._structured_outputs = structured_outputs
+        #: What vLLM raises when it refuses a request: a 400, never a 500.
+        self.refusals: tuple[type[Exception], ...] = (ValueError, client_error)
 
     @classmethod
     def start(cls, engine_args: Mapping[str, Any]) -> VLLMEngine:
@@ -157,8 +167,19 @@ class VLLMEngine:
                 stop=list(p.stop),
                 logprobs=p.logprobs,
                 output_kind=self._delta,
+                min_p=p.min_p,
+                repetition_penalty=p.repetition_penalty,
+                min_tokens=p.min_tokens,
+                ignore_eos=p.ignore_eos,
+                stop_token_ids=list(p.stop_token_ids) or None,
+                skip_special_tokens=p.skip_special_tokens,
+                include_stop_str_in_output=p.include_stop_str_in_output,
+                logit_bias=dict(p.logit_bias) or None,
+                structured_outputs=None if p.structured is None else self._structured_outputs(
+                    json=p.structured.json, regex=p.structured.regex, choice=p.structured.choice,
+                    grammar=p.structured.grammar, json_object=p.structured.json_object or None),
             )
-        except ValueError as exc:  # vllm.exceptions.VLLMValidationError is one
+        except self.refusals as exc:
             raise refused(exc) from exc
 
     def pooling_params(self) -> Any:
@@ -209,8 +230,9 @@ class VLLMEngine:
         aborts the request in vLLM. vLLM's own generators abort then too;
         saying it here keeps the guarantee in our contract rather than in
         vLLM's internals (aborting a finished or unknown request is a no-op).
-        A ``ValueError`` is vLLM refusing the request (it validates on
-        submission, raising from the stream's first step): a 400.
+        A ``VLLMClientError`` (or, from older vLLM, a ``ValueError``) is vLLM
+        refusing the request (it validates on submission, raising from the
+        stream's first step): a 400.
         """
         try:
             async with contextlib.aclosing(stream):  # type: ignore[type-var]  # an AsyncIterator that has aclose()
@@ -218,11 +240,11 @@ class VLLMEngine:
         except (asyncio.CancelledError, GeneratorExit):
             await self.llm.abort(request_id)
             raise
-        except ValueError as exc:  # vllm.exceptions.VLLMValidationError is one
+        except self.refusals as exc:
             raise refused(exc) from exc
 
 
-def refused(exc: ValueError) -> JobError:
+def refused(exc: Exception) -> JobError:
     """vLLM's refusal of a request (``VLLMValidationError`` names the parameter where it knows it) as a 400."""
     return JobError(f"vLLM refused the request: {exc}", param=getattr(exc, "parameter", None))
 
@@ -269,6 +291,13 @@ def extra_engine_args(value: str | None) -> dict[str, Any]:
 # --- the worker ----------------------------------------------------------------------------
 class VLLMWorker(BaseModelWorker):
     engine = "vllm"
+    #: Everything maps onto ``SamplingParams`` (constraints onto ``StructuredOutputsParams``); tools and template
+    #: options go through the shared chat template path.
+    features = frozenset({
+        "logprobs", "structured", "tools", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
+        "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "logit_bias",
+        "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
+    })
 
     def __init__(self, redis_url: str, settings: Settings, models: list[str], *, worker_id: str | None = None,
                  engine_args: Mapping[str, Any] | None = None) -> None:
@@ -298,8 +327,6 @@ class VLLMWorker(BaseModelWorker):
     async def teardown(self) -> None:
         if self.vllm is not None:
             await asyncio.to_thread(self.vllm.shutdown)
-
-    features = frozenset({"logprobs"})
 
     async def generate(self, job: Job) -> AsyncIterator[Event]:
         vllm = self.vllm

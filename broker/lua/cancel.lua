@@ -1,7 +1,7 @@
 -- Cancel a request wherever it runs: look up its worker, tell that worker.
 --
 -- KEYS[1] the request's hash (worker, owner)
--- ARGV    control channel prefix and suffix, msgpack {"cancel": request_id},
+-- ARGV    control channel prefix and suffix, a msgpack Cancel (broker/protocol.py),
 --         the asking tenant ("" = anyone: an admin, or the gateway releasing its own stream)
 -- Returns the worker id, or false when the request is unknown, finished, or
 -- not the asking tenant's (the caller cannot tell these apart).

@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 
 class HFWorker(BaseModelWorker):
     engine = "hf"
+    features = frozenset({
+        "logprobs", "structured", "tools", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
+        "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "logit_bias",
+        "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
+    })
 
     def __init__(self, redis_url: str, settings: Settings, models: list[str], *, worker_id: str | None = None,
                  model_path: str | None = None) -> None:
@@ -47,12 +52,6 @@ class HFWorker(BaseModelWorker):
     async def teardown(self) -> None:
         if self.batcher is not None:
             await asyncio.to_thread(self.batcher.close)
-
-    features = frozenset({
-        "logprobs", "structured", "tools", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
-        "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "logit_bias",
-        "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
-    })
 
     async def generate(self, job: Job) -> AsyncIterator[Event]:
         loaded, batcher = self.loaded, self.batcher
