@@ -38,6 +38,7 @@ class JobKind(StrEnum):
     COMPLETION = "completion"
     EMBEDDING = "embedding"
     TOKENIZE = "tokenize"
+    DETOKENIZE = "detokenize"
 
 
 class Message(Struct, omit_defaults=True, forbid_unknown_fields=True):
@@ -156,7 +157,13 @@ class Tokenize(Struct, omit_defaults=True, forbid_unknown_fields=True):
     prompt: str | None = None
 
 
-Params = Generate | Embed | Tokenize
+class Detokenize(Struct, forbid_unknown_fields=True):
+    """A detokenize job: token ids back to text."""
+
+    tokens: list[int]
+
+
+Params = Generate | Embed | Tokenize | Detokenize
 
 
 @dataclass(slots=True)
@@ -324,12 +331,20 @@ class Embeddings(_Event, tag="emb"):
 
 
 class TokenCount(_Event, tag="tok"):
-    """A tokenize job's answer (``ids`` is None for an engine without real token ids)."""
+    """A tokenize job's answer (``ids`` is None for an engine without real token ids; ``strs`` each id's text)."""
 
     terminal = True
     count: int = field(name="n")
     ids: list[int] | None = None
     context_length: int = field(default=0, name="ctx")
+    strs: list[str] | None = None
+
+
+class Text(_Event, tag="txt"):
+    """A detokenize job's answer."""
+
+    terminal = True
+    text: str = field(name="x")
 
 
 class Failure(_Event, tag="err"):
@@ -343,7 +358,7 @@ class Failure(_Event, tag="err"):
     param: str | None = None
 
 
-Event = Delta | ToolCall | ChoiceEnd | Done | Embeddings | TokenCount | Failure
+Event = Delta | ToolCall | ChoiceEnd | Done | Embeddings | TokenCount | Text | Failure
 
 
 class Reply(Struct, omit_defaults=True):
@@ -478,12 +493,15 @@ _REPLIES = msgspec.msgpack.Decoder(Reply | list[Reply])
 _CONTROL = msgspec.msgpack.Decoder(Control)
 _META = msgspec.msgpack.Decoder(StreamMeta)
 _ANY = msgspec.msgpack.Decoder()
-_GENERATE, _EMBED, _TOKENIZE = (msgspec.msgpack.Decoder(t) for t in (Generate, Embed, Tokenize))
+_GENERATE, _EMBED, _TOKENIZE, _DETOKENIZE = (msgspec.msgpack.Decoder(t) for t in (Generate, Embed, Tokenize,
+                                                                                  Detokenize))
 _PARAMS: dict[JobKind, msgspec.msgpack.Decoder[Any]] = {
-    JobKind.CHAT: _GENERATE, JobKind.COMPLETION: _GENERATE, JobKind.EMBEDDING: _EMBED, JobKind.TOKENIZE: _TOKENIZE}
+    JobKind.CHAT: _GENERATE, JobKind.COMPLETION: _GENERATE, JobKind.EMBEDDING: _EMBED, JobKind.TOKENIZE: _TOKENIZE,
+    JobKind.DETOKENIZE: _DETOKENIZE}
 #: What a job that did not decode holds instead (it is refused, never run).
 _BLANK: dict[JobKind, Params] = {JobKind.CHAT: Generate(), JobKind.COMPLETION: Generate(),
-                                 JobKind.EMBEDDING: Embed(["-"]), JobKind.TOKENIZE: Tokenize()}
+                                 JobKind.EMBEDDING: Embed(["-"]), JobKind.TOKENIZE: Tokenize(),
+                                 JobKind.DETOKENIZE: Detokenize([])}
 
 
 def pack(obj: Any) -> bytes:

@@ -38,6 +38,8 @@ class WorkerRecord:
     version: str = __version__
     #: Longest prompt + completion the model takes, in tokens (0 = unknown).
     context_length: int = 0
+    #: Where the served model came from (a directory or a hub id; empty when the engine has none).
+    root: str = ""
     #: Counters since start: jobs finished and tokens produced.
     jobs_done: int = 0
     tokens_out: int = 0
@@ -59,6 +61,7 @@ class WorkerRecord:
             "started_at": f"{self.started_at:.3f}",
             "version": self.version,
             "context_length": str(self.context_length),
+            "root": self.root,
             "jobs_done": str(self.jobs_done),
             "tokens_out": str(self.tokens_out),
         }
@@ -78,6 +81,7 @@ class WorkerRecord:
             started_at=float(fields.get("started_at", 0)),
             version=fields.get("version", ""),
             context_length=int(fields.get("context_length", 0)),
+            root=fields.get("root", ""),
             jobs_done=int(fields.get("jobs_done", 0)),
             tokens_out=int(fields.get("tokens_out", 0)),
             queue=int(fields.get("queue", 0)),

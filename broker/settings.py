@@ -197,6 +197,12 @@ class Settings(BaseSettings):
         description="Routes reachable without an API key (e.g. /metrics for an unauthenticated scraper).",
         json_schema_extra=_for("gateway"),
     )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins a browser may call the API from (e.g. https://app.example.com, or * for any); "
+                    "none by default.",
+        json_schema_extra=_for("gateway"),
+    )
     api_docs: bool = Field(
         default=True, description="Serve /docs, /redoc and /openapi.json (behind the API key when keys are set).",
         json_schema_extra=_for("gateway"),

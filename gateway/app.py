@@ -8,6 +8,7 @@ from importlib import resources
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.cors import CORSMiddleware
 
 from broker import __version__
 from broker.client import BrokerClient
@@ -52,6 +53,9 @@ def create_app(redis_url: str, settings: Settings, *, batch: bool = False) -> Fa
     app.add_middleware(BodyLimitMiddleware, cap=lambda path: body_cap(settings, path))
     app.add_middleware(APIKeyMiddleware, keys=load_keys(settings), settings=settings, limiter=limiter)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.cors_origins:  # outermost: a browser's preflight is answered before any key is asked for
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["Retry-After"])
     app.include_router(router)
     app.include_router(resume.router)
     app.include_router(console.router)

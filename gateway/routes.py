@@ -12,12 +12,18 @@ from starlette.responses import Response
 from broker.client import BrokerClient
 from broker.errors import ServeError
 from broker.ids import request_id
-from broker.protocol import Embed, Embeddings, Event, Failure, JobKind, Params, TokenCount
+from broker.protocol import Embed, Embeddings, Event, Failure, JobKind, Params, Text, TokenCount
 from gateway import limits
 from gateway.disconnect import ClientGone, unless_disconnected
 from gateway.errors import APIError
 from gateway.generation import first_reply, generate, submit
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest
+from gateway.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
 from gateway.security import RateLimiter, tenant_of
 
 router = APIRouter()
@@ -47,11 +53,16 @@ async def list_models(request: Request) -> dict[str, Any]:
     for w in workers:
         for m in w.models:
             entry = models.setdefault(m, {"id": m, "object": "model", "created": int(w.started_at),
-                                          "owned_by": "redserve", "workers": 0, "context_length": None})
+                                          "owned_by": "redserve", "workers": 0, "context_length": None,
+                                          "max_model_len": None, "root": m, "engines": []})
             entry["created"] = min(entry["created"], int(w.started_at))
             entry["workers"] += 1
+            if w.engine not in entry["engines"]:
+                entry["engines"].append(w.engine)
             if w.context_length:
-                entry["context_length"] = w.context_length
+                entry["context_length"] = entry["max_model_len"] = w.context_length
+            if w.root:
+                entry["root"] = w.root
     return {"object": "list", "data": sorted(models.values(), key=lambda m: m["id"])}
 
 
@@ -96,7 +107,19 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Any:
     assert isinstance(ev, TokenCount)
     ctx = ev.context_length or None
     fits = None if ctx is None else ev.count + (body.max_tokens or 0) <= ctx
-    return {"model": body.model, "count": ev.count, "max_model_len": ctx, "fits": fits, "tokens": ev.ids}
+    return {"model": body.model, "count": ev.count, "max_model_len": ctx, "fits": fits, "tokens": ev.ids,
+            "token_strs": ev.strs}
+
+
+@router.post("/detokenize")
+@router.post("/v1/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
+    """Token ids back to text, on a worker of the model (vLLM's endpoint)."""
+    ev = await _one_reply(request, body.model, JobKind.DETOKENIZE, body.job_params(), 0)
+    if isinstance(ev, Response):
+        return ev
+    assert isinstance(ev, Text)
+    return {"model": body.model, "prompt": ev.text}
 
 
 async def _one_reply(request: Request, model: str, kind: JobKind, params: Params,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -396,6 +396,14 @@ class EmbeddingRequest(RequestBody):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: None = None
     user: str | None = None
+
+
+class DetokenizeRequest(RequestBody):
+    model: str = Field(min_length=1)
+    tokens: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(max_length=1_000_000)
+
+    def job_params(self) -> protocol.Detokenize:
+        return protocol.Detokenize(self.tokens)
 
 
 class TokenizeRequest(RequestBody):

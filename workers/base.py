@@ -37,6 +37,7 @@ from broker.keys import WORKER_GROUP, Keys
 from broker.protocol import (
     Cancel,
     Delta,
+    Detokenize,
     Embeddings,
     Event,
     Generate,
@@ -44,6 +45,7 @@ from broker.protocol import (
     JobKind,
     Reply,
     Resend,
+    Text,
     TokenCount,
     as_str,
     control,
@@ -52,8 +54,10 @@ from broker.pubsub import subscribe_forever
 from broker.registry import Registry, WorkerRecord
 from broker.scripts import Scripts
 from broker.settings import Settings
+from workers.errors import JobError
 from workers.metrics import serve_metrics
 from workers.outbox import Outbox, OutboxOverflow, ReplayLog
+from workers.prompts import prompt_ids
 from workers.publish import Orphaned, ReplyPublisher
 from workers.tools import PARSERS
 from workers.tools.calls import constraint, tool_events
@@ -65,12 +69,6 @@ ORPHANED = ServeError("The worker stopped this request: no gateway heard its rep
                       status=503, code="reply_lost").event()
 OVERFLOWED = ServeError("Redis was unreachable so long that this request's waiting replies passed its share of the "
                         "worker's outbox_max_bytes; it was stopped.", status=503, code="reply_lost").event()
-
-
-class JobError(ServeError):
-    """A failure the user caused or should hear about: a 400 unless said otherwise (``ServeError``'s kwargs)."""
-
-    status = 400
 
 
 class BaseModelWorker(abc.ABC):
@@ -100,6 +98,8 @@ class BaseModelWorker(abc.ABC):
             max_concurrency=settings.max_concurrency,
             max_queue=settings.max_queue or 4 * settings.max_concurrency,
         )
+        #: The engine's Hugging Face tokenizer, once ``setup`` loaded it (tokenize, detokenize, chat templates).
+        self.tokenizer: Any = None
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.jobs: dict[str, Job] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -138,9 +138,28 @@ class BaseModelWorker(abc.ABC):
         """Embed ``job.params.input``. Engines without embeddings keep this."""
         raise JobError(f"The model `{job.model}` does not support embeddings.", code="unsupported")
 
+    # --- what a Hugging Face tokenizer gives every engine that has one (``self.tokenizer``) -------
     async def tokenize(self, job: Job) -> tuple[int, list[int] | None]:
         """Count a prompt's tokens: ``(count, ids)``; ``ids`` None when the engine has no real ids."""
-        raise JobError(f"The model `{job.model}` cannot tokenize.", code="unsupported", param="model")
+        if self.tokenizer is None:
+            raise JobError(f"The model `{job.model}` cannot tokenize.", code="unsupported", param="model")
+        ids = await asyncio.to_thread(prompt_ids, self.tokenizer, job)
+        return len(ids), ids
+
+    def token_strings(self, ids: list[int]) -> list[str] | None:
+        """Each token's text, for ``/tokenize``; None when the engine has no tokenizer."""
+        return None if self.tokenizer is None else [self.tokenizer.decode([i]) for i in ids]
+
+    async def detokenize(self, job: Job) -> str:
+        """Token ids back to text."""
+        assert isinstance(job.params, Detokenize)
+        if self.tokenizer is None:
+            raise JobError(f"The model `{job.model}` cannot detokenize.", code="unsupported", param="model")
+        vocab = len(self.tokenizer)
+        if bad := [t for t in job.params.tokens if not 0 <= t < vocab]:
+            raise JobError(f"Token id {bad[0]} is not in the model's vocabulary (0..{vocab - 1}).", param="tokens")
+        text: str = await asyncio.to_thread(self.tokenizer.decode, job.params.tokens)
+        return text
 
     # --- lifecycle -------------------------------------------------------------
     @property
@@ -399,7 +418,11 @@ class BaseModelWorker(abc.ABC):
                 return
             if job.kind is JobKind.TOKENIZE:
                 count, ids = await self.tokenize(job)
-                yield TokenCount(count, ids, self.record.context_length)
+                strs = None if ids is None else self.token_strings(ids)
+                yield TokenCount(count, ids, self.record.context_length, strs)
+                return
+            if job.kind is JobKind.DETOKENIZE:
+                yield Text(await self.detokenize(job))
                 return
             assert isinstance(job.params, Generate)
             if missing := sorted(job.params.asks() - self.features):

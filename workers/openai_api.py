@@ -40,7 +40,8 @@ from broker.protocol import (
     Usage,
 )
 from broker.settings import Settings
-from workers.base import BaseModelWorker, JobError
+from workers.base import BaseModelWorker
+from workers.errors import JobError
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import msgspec
 
 from broker.protocol import Generate, JobKind
-from workers.base import JobError
+from workers.errors import JobError
 
 
 def fitted(params: Generate, kind: JobKind, prompt_tokens: int, context: int) -> Generate:

@@ -12,7 +12,7 @@ from typing import Any
 import jinja2
 
 from broker.protocol import Generate, Job, Message, Tokenize
-from workers.base import JobError
+from workers.errors import JobError
 
 #: What the template call itself passes: ``chat_template_kwargs`` may not override these.
 _TEMPLATE_ARGS = frozenset({"conversation", "messages", "tools", "add_generation_prompt", "continue_final_message",

@@ -65,7 +65,8 @@ from broker.protocol import (
     Usage,
 )
 from broker.settings import Settings
-from workers.base import BaseModelWorker, JobError
+from workers.base import BaseModelWorker
+from workers.errors import JobError
 from workers.params import fitted, inputs_fit
 from workers.prompts import prompt_ids
 
@@ -311,7 +312,6 @@ class VLLMWorker(BaseModelWorker):
             **(engine_args or {}),
         }
         self.vllm: VLLMEngine | None = None
-        self.tokenizer: Any = None
 
     def start_engine(self, engine_args: Mapping[str, Any]) -> VLLMEngine:
         """The engine factory (blocking); the contract test overrides it to hand in a stand-in."""
@@ -320,6 +320,7 @@ class VLLMWorker(BaseModelWorker):
     async def setup(self) -> None:
         self.vllm = await asyncio.to_thread(self.start_engine, self.engine_args)
         self.tokenizer = await self.vllm.tokenizer()
+        self.record.root = self.model_path
         self.record.context_length = self.vllm.context_length
         log.info("vllm worker started %s (%s, context %d)", self.model_path,
                  "embeddings only" if self.vllm.pooling else "generation", self.vllm.context_length)

@@ -13,7 +13,7 @@ import torch
 import xgrammar as xgr
 
 from broker.protocol import Structured
-from workers.base import JobError
+from workers.errors import JobError
 
 #: xgrammar prefixes its messages with a time and a C++ source location: not for users.
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")

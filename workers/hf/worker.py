@@ -10,7 +10,8 @@ from typing import Any
 
 from broker.protocol import Done, Embed, Embeddings, Event, Generate, Job, Usage
 from broker.settings import Settings
-from workers.base import BaseModelWorker, JobError
+from workers.base import BaseModelWorker
+from workers.errors import JobError
 from workers.hf.embeddings import mean_pooled
 from workers.hf.engine import BatchEngine, Emit
 from workers.hf.grammar import Grammars
@@ -40,7 +41,9 @@ class HFWorker(BaseModelWorker):
 
     async def setup(self) -> None:
         self.loaded = await asyncio.to_thread(load_model, self.model_path)
+        self.tokenizer = self.loaded.tokenizer
         self.record.context_length = self.loaded.context_length
+        self.record.root = str(self.model_path)
         if self.loaded.causal:
             self.batcher = BatchEngine(self.loaded)
             self.batcher.start()
@@ -79,11 +82,6 @@ class HFWorker(BaseModelWorker):
                     return
         finally:  # cancelled, closed early or done: the compute thread drops it within a step
             gen.cancel()
-
-    async def tokenize(self, job: Job) -> tuple[int, list[int] | None]:
-        assert self.loaded is not None
-        ids = await asyncio.to_thread(prompt_ids, self.loaded.tokenizer, job)
-        return len(ids), ids
 
     async def embed(self, job: Job) -> Embeddings:
         assert self.loaded is not None and isinstance(job.params, Embed)
