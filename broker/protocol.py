@@ -68,7 +68,12 @@ class Generate(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=T
     """
 
     messages: list[Message] | None = None
-    prompt: str | None = None
+    #: A completion's prompt: text, or token ids.
+    prompt: str | list[int] | None = None
+    #: Several completion prompts in one request: each gets ``n`` choices, numbered prompt by prompt.
+    prompts: list[str | list[int]] | None = None
+    #: A completion that starts with its prompt (with the prompt tokens' logprobs when ``logprobs`` is set).
+    echo: bool = False
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
@@ -144,10 +149,12 @@ _FEATURE_DEFAULTS: dict[str, Any] = {
 }
 
 
-class Embed(Struct, forbid_unknown_fields=True):
-    """An embedding job: the texts to embed, at least one."""
+class Embed(Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """An embedding job: the inputs to embed (texts or token ids), at least one."""
 
-    input: Annotated[list[str], msgspec.Meta(min_length=1)]
+    input: Annotated[list[str | list[int]], msgspec.Meta(min_length=1)]
+    #: Keep only the first ``dimensions`` of each vector (renormalised): for Matryoshka-trained models only.
+    dimensions: int | None = None
 
 
 class Tokenize(Struct, omit_defaults=True, forbid_unknown_fields=True):
@@ -275,7 +282,8 @@ class TokenLogprob(Struct):
     """One generated token's logprob and its best alternatives, as every engine reports it."""
 
     token: str
-    logprob: float
+    #: None for a prompt's first token (nothing comes before it to predict it).
+    logprob: float | None
     top_logprobs: list[TopLogprob] = []
 
 

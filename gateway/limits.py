@@ -10,16 +10,17 @@ from gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingRe
 def check(body: SamplingRequest, settings: Settings) -> None:
     if body.max_tokens is not None and body.max_tokens > settings.max_tokens_cap:
         _over("max_tokens", body.max_tokens, settings.max_tokens_cap, "max_tokens_cap")
-    if body.n > settings.max_n:
-        _over("n", body.n, settings.max_n, "max_n")
+    choices = body.n * (len(body.prompts) if isinstance(body, CompletionRequest) else 1)
+    if choices > settings.max_n:
+        _over("n", choices, settings.max_n, "max_n", unit=" choices" if choices != body.n else "")
     if isinstance(body, ChatCompletionRequest):
         if len(body.messages) > settings.max_messages:
             _over("messages", len(body.messages), settings.max_messages, "max_messages")
         chars = sum(_chars(m.content) for m in body.messages)
         if chars > settings.max_prompt_chars:
             _over("messages", chars, settings.max_prompt_chars, "max_prompt_chars", unit=" characters")
-    elif isinstance(body, CompletionRequest) and len(body.prompt) > settings.max_prompt_chars:
-        _over("prompt", len(body.prompt), settings.max_prompt_chars, "max_prompt_chars", unit=" characters")
+    elif isinstance(body, CompletionRequest) and (size := _prompt_size(body)) > settings.max_prompt_chars:
+        _over("prompt", size, settings.max_prompt_chars, "max_prompt_chars", unit=" characters")
 
 
 def estimate_tokens(body: SamplingRequest) -> int:
@@ -32,20 +33,27 @@ def estimate_tokens(body: SamplingRequest) -> int:
     if isinstance(body, ChatCompletionRequest):
         prompt = sum(_chars(m.content) for m in body.messages) // 4 + 4 * len(body.messages)
     elif isinstance(body, CompletionRequest):
-        prompt = len(body.prompt) // 4 + 1
+        prompt = sum(len(p) // 4 + 1 if isinstance(p, str) else len(p) for p in body.prompts)
+        return prompt + (body.max_tokens or 0) * body.n * len(body.prompts)
     else:
         prompt = 0
     return prompt + (body.max_tokens or 0) * body.n
 
 
-def estimate_text_tokens(texts: list[str]) -> int:
-    return sum(len(t) // 4 + 1 for t in texts)
+def estimate_text_tokens(texts: list[str | list[int]]) -> int:
+    """About four characters a token; token ids count as themselves."""
+    return sum(len(t) // 4 + 1 if isinstance(t, str) else len(t) for t in texts)
 
 
-def check_texts(texts: list[str], param: str, settings: Settings) -> None:
+def check_texts(texts: list[str | list[int]], param: str, settings: Settings) -> None:
     chars = sum(len(t) for t in texts)
     if chars > settings.max_prompt_chars:
         _over(param, chars, settings.max_prompt_chars, "max_prompt_chars", unit=" characters")
+
+
+def _prompt_size(body: CompletionRequest) -> int:
+    """Characters of text prompts, and a token-id prompt's ids counted as characters (a token is at least one)."""
+    return sum(len(p) for p in body.prompts)
 
 
 def _chars(content: object) -> int:

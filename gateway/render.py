@@ -59,7 +59,8 @@ class Shape:
             start += len(e.token)
         self.offsets[index] = start
         return {"tokens": [e.token for e in lp], "token_logprobs": [e.logprob for e in lp],
-                "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in lp],
+                "top_logprobs": [None if e.logprob is None else {t.token: t.logprob for t in e.top_logprobs}
+                                 for e in lp],
                 "text_offset": offsets}
 
     def _obj(self, object_: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:

@@ -82,8 +82,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    prefix = body.text if body.echo else ""
-    return await generate(request, _broker(request), body, JobKind.COMPLETION, prefix=prefix)
+    return await generate(request, _broker(request), body, JobKind.COMPLETION)  # echo: the worker starts with it
 
 
 @router.post("/v1/requests/{response_id}/cancel")
@@ -152,9 +151,9 @@ async def _one_reply(request: Request, model: str, kind: JobKind, params: Params
 
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
-    inputs = [body.input] if isinstance(body.input, str) else body.input
+    inputs = body.inputs
     limits.check_texts(inputs, "input", _broker(request).settings)
-    ev = await _one_reply(request, body.model, JobKind.EMBEDDING, Embed(inputs),
+    ev = await _one_reply(request, body.model, JobKind.EMBEDDING, Embed(inputs, body.dimensions),
                           limits.estimate_text_tokens(inputs))
     if isinstance(ev, Response):
         return ev

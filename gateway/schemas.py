@@ -297,7 +297,7 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[ToolDef] | None = Field(default=None, max_length=128)
+    tools: list[ToolDef] | None = Field(default=None, min_length=1, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     # vLLM's chat extensions.
@@ -353,9 +353,14 @@ class ChatCompletionRequest(SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+TokenIds = list[Annotated[int, Field(ge=0, lt=2**31)]]
+
+
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] = Field(description="One prompt (a string or a list holding one string).")
-    max_tokens: int | None = Field(default=16, ge=1)
+    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
+        description="A prompt (text or token ids) or a list of them; each prompt gets n choices.")
+    max_tokens: int | None = Field(default=16, ge=0, description="0 only with echo: score the prompt, generate "
+                                                                  "nothing.")
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
@@ -363,12 +368,26 @@ class CompletionRequest(SamplingRequest):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str:
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("send one prompt per request (a string or a list of one string)")
-            v = v[0]
+    def _some_prompt(cls, v: str | list[Any]) -> str | list[Any]:
+        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
+            raise ValueError("a prompt list (and each token-id prompt in it) must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _nothing_without_echo(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 needs echo (it scores the prompt and generates nothing)")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt of the request: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [p]  # type: ignore[list-item]  # one token-id prompt
+        return list(p)  # type: ignore[arg-type]  # strings or token-id lists
 
     @field_validator("suffix")
     @classmethod
@@ -377,14 +396,10 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("suffix is not supported")
         return None
 
-    @property
-    def text(self) -> str:
-        """The one prompt (``_one_prompt`` made a list of one a string)."""
-        assert isinstance(self.prompt, str)
-        return self.prompt
-
     def prompt_params(self) -> dict[str, Any]:
-        return {"prompt": self.text}
+        prompts = self.prompts
+        out: dict[str, Any] = {"prompt": prompts[0]} if len(prompts) == 1 else {"prompts": prompts}
+        return out | ({"echo": True} if self.echo else {})
 
     def logprob_alternatives(self) -> int | None:
         return self.logprobs
@@ -392,10 +407,20 @@ class CompletionRequest(SamplingRequest):
 
 class EmbeddingRequest(RequestBody):
     model: str = Field(min_length=1)
-    input: str | list[str] = Field(min_length=1)
+    input: str | list[str] | TokenIds | list[TokenIds] = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: None = None
+    dimensions: int | None = Field(default=None, ge=1, description="Cut vectors short (Matryoshka models only).")
     user: str | None = None
+
+    @property
+    def inputs(self) -> list[str | list[int]]:
+        """Every input: a text, or token ids."""
+        i = self.input
+        if isinstance(i, str):
+            return [i]
+        if all(isinstance(x, int) for x in i):
+            return [i]  # type: ignore[list-item]  # one token-id input
+        return list(i)  # type: ignore[arg-type]  # texts or token-id lists
 
 
 class DetokenizeRequest(RequestBody):

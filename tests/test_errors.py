@@ -70,10 +70,11 @@ async def test_malformed_json_is_400(stack):
     assert_openai_error(r.json())
 
 
-async def test_completions_reject_several_prompts_and_suffix(stack):
+async def test_completions_reject_empty_prompts_and_suffix(stack):
     gw = await stack.gateway()
-    r = await post(gw, "/v1/completions", json={"model": "echo", "prompt": ["a", "b"]})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    for prompt in ([], [[1, 2], []]):
+        r = await post(gw, "/v1/completions", json={"model": "echo", "prompt": prompt})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     r = await post(gw, "/v1/completions", json={"model": "echo", "prompt": "a", "suffix": "z"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
 
@@ -149,6 +150,7 @@ async def test_every_route_answers_503_when_redis_is_down():
     bodies = {"/v1/chat/completions": chat, "/v1/completions": {"model": "echo", "prompt": "hi"},
               "/v1/embeddings": {"model": "echo", "input": "hi"}, "/tokenize": {"model": "echo", "prompt": "hi"},
               "/v1/tokenize": {"model": "echo", "prompt": "hi"},
+              "/detokenize": {"model": "echo", "tokens": [1]}, "/v1/detokenize": {"model": "echo", "tokens": [1]},
               "/v1/batches": {"input_file_id": params["file_id"], "endpoint": "/v1/chat/completions"},
               "/api/votes": {"winner": "tie", "left_model": "a", "right_model": "b", "prompt": "p"}}
     with RedisServer() as server:

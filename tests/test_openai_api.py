@@ -115,6 +115,7 @@ async def test_tokenize_on_the_echo_engine_counts_words(stack):
     gw = await stack.gateway()
     async with httpx.AsyncClient(base_url=gw.url) as http:
         r = await http.post("/tokenize", json={"model": "echo", "prompt": PROMPT})
-        assert r.json() == {"model": "echo", "count": 4, "max_model_len": None, "fits": None, "tokens": None}
+        assert r.json() == {"model": "echo", "count": 4, "max_model_len": None, "fits": None, "tokens": None,
+                            "token_strs": None}
         r = await http.post("/v1/tokenize", json={"model": "nope", "prompt": PROMPT})
         assert r.status_code == 404

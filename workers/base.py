@@ -36,10 +36,14 @@ from broker.errors import ServeError
 from broker.keys import WORKER_GROUP, Keys
 from broker.protocol import (
     Cancel,
+    ChoiceEnd,
     Delta,
     Detokenize,
+    Done,
+    Embed,
     Embeddings,
     Event,
+    Failure,
     Generate,
     Job,
     JobKind,
@@ -47,6 +51,9 @@ from broker.protocol import (
     Resend,
     Text,
     TokenCount,
+    TokenLogprob,
+    ToolCall,
+    Usage,
     as_str,
     control,
 )
@@ -77,8 +84,8 @@ class BaseModelWorker(abc.ABC):
     #: The optional features (``Generate.asks``) the engine honours; a job asking for another is a 400.
     #: With ``structured`` and ``tools``, this base makes tool calls of the engine's text (``workers.tools``).
     features: ClassVar[frozenset[str]] = frozenset()
-    #: The engine relays tool calls itself (an upstream API makes them): the base leaves its text alone.
-    native_tools: ClassVar[bool] = False
+    #: The engine forwards the request to an upstream API that does it all (tool calls, echo): the base relays.
+    upstream: ClassVar[bool] = False
 
     def __init__(self, redis_url: str, settings: Settings, models: list[str], *, worker_id: str | None = None) -> None:
         """``settings.redis_url`` is not read: the caller resolved it into ``redis_url``."""
@@ -414,7 +421,7 @@ class BaseModelWorker(abc.ABC):
                 raise JobError(f"This worker cannot take the job's parameters: {job.invalid}.",
                                param=_invalid_param(job.invalid), code="unsupported_parameter")
             if job.kind is JobKind.EMBEDDING:
-                yield await self.embed(job)
+                yield self._shortened(job, await self.embed(job))
                 return
             if job.kind is JobKind.TOKENIZE:
                 count, ids = await self.tokenize(job)
@@ -428,11 +435,7 @@ class BaseModelWorker(abc.ABC):
             if missing := sorted(job.params.asks() - self.features):
                 raise JobError(f"The model `{job.model}` does not support `{missing[0]}`.", param=missing[0],
                                code="unsupported_parameter")
-            job, calls = self._with_tools(job)
-            events = self._counted(self.generate(job))
-            if calls:
-                assert isinstance(job.params, Generate)
-                events = tool_events(events, job.params, self.tool_parser)
+            events = self._fanned(job) if job.params.prompts else self._generation(job)
             async for ev in events:
                 yield ev
         except ServeError as exc:
@@ -441,6 +444,114 @@ class BaseModelWorker(abc.ABC):
             log.exception("engine failed on job %s", job.request_id)
             yield ServeError(f"The worker failed: {type(exc).__name__}: {exc}").event()
 
+
+    def matryoshka(self) -> bool:
+        """Whether the model's vectors may be cut short (trained Matryoshka-style); engines that know say so."""
+        return False
+
+    def _shortened(self, job: Job, answer: Embeddings) -> Embeddings:
+        """``dimensions``: the vectors' first components, renormalised, for a model trained that way; else a 400."""
+        dims = job.params.dimensions if isinstance(job.params, Embed) else None
+        if dims is None or self.upstream:
+            return answer
+        if not self.matryoshka():
+            raise JobError(f"The model `{job.model}` does not support `dimensions` (it is not a Matryoshka "
+                           "model: its vectors cannot be cut short).", param="dimensions",
+                           code="unsupported_parameter")
+        width = len(answer.vectors[0]) if answer.vectors else 0
+        if dims > width:
+            raise JobError(f"`dimensions` is {dims}, more than the model's {width}.", param="dimensions")
+        cut = [v[:dims] for v in answer.vectors]
+        return Embeddings([[x / (sum(y * y for y in v) ** 0.5 or 1.0) for x in v] for v in cut], answer.usage)
+
+    def _generation(self, job: Job) -> AsyncIterator[Event]:
+        """One prompt's events: its echo first, then the engine's, with tool calls made of its text."""
+        params = job.params
+        assert isinstance(params, Generate)
+        if params.echo and not self.upstream:
+            return self._echoed(job)
+        job, calls = self._with_tools(job)
+        events = self._counted(self.generate(job))
+        if calls:
+            events = tool_events(events, params, self.tool_parser)
+        return events
+
+    async def _echoed(self, job: Job) -> AsyncIterator[Event]:
+        """``echo``: each choice starts with the prompt (and, asked for logprobs, the prompt tokens'); with
+        ``max_tokens: 0`` that is all (what evaluation harnesses score a continuation with)."""
+        params = job.params
+        assert isinstance(params, Generate)
+        text = self.prompt_text(params)
+        scored = await self.prompt_logprobs(job, params.logprobs) if params.logprobs is not None else None
+        for i in range(params.n):
+            yield Delta(i, text, 0, scored)
+        if params.max_tokens == 0:
+            count, _ = await self.tokenize(job)
+            for i in range(params.n):
+                yield ChoiceEnd(i, "length")
+            yield Done(Usage(count, 0))
+            return
+        async for ev in self._generation(dataclasses.replace(job, params=msgspec.structs.replace(params, echo=False))):
+            yield ev
+
+    async def _fanned(self, job: Job) -> AsyncIterator[Event]:
+        """Several prompts in one job: each runs as its own generation, at once; prompt ``k``'s choice ``i`` is
+        choice ``k * n + i``, and usage is the sum. The first failure ends them all."""
+        params = job.params
+        assert isinstance(params, Generate) and params.prompts
+        queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
+
+        async def run(k: int, prompt: str | list[int]) -> None:
+            one = dataclasses.replace(job, params=msgspec.structs.replace(params, prompt=prompt, prompts=None))
+            try:
+                async for ev in self._generation(one):
+                    await queue.put((k, ev))
+            except ServeError as exc:
+                await queue.put((k, exc.event()))
+            except Exception as exc:  # an engine bug ends this request, not the worker
+                log.exception("engine failed on prompt %d of job %s", k, job.request_id)
+                await queue.put((k, ServeError(f"The worker failed: {type(exc).__name__}: {exc}").event()))
+            finally:
+                await queue.put((k, None))
+
+        tasks = [asyncio.create_task(run(k, p)) for k, p in enumerate(params.prompts)]
+        prompt_tokens = completion_tokens = 0
+        try:
+            running = len(tasks)
+            while running:
+                k, ev = await queue.get()
+                match ev:
+                    case None:
+                        running -= 1
+                    case Done(usage=usage):
+                        prompt_tokens += usage.prompt_tokens
+                        completion_tokens += usage.completion_tokens
+                    case Failure():
+                        yield ev
+                        return
+                    case Delta() | ChoiceEnd() | ToolCall():
+                        yield msgspec.structs.replace(ev, index=k * params.n + ev.index)
+            yield Done(Usage(prompt_tokens, completion_tokens))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def prompt_text(self, params: Generate) -> str:
+        """A completion prompt as text (token ids through the tokenizer)."""
+        if isinstance(params.prompt, str):
+            return params.prompt
+        if self.tokenizer is None:
+            raise JobError("This engine has no tokenizer to read a token-id prompt back as text.", param="prompt",
+                           code="unsupported_parameter")
+        text: str = self.tokenizer.decode(params.prompt or [])
+        return text
+
+    async def prompt_logprobs(self, job: Job, top: int) -> list[TokenLogprob]:
+        """The prompt tokens' logprobs (``echo`` with ``logprobs``), the first one None. Engines that score
+        prompts implement it."""
+        raise JobError(f"The model `{job.model}` cannot report prompt logprobs (echo with logprobs).",
+                       param="echo", code="unsupported_parameter")
 
     async def _counted(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
         async for ev in events:
@@ -456,7 +567,7 @@ class BaseModelWorker(abc.ABC):
         """
         params = job.params
         assert isinstance(params, Generate)
-        if not params.tools or params.tool_choice == "none" or self.native_tools:
+        if not params.tools or params.tool_choice == "none" or self.upstream:
             return job, False
         forced = constraint(params)
         if forced is not None:

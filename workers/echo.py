@@ -21,6 +21,8 @@ def prompt_text(params: Generate | Tokenize) -> str:
         users = [m for m in params.messages if m.role == "user"]
         last = (users or params.messages)[-1:]
         return last[0].text(" ") if last else ""
+    if isinstance(params.prompt, list):  # token ids: the echo engine's "words" are their numbers
+        return " ".join(map(str, params.prompt))
     return params.prompt or ""
 
 
@@ -60,6 +62,9 @@ class EchoWorker(BaseModelWorker):
         yield Done(Usage(prompt_token_count(params), len(tokens) * params.n))
 
     async def tokenize(self, job: Job) -> tuple[int, list[int] | None]:
-        assert isinstance(job.params, Tokenize)
+        assert isinstance(job.params, (Tokenize, Generate))
         return prompt_token_count(job.params), None
+
+    def prompt_text(self, params: Generate) -> str:
+        return prompt_text(params)
 

@@ -83,8 +83,8 @@ class ExternalAPIWorker(BaseModelWorker):
         "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "logit_bias",
         "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
     })
-    #: The upstream makes the tool calls; they are relayed, not parsed here.
-    native_tools = True
+    #: The upstream does the whole request (tool calls, echo); what it sends is relayed, not redone here.
+    upstream = True
 
     def __init__(self, redis_url: str, settings: Settings, models: list[str], *, worker_id: str | None = None) -> None:
         if not settings.api_config:
@@ -134,7 +134,8 @@ class ExternalAPIWorker(BaseModelWorker):
         up = self.upstreams[job.model]
         assert self.http is not None and isinstance(job.params, Embed)
         r = await self.http.post(up.base_url + "/embeddings", headers=up.headers(), timeout=up.timeout,
-                                 json={"model": up.model, "input": job.params.input, "encoding_format": "float"})
+                                 json={"model": up.model, "input": job.params.input, "encoding_format": "float",
+                                       **({"dimensions": job.params.dimensions} if job.params.dimensions else {})})
         if r.status_code != 200:
             raise _upstream_error(r.status_code, r.content)
         data = r.json()
@@ -145,8 +146,10 @@ class ExternalAPIWorker(BaseModelWorker):
 def upstream_body(params: Generate, *, chat: bool) -> dict[str, Any]:
     """A job's parameters as the OpenAI (or vLLM) request they came from."""
     body: dict[str, Any] = msgspec.to_builtins(params)  # fields at their defaults are left out
-    for internal in ("structured", "tool_choice", "tool_name", "logprobs", "logit_bias"):
+    for internal in ("structured", "tool_choice", "tool_name", "logprobs", "logit_bias", "prompts"):
         body.pop(internal, None)
+    if params.prompts:
+        body["prompt"] = params.prompts
     if params.logprobs is not None:
         body |= {"logprobs": True, "top_logprobs": params.logprobs} if chat else {"logprobs": params.logprobs}
     if params.logit_bias:

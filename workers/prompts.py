@@ -29,10 +29,19 @@ def prompt_ids(tokenizer: Any, job: Job) -> list[int]:
                            param="messages", code="unsupported")
         ids = tokenizer(chat_prompt(tokenizer, params), add_special_tokens=False)["input_ids"]
     else:
-        ids = tokenizer(params.prompt or "")["input_ids"]
+        ids = _token_ids(tokenizer, params.prompt) if isinstance(params.prompt, list) \
+            else tokenizer(params.prompt or "")["input_ids"]
     if not ids:
         raise JobError("The prompt is empty.", param="messages" if params.messages is not None else "prompt")
     return list(ids)
+
+
+def _token_ids(tokenizer: Any, ids: list[int]) -> list[int]:
+    """A token-id prompt, as given (``add_special_tokens`` is the client's business then)."""
+    vocab = len(tokenizer)
+    if bad := [t for t in ids if not 0 <= t < vocab]:
+        raise JobError(f"Token id {bad[0]} is not in the model's vocabulary (0..{vocab - 1}).", param="prompt")
+    return ids
 
 
 def chat_prompt(tokenizer: Any, params: Generate | Tokenize) -> str:

@@ -269,7 +269,7 @@ def logprob_entries(token_ids: Any, logprobs: list[Mapping[int, Any]], top: int)
 
 def embedding_inputs(tokenizer: Any, params: Embed, context_length: int) -> list[list[int]]:
     """Token ids of each embedding input (blocking); an overlong one is a 400 naming ``input``."""
-    ids = [list(tokenizer(t)["input_ids"]) for t in params.input]
+    ids = [t if isinstance(t, list) else list(tokenizer(t)["input_ids"]) for t in params.input]
     inputs_fit(max(map(len, ids), default=0), context_length)
     return ids
 
@@ -339,6 +339,11 @@ class VLLMWorker(BaseModelWorker):
         params = fitted(job.params, job.kind, len(ids), vllm.context_length)
         async for ev in vllm.generate(ids, params, job.request_id):
             yield ev
+
+    def matryoshka(self) -> bool:
+        config = getattr(getattr(self.vllm, "llm", None), "model_config", None)
+        hf = getattr(config, "hf_config", None)
+        return bool(getattr(hf, "is_matryoshka", False) or getattr(hf, "matryoshka_dimensions", None))
 
     async def embed(self, job: Job) -> Embeddings:
         vllm = self.vllm

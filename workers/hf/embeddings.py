@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from workers.errors import JobError
 from workers.hf.loading import LoadedModel
 from workers.params import inputs_fit
 
@@ -12,14 +13,19 @@ from workers.params import inputs_fit
 EMBED_CHUNK = 32
 
 
-def mean_pooled(loaded: LoadedModel, texts: list[str]) -> tuple[list[list[float]], int]:
-    """L2-normalised mean of the last hidden states (blocking); returns vectors and input tokens."""
+def mean_pooled(loaded: LoadedModel, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
+    """L2-normalised mean of the last hidden states (blocking); returns vectors and input tokens. An input is a
+    text or its token ids."""
     vectors: list[list[float]] = []
     tokens = 0
+    ids = [i if isinstance(i, list) else loaded.tokenizer(i)["input_ids"] for i in inputs]
+    vocab = loaded.vocab_size
+    if bad := [t for seq in ids for t in seq if not 0 <= t < vocab]:
+        raise JobError(f"Token id {bad[0]} is not in the model's vocabulary (0..{vocab - 1}).", param="input")
+    inputs_fit(max(map(len, ids)), loaded.context_length)
     with torch.inference_mode():
-        for start in range(0, len(texts), EMBED_CHUNK):
-            enc = loaded.tokenizer(texts[start:start + EMBED_CHUNK], padding=True, return_tensors="pt")
-            inputs_fit(enc["input_ids"].shape[1], loaded.context_length)  # padded: the chunk's longest
+        for start in range(0, len(ids), EMBED_CHUNK):
+            enc = loaded.tokenizer.pad({"input_ids": ids[start:start + EMBED_CHUNK]}, return_tensors="pt")
             enc = enc.to(loaded.device)
             hidden = loaded.model.base_model(**enc).last_hidden_state.float()
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)

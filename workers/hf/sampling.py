@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -41,6 +42,15 @@ def logprob_entry(logits: torch.Tensor, token: int, top: int, text: Callable[[in
     best = torch.topk(logprobs, top) if top else None
     return TokenLogprob(text(token), float(logprobs[token]), [] if best is None else [
         TopLogprob(text(int(i)), float(v)) for v, i in zip(best.values, best.indices)])
+
+
+def prompt_logprobs(model: Any, ids: list[int], top: int, text: Callable[[int], str]) -> list[TokenLogprob]:
+    """Each prompt token's logprob given the tokens before it, and the ``top`` best alternatives (blocking: one
+    forward pass over the prompt). The first token has nothing before it: its logprob is None."""
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0].float()
+    return [TokenLogprob(text(ids[0]), None)] + [
+        logprob_entry(logits[t - 1], ids[t], top, text) for t in range(1, len(ids))]
 
 
 def new_generator(seed: int | None, device: torch.device) -> torch.Generator:

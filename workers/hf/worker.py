@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from broker.protocol import Done, Embed, Embeddings, Event, Generate, Job, Usage
+from broker.protocol import Done, Embed, Embeddings, Event, Generate, Job, TokenLogprob, Usage
 from broker.settings import Settings
 from workers.base import BaseModelWorker
 from workers.errors import JobError
@@ -16,6 +16,7 @@ from workers.hf.embeddings import mean_pooled
 from workers.hf.engine import BatchEngine, Emit
 from workers.hf.grammar import Grammars
 from workers.hf.loading import LoadedModel, load_model
+from workers.hf.sampling import prompt_logprobs
 from workers.params import fitted
 from workers.prompts import prompt_ids
 
@@ -83,10 +84,26 @@ class HFWorker(BaseModelWorker):
         finally:  # cancelled, closed early or done: the compute thread drops it within a step
             gen.cancel()
 
+    async def prompt_logprobs(self, job: Job, top: int) -> list[TokenLogprob]:
+        loaded = self.loaded
+        assert loaded is not None
+        if not loaded.causal:
+            raise JobError(f"The model `{job.model}` serves embeddings only.", param="model", code="unsupported")
+        ids = await asyncio.to_thread(prompt_ids, loaded.tokenizer, job)
+        return await asyncio.to_thread(prompt_logprobs, loaded.model, ids, top, _token_text(loaded.tokenizer))
+
     async def embed(self, job: Job) -> Embeddings:
         assert self.loaded is not None and isinstance(job.params, Embed)
         vectors, tokens = await asyncio.to_thread(mean_pooled, self.loaded, job.params.input)
         return Embeddings(vectors, Usage(tokens))
+
+    def matryoshka(self) -> bool:
+        config = self.loaded.model.config if self.loaded is not None else None
+        return bool(getattr(config, "is_matryoshka", False) or getattr(config, "matryoshka_dimensions", None))
+
+
+def _token_text(tokenizer: Any) -> Callable[[int], str]:
+    return lambda token: tokenizer.decode([token])
 
 
 def _threadsafe_put(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Any]) -> Emit:
