@@ -23,8 +23,8 @@ from broker.errors import NoWorker, RedisUnavailable, UnknownModel, WorkerLost
 from broker.janitor import Janitor
 from broker.keys import Keys
 from broker.protocol import Cancel, Job, JobKind, Params, Reply, Resend, StreamMeta, pack
-from broker.registry import Registry
-from broker.replay import ReplayLog, follow, open_log
+from broker.registry import Registry, WorkerRecord
+from broker.replay import Replay, follow, open_log
 from broker.replies import ReplyRouter, ReplyStream
 from broker.scripts import Scripts
 from broker.settings import DispatchMethod, Settings
@@ -178,13 +178,17 @@ class BrokerClient:
         """Raises if Redis is unreachable."""
         await self._text.ping()
 
-    async def replay_log(self, request_id: str) -> ReplayLog | None:
+    async def replay_log(self, request_id: str) -> Replay | None:
         """A resumable request's replay log as it stands; None when there is none."""
         return await open_log(self._raw, self.keys.replay(request_id))
 
-    async def follow_replay(self, log: ReplayLog, block_ms: int) -> list[Reply]:
-        """What was appended to ``log`` since it was last read, waiting up to ``block_ms`` for it."""
-        return await follow(self._raw, log, block_ms)
+    async def follow_replay(self, replay: Replay, block_ms: int) -> list[Reply]:
+        """What was appended to a replay log since it was last read, waiting up to ``block_ms`` for it."""
+        return await follow(self._raw, replay, block_ms)
+
+    async def live_workers(self) -> list[WorkerRecord]:
+        """Every worker alive now (its record exists)."""
+        return await self.registry.live_workers()
 
     async def charge(self, key: str, limit: int, amount: int, window_ms: int) -> bool:
         """Add ``amount`` to a rate counter unless it is at ``limit`` already; whether it was charged. Limit 0

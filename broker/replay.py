@@ -17,8 +17,8 @@ from broker.protocol import Reply, StreamMeta, replay_head, replay_reply
 
 
 @dataclass(slots=True)
-class ReplayLog:
-    """A replay log as read so far: its meta, its owner, the replies, and where to go on reading."""
+class Replay:
+    """Reading one request's replay log: its meta, its owner, the replies so far, and where reading goes on."""
 
     key: str
     meta: StreamMeta
@@ -27,27 +27,25 @@ class ReplayLog:
     cursor: bytes | str = "0-0"
 
 
-async def open_log(redis: Redis, key: str) -> ReplayLog | None:
+async def open_log(redis: Redis, key: str) -> Replay | None:
     """The whole log so far; None when there is none (never resumable, or its window passed)."""
     entries = await redis.xrange(key)
     head = replay_head(entries[0][1]) if entries else None
     if head is None:
         return None
-    log = ReplayLog(key, *head, [], entries[0][0])
-    _take(log, entries[1:])
-    return log
+    replay = Replay(key, *head, [], entries[0][0])
+    replay.replies = _read(replay, entries[1:])
+    return replay
 
 
-async def follow(redis: Redis, log: ReplayLog, block_ms: int) -> list[Reply]:
+async def follow(redis: Redis, replay: Replay, block_ms: int) -> list[Reply]:
     """Replies appended since the last read, waiting up to ``block_ms`` for the first (``[]`` when none came)."""
-    more = await redis.xread({log.key: log.cursor}, count=1000, block=block_ms)
-    log.replies = []
-    if more:
-        _take(log, more[0][1])
-    return log.replies
+    more = await redis.xread({replay.key: replay.cursor}, count=1000, block=block_ms)
+    return _read(replay, more[0][1]) if more else []
 
 
-def _take(log: ReplayLog, entries: list[Any]) -> None:
-    log.replies = [replay_reply(fields) for _, fields in entries]
+def _read(replay: Replay, entries: list[Any]) -> list[Reply]:
+    """The replies of ``entries``; the cursor moves past them."""
     if entries:
-        log.cursor = entries[-1][0]
+        replay.cursor = entries[-1][0]
+    return [replay_reply(fields) for _, fields in entries]

@@ -64,7 +64,7 @@ def fleet_row(w: WorkerRecord) -> dict[str, Any]:
 @router.get("/fleet")
 async def fleet(request: Request) -> dict[str, Any]:
     """The live workers now, with this gateway's clock so ages do not depend on the browser's."""
-    workers = await _broker(request).registry.live_workers()
+    workers = await _broker(request).live_workers()
     rows = [fleet_row(w) for w in sorted(workers, key=lambda w: (w.models, w.id))]
     return {"now": time.time(), "workers": rows}
 

@@ -18,7 +18,7 @@ from sse_starlette.sse import EventSourceResponse
 from broker.client import BrokerClient
 from broker.errors import WorkerTimeout
 from broker.ids import request_id
-from broker.replay import ReplayLog
+from broker.replay import Replay
 from gateway.errors import APIError
 from gateway.security import tenant_of
 from gateway.sse import EventId, StreamFormat, encode, failure, opening, render
@@ -41,7 +41,7 @@ async def resume_stream(response_id: str, request: Request) -> EventSourceRespon
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _replay(broker: BrokerClient, log: ReplayLog, fmt: StreamFormat, last: EventId | None
+async def _replay(broker: BrokerClient, log: Replay, fmt: StreamFormat, last: EventId | None
                   ) -> AsyncIterator[bytes]:
     if last is None and (head := opening(fmt)):
         yield encode(head)

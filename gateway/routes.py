@@ -48,7 +48,7 @@ async def metrics(request: Request) -> Response:
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     """Models with at least one live worker."""
-    workers = await _broker(request).registry.live_workers()
+    workers = await _broker(request).live_workers()
     models: dict[str, dict[str, Any]] = {}
     for w in workers:
         for m in w.models:
