@@ -149,6 +149,10 @@ _FEATURE_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: Every optional feature a ``Generate`` may ask for: what an engine that honours them all declares.
+FEATURES = frozenset(_FEATURE_DEFAULTS) | {"tools"}
+
+
 class Embed(Struct, omit_defaults=True, forbid_unknown_fields=True):
     """An embedding job: the inputs to embed (texts or token ids), at least one."""
 

@@ -356,6 +356,15 @@ class ChatCompletionRequest(SamplingRequest):
 TokenIds = list[Annotated[int, Field(ge=0, lt=2**31)]]
 
 
+def _each(value: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """OpenAI's one-or-many text-or-token-ids field (``prompt``, ``input``) as a list of texts and id lists."""
+    if isinstance(value, str):
+        return [value]
+    if all(isinstance(x, int) for x in value):
+        return [value]  # type: ignore[list-item]  # one token-id sequence
+    return list(value)  # type: ignore[arg-type]  # texts, or token-id sequences
+
+
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
         description="A prompt (text or token ids) or a list of them; each prompt gets n choices.")
@@ -382,12 +391,7 @@ class CompletionRequest(SamplingRequest):
     @property
     def prompts(self) -> list[str | list[int]]:
         """Every prompt of the request: text, or token ids."""
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if all(isinstance(x, int) for x in p):
-            return [p]  # type: ignore[list-item]  # one token-id prompt
-        return list(p)  # type: ignore[arg-type]  # strings or token-id lists
+        return _each(self.prompt)
 
     @field_validator("suffix")
     @classmethod
@@ -415,12 +419,7 @@ class EmbeddingRequest(RequestBody):
     @property
     def inputs(self) -> list[str | list[int]]:
         """Every input: a text, or token ids."""
-        i = self.input
-        if isinstance(i, str):
-            return [i]
-        if all(isinstance(x, int) for x in i):
-            return [i]  # type: ignore[list-item]  # one token-id input
-        return list(i)  # type: ignore[arg-type]  # texts or token-id lists
+        return _each(self.input)
 
 
 class DetokenizeRequest(RequestBody):

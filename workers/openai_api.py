@@ -25,6 +25,7 @@ import httpx
 import msgspec
 
 from broker.protocol import (
+    FEATURES,
     ChoiceEnd,
     Delta,
     Done,
@@ -78,11 +79,7 @@ def load_upstreams(path: str | Path, environ: dict[str, str] | None = None) -> d
 class ExternalAPIWorker(BaseModelWorker):
     engine = "openai"
     #: Whatever the request asks goes to the upstream, which honours it or answers a 400 (relayed as is).
-    features = frozenset({
-        "logprobs", "structured", "tools", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
-        "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "logit_bias",
-        "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
-    })
+    features = FEATURES
     #: The upstream does the whole request (tool calls, echo); what it sends is relayed, not redone here.
     upstream = True
 

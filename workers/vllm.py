@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.protocol import (
+    FEATURES,
     ChoiceEnd,
     Delta,
     Done,
@@ -294,11 +295,7 @@ class VLLMWorker(BaseModelWorker):
     engine = "vllm"
     #: Everything maps onto ``SamplingParams`` (constraints onto ``StructuredOutputsParams``); tools and template
     #: options go through the shared chat template path.
-    features = frozenset({
-        "logprobs", "structured", "tools", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
-        "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "logit_bias",
-        "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
-    })
+    features = FEATURES
 
     def __init__(self, redis_url: str, settings: Settings, models: list[str], *, worker_id: str | None = None,
                  engine_args: Mapping[str, Any] | None = None) -> None:

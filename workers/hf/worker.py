@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from broker.protocol import Done, Embed, Embeddings, Event, Generate, Job, TokenLogprob, Usage
+from broker.protocol import FEATURES, Done, Embed, Embeddings, Event, Generate, Job, TokenLogprob, Usage
 from broker.settings import Settings
 from workers.base import BaseModelWorker
 from workers.errors import JobError
@@ -25,11 +25,7 @@ log = logging.getLogger(__name__)
 
 class HFWorker(BaseModelWorker):
     engine = "hf"
-    features = frozenset({
-        "logprobs", "structured", "tools", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
-        "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "logit_bias",
-        "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
-    })
+    features = FEATURES
 
     def __init__(self, redis_url: str, settings: Settings, models: list[str], *, worker_id: str | None = None,
                  model_path: str | None = None) -> None:
