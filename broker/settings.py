@@ -76,7 +76,8 @@ class Settings(BaseSettings):
         json_schema_extra=_for("worker"),
     )
     speed: float = Field(
-        default=1.0, gt=0, description="Relative speed, the weight of lottery dispatch.",
+        default=1.0, gt=0, description="Relative speed: shortest-queue dispatch divides this worker's queue by it, "
+                                       "lottery dispatch weighs its odds by it.",
         json_schema_extra=_for("worker"),
     )
     drain_timeout: float = Field(
@@ -117,7 +118,8 @@ class Settings(BaseSettings):
 
     # --- dispatch and gateway ----------------------------------------------
     dispatch_method: DispatchMethod = Field(
-        default="shortest_queue", description="How a gateway picks a worker: shortest queue, or a lottery by speed.",
+        default="shortest_queue",
+        description="How a gateway picks a worker: shortest queue (length / speed), or a lottery by speed.",
         json_schema_extra=_for("gateway", "batch-runner"),
     )
     gateway_processes: int = Field(

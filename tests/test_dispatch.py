@@ -45,6 +45,17 @@ async def test_shortest_queue_spreads_200_concurrent_dispatches_evenly(redis, ke
     assert scores == {wid: c for wid, c in zip(ids, counts)}
 
 
+async def test_shortest_queue_weighs_queues_by_speed(redis, keys):
+    """A worker twice as fast works through twice the queue in the same time: under sustained load it takes
+    about twice the share (queue / speed balances, as FastChat's shortest-queue rule)."""
+    await register(redis, keys, "slow", speed=1.0)
+    await register(redis, keys, "fast", speed=2.0)
+    dispatchers = [Dispatcher(redis, keys, "shortest_queue") for _ in range(3)]
+    await asyncio.gather(*(dispatchers[i % 3].dispatch(job(i=i)) for i in range(300)))
+    slow, fast = await queued(redis, keys, "slow"), await queued(redis, keys, "fast")
+    assert slow + fast == 300 and abs(fast - 200) <= 2, (slow, fast)
+
+
 async def test_shortest_queue_prefers_the_idle_worker(redis, keys):
     await register(redis, keys, "busy")
     await register(redis, keys, "idle")

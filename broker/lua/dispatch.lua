@@ -13,6 +13,8 @@
 --          the job's attempt, the batch share (0 = an interactive job), then
 --          the job's stream fields as name/value pairs.
 --
+-- ``shortest_queue`` picks the least queue length divided by speed (ties at
+-- random); ``lottery`` draws with odds proportional to speed.
 -- Workers whose record has expired are pruned from the set; draining workers
 -- and workers whose queue is at their max_queue are skipped. A batch job (a
 -- share > 0) only goes where the queue is under share x max_concurrency (at
@@ -77,11 +79,15 @@ if method == 'lottery' then
     x = x - speeds[i]
     if x < 0 then pick = i break end
   end
-else
+else  -- shortest queue, in time: the queue a worker of speed s works through is q / s long (FastChat's rule)
   local best = math.huge
-  for i = 1, #queues do if queues[i] < best then best = queues[i] end end
+  local loads = {}
+  for i = 1, #queues do
+    loads[i] = queues[i] / math.max(speeds[i], 1e-9)
+    if loads[i] < best then best = loads[i] end
+  end
   local ties = {}
-  for i = 1, #queues do if queues[i] == best then ties[#ties + 1] = i end end
+  for i = 1, #loads do if loads[i] <= best + 1e-9 then ties[#ties + 1] = i end end
   pick = ties[math.min(#ties, math.floor(r * #ties) + 1)]
 end
 
