@@ -109,6 +109,12 @@ class Settings(BaseSettings):
         default=0.0, ge=0, description="Seconds between echo tokens.",
         json_schema_extra=_for("worker"),
     )
+    chat_template: str | None = Field(
+        default=None,
+        description="The chat template to use instead of the model's own (or for a model that has none): a Jinja "
+                    "file, or chatml, llama-2, vicuna, alpaca, mistral or zephyr.",
+        json_schema_extra=_for("worker"),
+    )
     tool_parser: str = Field(
         default="hermes",
         description="How this worker finds tool calls in a model's text under tool_choice auto: hermes "

@@ -61,6 +61,7 @@ from broker.pubsub import subscribe_forever
 from broker.registry import Registry, WorkerRecord
 from broker.scripts import Scripts
 from broker.settings import Settings
+from workers.chat_templates import chat_template
 from workers.errors import JobError
 from workers.metrics import serve_metrics
 from workers.outbox import Outbox, OutboxOverflow, ReplayLog
@@ -94,6 +95,8 @@ class BaseModelWorker(abc.ABC):
         if settings.tool_parser not in PARSERS:
             raise ValueError(f"unknown tool_parser {settings.tool_parser!r}; known: {', '.join(PARSERS)}")
         self.tool_parser = PARSERS[settings.tool_parser]
+        #: ``--chat-template``, read now: a wrong name or path stops the worker before it loads a model.
+        self.chat_template = chat_template(settings.chat_template) if settings.chat_template else None
         self.redis_url = redis_url
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
@@ -176,6 +179,8 @@ class BaseModelWorker(abc.ABC):
     async def serve(self) -> None:
         """Run until drained. Returns normally after a clean drain."""
         await self.setup()
+        if self.settings.chat_template and self.tokenizer is not None:
+            self.tokenizer.chat_template = self.chat_template
         try:
             await self._serve()
         finally:
