@@ -354,3 +354,16 @@ async def test_contract_a_vllm_validation_error_is_a_400_naming_the_parameter(st
     assert "min_tokens must be less than or equal to max_tokens" in err.value.message
     with pytest.raises(openai.BadRequestError):
         await client.completions.create(model="toy", prompt="x", max_tokens=3, n=2, temperature=0)
+
+
+async def test_contract_a_full_vllm_queue_is_a_503_with_vllms_message(stack, tokenizer):
+    """Stand-in for vLLM's AsyncLLM (vLLM needs a GPU which CI lacks): QueueOverflowError carries its own HTTP
+    status (503), which reaches the client, never a 500."""
+    _, llm, client = await serve(stack, tokenizer, max_model_len=512, reply_tokens=200, step_delay=0.01,
+                                 max_num_queued_reqs=1)
+    first = asyncio.create_task(client.chat.completions.create(model="toy", messages=USER, max_tokens=100))
+    await wait_for(lambda: llm.live == 1)
+    with pytest.raises(openai.InternalServerError) as err:
+        await client.chat.completions.create(model="toy", messages=USER, max_tokens=5)
+    assert err.value.status_code == 503 and "engine is currently busy" in err.value.message
+    await first

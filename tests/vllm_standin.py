@@ -27,6 +27,7 @@ from array import array
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import Enum
+from http import HTTPStatus
 from typing import Any
 
 from workers.stops import StopMatcher
@@ -50,6 +51,23 @@ class VLLMValidationError(VLLMClientError):
         super().__init__(message)
         self.parameter = parameter
         self.value = value
+
+
+class GracefulHTTPError(VLLMError):
+    """``vllm.exceptions.GracefulHTTPError``: an expected refusal that carries its HTTP status."""
+
+    def __init__(self, message: str, http_status: HTTPStatus) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+
+
+class QueueOverflowError(GracefulHTTPError):
+    """``vllm.exceptions.QueueOverflowError``: ``max_num_queued_reqs`` would be exceeded (503)."""
+
+    def __init__(self) -> None:
+        super().__init__("The engine is currently busy and cannot accept new requests. Please try again later or "
+                         "on a different instance.", HTTPStatus.SERVICE_UNAVAILABLE)
 
 
 @dataclass
@@ -183,7 +201,7 @@ class ModelConfig:
 def standin_classes() -> dict[str, Any]:
     """The stand-in twin of ``workers.vllm.vllm_classes()``."""
     return {"sampling_params": SamplingParams, "pooling_params": PoolingParams, "delta": RequestOutputKind.DELTA,
-            "structured_outputs": StructuredOutputsParams, "client_error": VLLMClientError}
+            "structured_outputs": StructuredOutputsParams, "client_error": VLLMClientError, "vllm_error": VLLMError}
 
 
 @dataclass
@@ -214,6 +232,9 @@ class StandInAsyncLLM:
     step_delay: float = 0.0
     #: vLLM before 0.11 made get_tokenizer a coroutine; later a plain method.
     tokenizer_is_coroutine: bool = False
+    #: vLLM's ``max_num_queued_reqs``: a request past it raises QueueOverflowError (0 = no limit).
+    max_num_queued_reqs: int = 0
+    live: int = 0
 
     #: What the worker did: requests by id, aborted ids, tokens made, whether it was shut down.
     requests: dict[str, Received] = field(default_factory=dict)
@@ -243,6 +264,17 @@ class StandInAsyncLLM:
         if sampling_params.output_kind is not RequestOutputKind.DELTA:
             raise NotImplementedError("the stand-in streams DELTA outputs only")
         ids = list(prompt["prompt_token_ids"])
+        if self.max_num_queued_reqs and self.live >= self.max_num_queued_reqs:
+            raise QueueOverflowError()
+        self.live += 1
+        try:
+            async for out in self._generate(ids, prompt, sampling_params, request_id):
+                yield out
+        finally:
+            self.live -= 1
+
+    async def _generate(self, ids: list[int], prompt: dict[str, Any], sampling_params: SamplingParams,
+                        request_id: str) -> AsyncIterator[RequestOutput]:
         self.requests[request_id] = Received(prompt, sampling_params)
         p = sampling_params
         seed = p.seed if p.seed is not None else random.randrange(len(self.reply_ids))

@@ -51,6 +51,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.errors import ServeError
 from broker.protocol import (
     FEATURES,
     ChoiceEnd,
@@ -80,16 +81,17 @@ FINISH_REASONS = frozenset({"stop", "length"})
 def vllm_classes() -> dict[str, Any]:
     """vLLM's request classes, imported only here, so this module imports without vLLM.
 
-    ``client_error`` is what vLLM raises for a request it refuses: since 0.2x
-    ``VLLMClientError`` (``VLLMValidationError`` is one), no longer a ``ValueError``.
+    ``client_error`` is what vLLM (0.33) raises for a request it refuses, ``VLLMClientError``
+    (``VLLMValidationError`` is one), no longer a ``ValueError``; ``vllm_error`` is the base of its own
+    errors, some of which carry their HTTP status (``QueueOverflowError``: 503).
     """
     from vllm import PoolingParams
     from vllm import SamplingParams as VLLMSamplingParams
-    from vllm.exceptions import VLLMClientError
+    from vllm.exceptions import VLLMClientError, VLLMError
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     return {"sampling_params": VLLMSamplingParams, "pooling_params": PoolingParams, "delta": RequestOutputKind.DELTA,
-            "structured_outputs": StructuredOutputsParams, "client_error": VLLMClientError}
+            "structured_outputs": StructuredOutputsParams, "client_error": VLLMClientError, "vllm_error": VLLMError}
 
 
 # --- the adapter: every vLLM name this worker uses ---------------------------------------
@@ -109,7 +111,7 @@ class VLLMEngine:
     """
 
     def __init__(self, llm: Any, *, sampling_params: Any, pooling_params: Any, delta: Any, structured_outputs: Any,
-                 client_error: type[Exception]) -> None:
+                 client_error: type[Exception], vllm_error: type[Exception]) -> None:
         self.llm = llm
         self._sampling_params = sampling_params
         self._pooling_params = pooling_params
@@ -117,6 +119,8 @@ class VLLMEngine:
         self._structured_outputs = structured_outputs
         #: What vLLM raises when it refuses a request: a 400, never a 500.
         self.refusals: tuple[type[Exception], ...] = (ValueError, client_error)
+        #: Every error of vLLM's own, and what older vLLM raised for a refusal.
+        self.errors: tuple[type[Exception], ...] = (ValueError, vllm_error)
 
     @classmethod
     def start(cls, engine_args: Mapping[str, Any]) -> VLLMEngine:
@@ -220,9 +224,11 @@ class VLLMEngine:
         async with self._running(request_id, stream):
             async for out in stream:
                 final = out
-        if final is None:
-            raise RuntimeError(f"vLLM returned nothing for embedding request {request_id}")
-        return [float(x) for x in final.outputs.data.tolist()], len(final.prompt_token_ids or prompt_ids)
+        vector = [] if final is None else [float(x) for x in final.outputs.data.tolist()]
+        if final is None or not vector:  # an aborted pooling request ends with an empty tensor: no empty vectors
+            raise ServeError(f"vLLM returned no embedding for request {request_id}.", status=503,
+                             code="embedding_failed")
+        return vector, len(final.prompt_token_ids or prompt_ids)
 
     @contextlib.asynccontextmanager
     async def _running(self, request_id: str, stream: AsyncIterator[Any]) -> AsyncIterator[None]:
@@ -242,8 +248,17 @@ class VLLMEngine:
         except (asyncio.CancelledError, GeneratorExit):
             await self.llm.abort(request_id)
             raise
-        except self.refusals as exc:
-            raise refused(exc) from exc
+        except self.errors as exc:
+            raise self.mapped(exc) from exc
+
+    def mapped(self, exc: Exception) -> ServeError:
+        """A vLLM error as what the client hears: a refusal is a 400 with vLLM's reason; an error that carries its
+        HTTP status (``GracefulHTTPError``: a full queue is a 503) keeps it; anything else is a 500."""
+        if isinstance(exc, self.refusals):
+            return refused(exc)
+        status = getattr(exc, "http_status", None) or getattr(exc, "status_code", None) or 500
+        return ServeError(f"vLLM: {getattr(exc, 'message', None) or exc}", status=int(status),
+                          code="engine_busy" if int(status) == 503 else "engine_error")
 
 
 def refused(exc: Exception) -> JobError:
