@@ -145,7 +145,7 @@ async def _collect(stream: ReplyStream, first: Events, shape: Shape, prefix: str
     texts: dict[int, list[str]] = {}
     finish: dict[int, str] = {}
     lps: dict[int, list[TokenLogprob]] = {}
-    calls: dict[int, list[dict[str, Any]]] = {}
+    calls: dict[int, dict[int, dict[str, Any]]] = {}  # choice -> call index -> call
     events = first
     while True:
         if isinstance(events, Restarted):  # the worker died, the job runs again elsewhere: start over
@@ -158,17 +158,19 @@ async def _collect(stream: ReplyStream, first: Events, shape: Shape, prefix: str
                     if logprobs is not None:
                         lps.setdefault(index, []).extend(logprobs)
                 case ToolCall(index=index, call=call, arguments=arguments, id=id_, name=name):
-                    made = calls.setdefault(index, [])
-                    if id_ is not None:
-                        made.append({"id": id_, "type": "function", "function": {"name": name, "arguments": ""}})
-                    made[call]["function"]["arguments"] += arguments
+                    made = calls.setdefault(index, {}).setdefault(call, {
+                        "id": id_, "type": "function", "function": {"name": name, "arguments": ""}})
+                    made["id"] = made["id"] or id_
+                    made["function"]["name"] = made["function"]["name"] or name
+                    made["function"]["arguments"] += arguments
                 case ChoiceEnd(index=index, finish_reason=finish_reason):
                     finish[index] = finish_reason
                 case Failure():
                     raise ServeError.from_event(ev)
                 case Done(usage=usage):
                     joined = {i: "".join(p) for i, p in texts.items()}
-                    return Whole(shape.whole(joined, finish, usage, lps, calls), usage)
+                    listed = {i: [made[c] for c in sorted(made)] for i, made in calls.items()}
+                    return Whole(shape.whole(joined, finish, usage, lps, listed), usage)
         events = await stream.next_events()
 
 

@@ -158,6 +158,13 @@ class StructuredOutputs(StrictModel):
         given += ["json_object"] if self.json_object else []
         if len(given) != 1:
             raise ValueError("give exactly one of json, regex, choice, grammar or json_object")
+        if isinstance(self.json_, str):
+            try:
+                parsed = json.loads(self.json_)
+            except ValueError as exc:
+                raise ValueError(f"json is not a JSON schema: {exc}") from None
+            if not isinstance(parsed, dict | bool):
+                raise ValueError("json must be a JSON schema (an object)")
         return self
 
     def constraint(self) -> protocol.Structured:
@@ -169,7 +176,8 @@ class StructuredOutputs(StrictModel):
 
 
 def _schema_text(schema: dict[str, Any]) -> str:
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    """Compact, in the order given: a schema's property order is the order the output is written in."""
+    return json.dumps(schema, separators=(",", ":"))
 
 
 class FunctionDef(StrictModel):
@@ -219,7 +227,7 @@ class SamplingRequest(RequestBody):
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     min_tokens: int | None = Field(default=None, ge=0)
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(default=None, max_length=64)
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
 
@@ -415,6 +423,13 @@ class EmbeddingRequest(RequestBody):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1, description="Cut vectors short (Matryoshka models only).")
     user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _no_empty_ids(cls, v: Any) -> Any:
+        if isinstance(v, list) and any(isinstance(i, list) and not i for i in v):
+            raise ValueError("a token-id input must not be empty")
+        return v
 
     @property
     def inputs(self) -> list[str | list[int]]:

@@ -250,12 +250,12 @@ async def test_auto_tool_calls_are_parsed_from_text_streamed_and_not(stack):
     msgs = [{"role": "user", "content": said}]
     r = await client.chat.completions.create(model="echo", messages=msgs, tools=TOOLS)
     choice = r.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content == "Sure. "
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Sure."  # the space is the call's
     [call] = choice.message.tool_calls
     assert call.function.name == "add" and json.loads(call.function.arguments) == {"a": 2, "b": 3}
     stream = await client.chat.completions.create(model="echo", messages=msgs, tools=TOOLS, stream=True)
     pieces = [c.choices[0] async for c in stream if c.choices]
-    assert "".join(p.delta.content or "" for p in pieces) == "Sure. "
+    assert "".join(p.delta.content or "" for p in pieces) == "Sure."
     [streamed] = [tc for p in pieces for tc in p.delta.tool_calls or []]
     assert streamed.function.name == "add" and pieces[-1].finish_reason == "tool_calls"
     r = await client.chat.completions.create(model="echo", messages=msgs, tools=TOOLS, tool_choice="none")
@@ -370,3 +370,42 @@ async def test_the_openai_engine_relays_calls_constraints_and_logprobs(stack, ti
                                              max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
     content = r.choices[0].logprobs.content
     assert len(content) == 5 and all(len(e.top_logprobs) == 2 for e in content)  # relayed, not dropped
+
+
+async def test_constraints_combine_with_min_tokens_and_logprobs(stack, tiny_dir):
+    """A grammar decides where its output may end (min_tokens does not fight it), and logprobs are the model's
+    own (finite, as JSON needs), not the masked ones."""
+    _, client = await serve(stack, tiny_dir)
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "Pick."}], max_tokens=20)
+    for temperature in (0, 1.0):
+        r = await client.chat.completions.create(**ask, temperature=temperature, seed=1, extra_body={
+            "structured_outputs": {"choice": ["yes", "no"]}, "min_tokens": 5})
+        assert r.choices[0].message.content in ("yes", "no") and r.choices[0].finish_reason == "stop"
+    r = await client.chat.completions.create(**ask, temperature=0, logprobs=True, top_logprobs=3,
+                                             response_format={"type": "json_schema", "json_schema": {
+                                                 "name": "s", "schema": SCHEMAS[1]}})
+    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMAS[1])
+    values = [t.logprob for e in r.choices[0].logprobs.content for t in [e, *e.top_logprobs]]
+    assert values and all(-1e9 < v <= 0 for v in values)
+
+
+async def test_json_object_is_a_compact_object(stack, tiny_dir):
+    _, client = await serve(stack, tiny_dir)
+    r = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "JSON."}],
+                                             max_tokens=400, temperature=0, response_format={"type": "json_object"})
+    text = r.choices[0].message.content
+    assert text.startswith("{") and "\n" not in text
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+
+
+async def test_bad_constraint_and_input_shapes_are_400s(stack, tiny_dir):
+    _, client = await serve(stack, tiny_dir)
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                             extra_body={"structured_outputs": {"json": "{not json"}})
+    assert "not a JSON schema" in err.value.message
+    with pytest.raises(openai.BadRequestError):
+        await client.embeddings.create(model="tiny", input=[[]])
+    with pytest.raises(openai.BadRequestError):
+        await client.completions.create(model="tiny", prompt="x", extra_body={"stop_token_ids": [-1]})

@@ -65,6 +65,7 @@ from workers.chat_templates import chat_template
 from workers.errors import JobError
 from workers.metrics import serve_metrics
 from workers.outbox import Outbox, OutboxOverflow, ReplayLog
+from workers.params import fitted
 from workers.prompts import prompt_ids
 from workers.publish import Orphaned, ReplyPublisher
 from workers.tools import PARSERS
@@ -430,7 +431,7 @@ class BaseModelWorker(abc.ABC):
                 return
             if job.kind is JobKind.TOKENIZE:
                 count, ids = await self.tokenize(job)
-                strs = None if ids is None else self.token_strings(ids)
+                strs = None if ids is None else await asyncio.to_thread(self.token_strings, ids)
                 yield TokenCount(count, ids, self.record.context_length, strs)
                 return
             if job.kind is JobKind.DETOKENIZE:
@@ -487,11 +488,17 @@ class BaseModelWorker(abc.ABC):
         params = job.params
         assert isinstance(params, Generate)
         text = self.prompt_text(params)
+        count, _ = await self.tokenize(job)
+        if self.record.context_length:  # everything a stream could fail on is checked before its first byte
+            if params.max_tokens:
+                fitted(params, job.kind, count, self.record.context_length)
+            elif count > self.record.context_length:
+                raise JobError(f"This model's maximum context length is {self.record.context_length} tokens; the "
+                               f"prompt has {count}.", param="prompt", code="context_length_exceeded")
         scored = await self.prompt_logprobs(job, params.logprobs) if params.logprobs is not None else None
         for i in range(params.n):
             yield Delta(i, text, 0, scored)
         if params.max_tokens == 0:
-            count, _ = await self.tokenize(job)
             for i in range(params.n):
                 yield ChoiceEnd(i, "length")
             yield Done(Usage(count, 0))
@@ -507,7 +514,8 @@ class BaseModelWorker(abc.ABC):
         queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
 
         async def run(k: int, prompt: str | list[int]) -> None:
-            one = dataclasses.replace(job, params=msgspec.structs.replace(params, prompt=prompt, prompts=None))
+            one = dataclasses.replace(job, request_id=f"{job.request_id}-{k}",  # an engine's own id for each
+                                      params=msgspec.structs.replace(params, prompt=prompt, prompts=None))
             try:
                 async for ev in self._generation(one):
                     await queue.put((k, ev))
@@ -575,6 +583,8 @@ class BaseModelWorker(abc.ABC):
         if not params.tools or params.tool_choice == "none" or self.upstream:
             return job, False
         forced = constraint(params)
+        if forced is None and self.tool_parser.needs_special_tokens:  # its markers must reach the parser
+            job = dataclasses.replace(job, params=msgspec.structs.replace(params, skip_special_tokens=False))
         if forced is not None:
             if "structured" not in self.features:
                 raise JobError(f"The model `{job.model}` cannot force a tool choice (it has no constrained "

@@ -143,14 +143,15 @@ class BatchEngine:
         cache = DynamicCache()
         ids = torch.tensor([gen.prompt_ids], dtype=torch.long, device=self.loaded.device)
         out = self.loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, **self._prefill_kwargs)
-        logits = out.logits[0, -1].float()
-        choices = [self._new_choice(gen, i, logits.numel()) for i in range(gen.params.n)]
+        raw = out.logits[0, -1].float()
+        choices = [self._new_choice(gen, i, raw.numel()) for i in range(gen.params.n)]
+        logits = raw
         if gen.grammar is not None:  # every choice starts in the same state: one mask for all
-            logits = logits[None]
+            logits = raw.clone()[None]
             self._masks.apply(logits, [(0, choices[0].matcher)])
             logits = logits[0]
         gen.running = len(choices)
-        tokens = [self._advance(c, logits) for c in choices]
+        tokens = [self._advance(c, logits, raw) for c in choices]
         live = [(c, t) for c, t in zip(choices, tokens) if not c.finished]
         if live:
             self._batch.add(cache, len(gen.prompt_ids), [t for _, t in live])
@@ -166,8 +167,12 @@ class BatchEngine:
 
     def _step(self) -> None:
         logits = self._batch.forward(self.loaded.model)
-        self._masks.apply(logits, [(row, c.matcher) for row, c in enumerate(self._choices) if c.matcher is not None])
-        self._batch.set_tokens([self._advance(c, logits[row]) for row, c in enumerate(self._choices)])
+        constrained = [(row, c.matcher) for row, c in enumerate(self._choices) if c.matcher is not None]
+        # Logprobs are the model's, before the grammar masks a row: kept aside only when a constrained row wants them.
+        raw = logits.clone() if any(self._choices[row].gen.params.logprobs is not None for row, _ in constrained) \
+            else logits
+        self._masks.apply(logits, constrained)
+        self._batch.set_tokens([self._advance(c, logits[row], raw[row]) for row, c in enumerate(self._choices)])
         self._retire([i for i, c in enumerate(self._choices) if not c.finished])
 
     def _retire(self, keep: list[int]) -> None:
@@ -181,19 +186,22 @@ class BatchEngine:
         self.max_batch_size = max(self.max_batch_size, self.active)
 
     # --- one token of one sequence ------------------------------------------------
-    def _advance(self, c: _Choice, logits: torch.Tensor) -> int:
-        """Sample ``c``'s next token and emit what it makes safe to show; returns the token."""
+    def _advance(self, c: _Choice, logits: torch.Tensor, raw: torch.Tensor) -> int:
+        """Sample ``c``'s next token from ``logits`` (masked by its grammar, if any) and emit what it makes safe to
+        show; ``raw`` (the model's own) gives its logprobs. Returns the token."""
         p = c.gen.params
         token = choose_token(self._adjusted(c, logits), c.counts, p, c.gen.generator, c.gen.prompt_ids)
-        if c.matcher is not None:
-            c.matcher.accept_token(token)
+        if c.matcher is not None and not c.matcher.accept_token(token):  # cannot happen under the mask: never
+            log.error("grammar refused token %d of a constrained sequence; ending it", token)  # emit it anyway
+            self._finish(c, "stop")
+            return token
         c.counts[token] += 1
         c.tokens += 1
         c.pending += 1
         c.gen.completion_tokens += 1
         self.tokens_generated += 1
         if p.logprobs is not None:
-            c.pending_lp.append(logprob_entry(logits, token, p.logprobs, self._token_text))
+            c.pending_lp.append(logprob_entry(raw, token, p.logprobs, self._token_text))
         finish: str | None
         if (token in self.loaded.eos_ids and not p.ignore_eos) or token in p.stop_token_ids \
                 or (c.matcher is not None and c.matcher.is_terminated()):
@@ -222,7 +230,7 @@ class BatchEngine:
             for token, bias in p.logit_bias.items():
                 if token < logits.numel():
                     logits[token] += bias
-        if c.tokens < p.min_tokens:
+        if c.tokens < p.min_tokens and c.matcher is None:  # under a grammar, the grammar says where it may end
             logits = logits.clone()
             logits[self._eos] = float("-inf")
             stops = [t for t in p.stop_token_ids if t < logits.numel()]

@@ -17,10 +17,11 @@ from workers.errors import JobError
 
 #: xgrammar prefixes its messages with a time and a C++ source location: not for users.
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
-#: xgrammar (0.2.9) writes the characters of a length-bounded JSON string as this class, which lets raw
-#: control characters through (invalid JSON); its unbounded strings use the strict class below.
-_LOOSE_STRING_CHAR = r"[^\"\\\r\n]"
-_JSON_STRING_CHAR = r"[^\0-\x1f\"\\\r\n]"
+#: xgrammar (0.2.9) writes a JSON string's characters with these classes. The first (length-bounded strings)
+#: lets raw control characters through, and both let UTF-8-encoded surrogates (ED A0 80...) through: invalid
+#: JSON, and text no decoder reads back. Both become the class JSON allows.
+_STRING_CHARS = (r"[^\0-\x1f\"\\\r\n]", r"[^\"\\\r\n]")
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\\r\n\uD800-\uDFFF]"
 
 
 class Grammars:
@@ -28,7 +29,8 @@ class Grammars:
 
     def __init__(self, tokenizer: Any, vocab_size: int, keep: int = 256) -> None:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
-        self.compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=True)
+        # Its own cache would keep every schema ever seen: the bounded cache below is the only one.
+        self.compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
         self.vocab_size = vocab_size
         self.keep = keep
         self._cache: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
@@ -62,18 +64,21 @@ class Grammars:
                     "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in constraint.choice or []))
             if kind == "grammar":
                 return self.compiler.compile_grammar(text)
-            return self.compiler.compile_builtin_json_grammar()
+            return self.compiler.compile_grammar(json_schema_ebnf('{"type": "object"}', strict=False))
         except (RuntimeError, ValueError) as exc:
             problem = _LOCATION.sub("", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
             raise JobError(f"The {kind.replace('_', ' ')} constraint cannot be compiled: {problem}",
                            param=param, code="invalid_constraint") from exc
 
 
-def json_schema_ebnf(schema: str) -> str:
+def json_schema_ebnf(schema: str, *, strict: bool = True) -> str:
     """The grammar of a JSON schema, compact (no free whitespace for a weak model to wander off in), and with
-    every string kept to characters JSON allows unescaped."""
-    ebnf = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False))
-    return ebnf.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
+    every string kept to characters JSON allows unescaped. ``strict``: no properties the schema does not name
+    (``json_object`` is any object: not strict)."""
+    ebnf = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict))
+    for loose in _STRING_CHARS:
+        ebnf = ebnf.replace(loose, _JSON_STRING_CHAR)
+    return ebnf
 
 
 def matcher(grammar: xgr.CompiledGrammar) -> xgr.GrammarMatcher:

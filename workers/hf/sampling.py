@@ -44,13 +44,22 @@ def logprob_entry(logits: torch.Tensor, token: int, top: int, text: Callable[[in
         TopLogprob(text(int(i)), float(v)) for v, i in zip(best.values, best.indices)])
 
 
+#: Prompt positions scored per step (their logits over the vocabulary are held at once).
+PROMPT_CHUNK = 256
+
+
 def prompt_logprobs(model: Any, ids: list[int], top: int, text: Callable[[int], str]) -> list[TokenLogprob]:
     """Each prompt token's logprob given the tokens before it, and the ``top`` best alternatives (blocking: one
     forward pass over the prompt). The first token has nothing before it: its logprob is None."""
+    entries = [TokenLogprob(text(ids[0]), None)]
+    head = model.get_output_embeddings()
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0].float()
-    return [TokenLogprob(text(ids[0]), None)] + [
-        logprob_entry(logits[t - 1], ids[t], top, text) for t in range(1, len(ids))]
+        hidden = model.base_model(input_ids=torch.tensor([ids], device=model.device)).last_hidden_state[0]
+        for start in range(0, len(ids) - 1, PROMPT_CHUNK):  # a chunk of positions at a time: never L x vocab
+            logits = head(hidden[start:start + PROMPT_CHUNK]).float()
+            entries += [logprob_entry(logits[i], ids[start + i + 1], top, text)
+                        for i in range(min(PROMPT_CHUNK, len(ids) - 1 - start))]
+    return entries
 
 
 def new_generator(seed: int | None, device: torch.device) -> torch.Generator:

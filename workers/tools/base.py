@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,17 @@ Piece = str | Call
 
 
 class ToolParser:
-    """Streams text through: ``feed`` each delta, then ``close`` once the choice ends."""
+    """Streams text through: ``feed`` each delta, then ``close`` once the choice ends.
+
+    ``names`` are the request's functions: an object naming anything else is
+    text, not a call (a JSON answer is not a call because it has a ``name``).
+    """
+
+    #: The format's markers are special tokens: the engine must not strip them from the text.
+    needs_special_tokens: bool = False
+
+    def __init__(self, names: Collection[str]) -> None:
+        self.names = frozenset(names)
 
     def feed(self, text: str) -> list[Piece]:
         raise NotImplementedError
@@ -29,11 +40,13 @@ class ToolParser:
         raise NotImplementedError
 
 
-def call_of(obj: Any, *, arguments_keys: tuple[str, ...] = ("arguments", "parameters")) -> Call | None:
-    """``{"name": ..., "arguments": {...}}`` (or ``parameters``) as a Call; None if it has not that shape."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+def call_of(obj: Any, names: Collection[str], *, arguments_keys: tuple[str, ...] = ("arguments", "parameters")
+            ) -> Call | None:
+    """``{"name": ..., "arguments": {...}}`` (or ``parameters``) naming one of ``names`` as a Call; None if it has
+    not that shape."""
+    if not isinstance(obj, dict) or obj.get("name") not in names or not any(k in obj for k in arguments_keys):
         return None
-    args: Any = next((obj[k] for k in arguments_keys if k in obj), {})
+    args: Any = next(obj[k] for k in arguments_keys if k in obj)
     if isinstance(args, str):  # some models emit the arguments already encoded
         try:
             args = json.loads(args)
@@ -44,7 +57,7 @@ def call_of(obj: Any, *, arguments_keys: tuple[str, ...] = ("arguments", "parame
     return Call(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
-def calls_of(payload: str) -> list[Call] | None:
+def calls_of(payload: str, names: Collection[str]) -> list[Call] | None:
     """A JSON object or array of call objects; None unless every one is a call."""
     try:
         value = json.loads(payload)
@@ -52,7 +65,7 @@ def calls_of(payload: str) -> list[Call] | None:
         return None
     calls = []
     for item in value if isinstance(value, list) else [value]:
-        call = call_of(item)
+        call = call_of(item, names)
         if call is None:
             return None
         calls.append(call)
@@ -69,12 +82,13 @@ class MarkerParser(ToolParser):
     start: str = ""
     end: str | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, names: Collection[str]) -> None:
+        super().__init__(names)
         self.buf = ""
         self.inside = False
 
     def parse(self, payload: str) -> list[Call] | None:
-        return calls_of(payload)
+        return calls_of(payload, self.names)
 
     def feed(self, text: str) -> list[Piece]:
         self.buf += text
@@ -126,7 +140,8 @@ class WholeOutputParser(ToolParser):
 
     opener: tuple[str, ...] = ()
 
-    def __init__(self) -> None:
+    def __init__(self, names: Collection[str]) -> None:
+        super().__init__(names)
         self.buf = ""
         self.decided: bool | None = None  # None: not enough text yet to tell
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 from broker.protocol import ChoiceEnd, Delta, Event, Generate, Structured, ToolCall
@@ -70,18 +70,21 @@ async def tool_events(events: AsyncIterator[Event], params: Generate, parser: ty
 class _Choice:
     """One choice's text on its way to calls: streamed arguments (named), a list (required), or parsed (auto)."""
 
-    def __init__(self, mode: str, name: str | None, parser: ToolParser | None) -> None:
-        self.mode, self.name, self.parser = mode, name, parser
+    def __init__(self, mode: str, params: Generate, parser: ToolParser | None) -> None:
+        self.mode, self.name, self.parser = mode, params.tool_name, parser
+        self.names = functions(params).keys()
+        self.parallel = params.parallel_tool_calls
         self.calls = 0
         self.text = ""  # a required choice's whole output, parsed once it ends
+        self.space = ""  # whitespace content held back: between or after calls it is not content
 
     @classmethod
     def of(cls, params: Generate, parser: type[ToolParser]) -> _Choice:
         if params.tool_choice == "function":
-            return cls("named", params.tool_name, None)
+            return cls("named", params, None)
         if params.tool_choice == "required":
-            return cls("required", None, None)
-        return cls("auto", None, parser())
+            return cls("required", params, None)
+        return cls("auto", params, parser(functions(params).keys()))
 
     def feed(self, ev: Delta) -> list[Event]:
         if self.mode == "named":  # the text *is* the arguments: stream it as such
@@ -98,24 +101,33 @@ class _Choice:
         if self.mode == "named":
             return [] if self.calls else [ToolCall(index, 0, "{}", call_id(), self.name)]
         if self.mode == "required":
-            calls = _required_calls(self.text)
+            calls = _required_calls(self.text, self.names)
             return self._pieces(index, calls if calls is not None else [self.text], None)
         assert self.parser is not None
-        return self._pieces(index, self.parser.close(), None)
+        out = self._pieces(index, self.parser.close(), None)
+        if self.space and not self.calls:
+            out.append(Delta(index, self.space, 0))
+        return out
 
     def _pieces(self, index: int, pieces: list[Piece], source: Delta | None) -> list[Event]:
         out: list[Event] = []
         for piece in pieces:
             if isinstance(piece, Call):
+                self.space = ""
+                if self.calls and not self.parallel:  # parallel_tool_calls false: the first call only
+                    continue
                 out.append(ToolCall(index, self.calls, piece.arguments, call_id(), piece.name))
                 self.calls += 1
+            elif piece and not piece.strip():
+                self.space += piece
             elif piece:  # content keeps what the text it came from carried
+                piece, self.space = self.space + piece, ""
                 out.append(Delta(index, piece, source.tokens, source.logprobs) if source and not out
                            else Delta(index, piece, 0))
         return out
 
 
-def _required_calls(text: str) -> list[Piece] | None:
+def _required_calls(text: str, names: Collection[str]) -> list[Piece] | None:
     """The constrained ``[{"name", "parameters"}, ...]`` output as calls."""
-    calls = calls_of(text)
+    calls = calls_of(text, names)
     return list(calls) if calls is not None else None

@@ -21,7 +21,7 @@ class Llama3JSONParser(WholeOutputParser):
                 obj, at = decoder.raw_decode(text, at)
             except ValueError:
                 return None
-            call = call_of(obj)
+            call = call_of(obj, self.names)
             if call is None:
                 return None
             calls.append(call)

@@ -7,3 +7,5 @@ from workers.tools.base import MarkerParser
 
 class MistralParser(MarkerParser):
     start, end = "[TOOL_CALLS]", None
+    #: ``[TOOL_CALLS]`` is a special token in Mistral's tokenizers.
+    needs_special_tokens = True

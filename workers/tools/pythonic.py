@@ -21,7 +21,8 @@ class PythonicParser(WholeOutputParser):
             return None
         calls = []
         for node in tree.elts:
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args
+                    and node.func.id in self.names):
                 return None
             try:
                 args = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg is not None}
