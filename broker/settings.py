@@ -88,6 +88,24 @@ class Settings(BaseSettings):
         default=None, description="Local model directory for the hf and vllm engines (default: the model name).",
         json_schema_extra=_for("worker"),
     )
+    device: str = Field(
+        default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
+        description="Where the hf engine runs the model: cpu, cuda, cuda:N, mps, or auto (the first GPU if there "
+                    "is one; with accelerate installed, a model too big for one spreads over all of them).",
+        json_schema_extra=_for("worker"),
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="The weights' dtype (hf and vllm engines); auto: what the checkpoint says.",
+        json_schema_extra=_for("worker"),
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="Cap the context below the model's own (hf and vllm engines).",
+        json_schema_extra=_for("worker"),
+    )
+    load_in: Literal["8bit", "4bit"] | None = Field(
+        default=None, description="Quantized loading on a GPU (hf engine; needs the bitsandbytes package).",
+        json_schema_extra=_for("worker"),
+    )
     vllm_engine_args: str | None = Field(
         default=None,
         description="JSON object of extra vLLM AsyncEngineArgs, e.g. '{\"gpu_memory_utilization\": 0.85}'.",

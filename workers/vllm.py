@@ -320,6 +320,8 @@ class VLLMWorker(BaseModelWorker):
         #: What ``AsyncEngineArgs`` gets: the model, the ``vllm_engine_args`` setting, then ``engine_args``.
         self.engine_args: dict[str, Any] = {
             "model": self.model_path,
+            **({"dtype": settings.dtype} if settings.dtype != "auto" else {}),
+            **({"max_model_len": settings.max_model_len} if settings.max_model_len else {}),
             **extra_engine_args(getattr(settings, "vllm_engine_args", None)),
             **(engine_args or {}),
         }

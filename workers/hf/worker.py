@@ -15,7 +15,7 @@ from workers.errors import JobError
 from workers.hf.embeddings import mean_pooled
 from workers.hf.engine import BatchEngine, Emit
 from workers.hf.grammar import Grammars
-from workers.hf.loading import LoadedModel, load_model
+from workers.hf.loading import LoadedModel, LoadOptions, load_model
 from workers.hf.sampling import prompt_logprobs
 from workers.params import fitted
 from workers.prompts import prompt_ids
@@ -37,7 +37,9 @@ class HFWorker(BaseModelWorker):
         self.grammars: Grammars | None = None
 
     async def setup(self) -> None:
-        self.loaded = await asyncio.to_thread(load_model, self.model_path)
+        options = LoadOptions(self.settings.device, self.settings.dtype, self.settings.max_model_len,
+                              self.settings.load_in)
+        self.loaded = await asyncio.to_thread(load_model, self.model_path, options)
         self.tokenizer = self.loaded.tokenizer
         self.record.context_length = self.loaded.context_length
         self.record.root = str(self.model_path)
