@@ -3,8 +3,8 @@
 It implements exactly the surface ``workers.vllm.VLLMEngine`` uses (listed in
 that module's docstring), under vLLM's names and with vLLM's shapes and rules
 (``vllm/v1/engine/async_llm.py``, ``vllm/outputs.py``, ``vllm/sampling_params.py``,
-``vllm/pooling_params.py``): DELTA ``RequestOutput``s whose ``outputs`` carry
-only the choices that moved, ``finish_reason`` ``"stop"``/``"length"``/``"abort"``,
+``vllm/pooling_params.py``): DELTA ``RequestOutput``s, one per child of an ``n > 1``
+request that moved (as ``ParentRequest.get_outputs`` streams them), ``finish_reason`` ``"stop"``/``"length"``/``"abort"``,
 the EOS token counted in ``token_ids`` but not shown in ``text``, stop strings
 cut before they show, per-token ``{token_id: Logprob}`` maps, ``VLLMValidationError`` (in 0.33 not a
 ``ValueError``)
@@ -285,8 +285,11 @@ class StandInAsyncLLM:
                 outs = [CompletionOutput(c.index, "", [], None, None, "abort") for c in choices if not c.finished]
                 yield RequestOutput(request_id, None, ids, None, outs, finished=True)
                 return
-            outs = [self._step(c, p) for c in choices if not c.finished]
-            yield RequestOutput(request_id, None, ids, None, outs, finished=all(c.finished for c in choices))
+            # As vLLM's parallel sampling streams n > 1 (ParentRequest.get_outputs, DELTA): one RequestOutput per
+            # child that moved, holding that child's output only; finished once every child is.
+            for c in [c for c in choices if not c.finished]:
+                out = self._step(c, p)
+                yield RequestOutput(request_id, None, ids, None, [out], finished=all(x.finished for x in choices))
             if all(c.finished for c in choices):
                 return
 
