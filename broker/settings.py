@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         default=None, description="Local model directory for the hf and vllm engines (default: the model name).",
         json_schema_extra=_for("worker"),
     )
+    lora: list[str] = Field(
+        default_factory=list,
+        description="LoRA adapters to serve beside the base model, each as its own model: NAME=PATH (a PEFT "
+                    "adapter directory); hf engine.",
+        json_schema_extra=_for("worker"),
+    )
     device: str = Field(
         default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
         description="Where the hf engine runs the model: cpu, cuda, cuda:N, mps, or auto (the first GPU if there "

@@ -4,11 +4,11 @@ It implements exactly the surface ``workers.vllm.VLLMEngine`` uses (listed in
 that module's docstring), under vLLM's names and with vLLM's shapes and rules
 (``vllm/v1/engine/async_llm.py``, ``vllm/outputs.py``, ``vllm/sampling_params.py``,
 ``vllm/pooling_params.py``): DELTA ``RequestOutput``s, one per child of an ``n > 1``
-request that moved (as ``ParentRequest.get_outputs`` streams them), ``finish_reason`` ``"stop"``/``"length"``/``"abort"``,
-the EOS token counted in ``token_ids`` but not shown in ``text``, stop strings
-cut before they show, per-token ``{token_id: Logprob}`` maps, ``VLLMValidationError`` (in 0.33 not a
-``ValueError``)
-for what vLLM refuses (``n > 1`` with greedy decoding, generation on a pooling
+request that moved (as ``ParentRequest.get_outputs`` streams them),
+``finish_reason`` ``"stop"``/``"length"``/``"abort"``, the EOS token counted
+in ``token_ids`` but not shown in ``text``, stop strings cut before they
+show, per-token ``{token_id: Logprob}`` maps, ``VLLMValidationError`` (in
+0.33 not a ``ValueError``) for what vLLM refuses (``n > 1`` with greedy decoding, generation on a pooling
 model). Anything else the worker might call is missing, so it fails loudly.
 
 The "model" is a deterministic toy: a choice reads ``REPLY`` token by token,

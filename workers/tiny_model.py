@@ -106,6 +106,23 @@ def build_tiny_model(directory: str | Path, *, chat_template: bool = True, conte
     return path
 
 
+def build_tiny_lora(base: str | Path, directory: str | Path, *, seed: int = 7, rank: int = 4) -> Path:
+    """A PEFT LoRA adapter for the tiny model at ``base``, with random weights that change its answers (a
+    freshly made adapter is a no-op: its B matrices start at zero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = Path(directory)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        adapted = get_peft_model(model, config)
+    adapted.save_pretrained(str(path))
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers.tiny_model", description=__doc__.splitlines()[0])
     parser.add_argument("directory", help="Where to write the model (created if missing).")

@@ -39,6 +39,8 @@ class Generation:
     generator: torch.Generator
     #: The compiled constraint every choice's output must match (xgrammar), if any.
     grammar: Any = None
+    #: The LoRA adapter this request runs through (None: the base model).
+    adapter: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     running: int = 0
     completion_tokens: int = 0
@@ -96,8 +98,9 @@ class BatchEngine:
         self._inbox.put(None)
         self._thread.join()
 
-    def submit(self, prompt_ids: list[int], params: Generate, emit: Emit, grammar: Any = None) -> Generation:
-        gen = Generation(prompt_ids, params, emit, new_generator(params.seed, self.loaded.device), grammar)
+    def submit(self, prompt_ids: list[int], params: Generate, emit: Emit, grammar: Any = None,
+               adapter: str | None = None) -> Generation:
+        gen = Generation(prompt_ids, params, emit, new_generator(params.seed, self.loaded.device), grammar, adapter)
         self._inbox.put(gen)
         return gen
 
@@ -142,7 +145,8 @@ class BatchEngine:
             return
         cache = DynamicCache()
         ids = torch.tensor([gen.prompt_ids], dtype=torch.long, device=self.loaded.device)
-        out = self.loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, **self._prefill_kwargs)
+        out = self.loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, **self._prefill_kwargs,
+                                **self._adapters([gen]))
         raw = out.logits[0, -1].float()
         choices = [self._new_choice(gen, i, raw.numel()) for i in range(gen.params.n)]
         logits = raw
@@ -166,7 +170,7 @@ class BatchEngine:
                        None if gen.grammar is None else matcher(gen.grammar))
 
     def _step(self) -> None:
-        logits = self._batch.forward(self.loaded.model)
+        logits = self._batch.forward(self.loaded.model, **self._adapters([c.gen for c in self._choices]))
         constrained = [(row, c.matcher) for row, c in enumerate(self._choices) if c.matcher is not None]
         # Logprobs are the model's, before the grammar masks a row: kept aside only when a constrained row wants them.
         raw = logits.clone() if any(self._choices[row].gen.params.logprobs is not None for row, _ in constrained) \
@@ -174,6 +178,13 @@ class BatchEngine:
         self._masks.apply(logits, constrained)
         self._batch.set_tokens([self._advance(c, logits[row], raw[row]) for row, c in enumerate(self._choices)])
         self._retire([i for i, c in enumerate(self._choices) if not c.finished])
+
+    def _adapters(self, gens: list[Generation]) -> dict[str, Any]:
+        """PEFT's mixed-adapter batch: each row names its LoRA adapter (``__base__`` for none), so requests for
+        different adapters and the base model share one forward pass."""
+        if not self.loaded.adapters:
+            return {}
+        return {"adapter_names": [g.adapter or "__base__" for g in gens]}
 
     def _retire(self, keep: list[int]) -> None:
         if len(keep) != len(self._choices):

@@ -48,11 +48,12 @@ class KVBatch:
         self.positions = torch.cat([self.positions, torch.full((rows,), length, device=self.device)])
         self.tokens = torch.cat([self.tokens, torch.tensor(tokens, dtype=torch.long, device=self.device)])
 
-    def forward(self, model: Any) -> torch.Tensor:
-        """One decode step for every row; returns the next-token logits, one row each."""
+    def forward(self, model: Any, **extra: Any) -> torch.Tensor:
+        """One decode step for every row; returns the next-token logits, one row each. ``extra`` goes to the
+        model (each row's LoRA adapter, say)."""
         mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
         out = model(input_ids=self.tokens[:, None], attention_mask=mask, position_ids=self.positions[:, None],
-                    past_key_values=self.cache, use_cache=True)
+                    past_key_values=self.cache, use_cache=True, **extra)
         self.mask, self.positions = mask, self.positions + 1
         return out.logits[:, -1].float()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,29 @@ class LoadedModel:
     #: Longest prompt + completion (or embedding input) in tokens.
     context_length: int
     eos_ids: frozenset[int] = frozenset()
+    #: LoRA adapters loaded onto the model (it is then a PeftModel), by name.
+    adapters: dict[str, str] = field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int:
         """The width of the model's logits (a tokenizer may know fewer tokens)."""
         return int(self.model.config.vocab_size)
+
+
+def with_adapters(loaded: LoadedModel, adapters: dict[str, str]) -> LoadedModel:
+    """``loaded`` with each LoRA adapter (name -> PEFT adapter directory) loaded once (blocking)."""
+    if not adapters:
+        return loaded
+    if not loaded.causal:
+        raise ValueError("LoRA adapters need a causal LM to generate with")
+    from peft import PeftModel
+
+    (first, first_path), *rest = adapters.items()
+    model = PeftModel.from_pretrained(loaded.model, first_path, adapter_name=first)
+    for name, path in rest:
+        model.load_adapter(path, adapter_name=name)
+    loaded.model, loaded.adapters = model.eval(), dict(adapters)
+    return loaded
 
 
 def is_causal_lm(config: Any) -> bool:

@@ -15,7 +15,7 @@ from workers.errors import JobError
 from workers.hf.embeddings import mean_pooled
 from workers.hf.engine import BatchEngine, Emit
 from workers.hf.grammar import Grammars
-from workers.hf.loading import LoadedModel, LoadOptions, load_model
+from workers.hf.loading import LoadedModel, LoadOptions, load_model, with_adapters
 from workers.hf.sampling import prompt_logprobs
 from workers.params import fitted
 from workers.prompts import prompt_ids
@@ -29,7 +29,9 @@ class HFWorker(BaseModelWorker):
 
     def __init__(self, redis_url: str, settings: Settings, models: list[str], *, worker_id: str | None = None,
                  model_path: str | None = None) -> None:
-        super().__init__(redis_url, settings, models, worker_id=worker_id)
+        #: ``--lora NAME=PATH``: each adapter is served as a model of its own, beside the base.
+        self.adapters = dict(_adapter(spec) for spec in settings.lora)
+        super().__init__(redis_url, settings, [*models, *self.adapters], worker_id=worker_id)
         # The directory: the argument, else the settings field, else the served name read as a path.
         self.model_path = Path(model_path or getattr(settings, "model_path", None) or models[0]).expanduser()
         self.loaded: LoadedModel | None = None
@@ -40,6 +42,7 @@ class HFWorker(BaseModelWorker):
         options = LoadOptions(self.settings.device, self.settings.dtype, self.settings.max_model_len,
                               self.settings.load_in)
         self.loaded = await asyncio.to_thread(load_model, self.model_path, options)
+        self.loaded = await asyncio.to_thread(with_adapters, self.loaded, self.adapters)
         self.tokenizer = self.loaded.tokenizer
         self.record.context_length = self.loaded.context_length
         self.record.root = str(self.model_path)
@@ -70,7 +73,8 @@ class HFWorker(BaseModelWorker):
             grammar = await asyncio.to_thread(self.grammars.compile, params.structured,
                                               "tools" if forced else "response_format")
         events: asyncio.Queue[Any] = asyncio.Queue()
-        gen = batcher.submit(ids, params, _threadsafe_put(asyncio.get_running_loop(), events), grammar)
+        gen = batcher.submit(ids, params, _threadsafe_put(asyncio.get_running_loop(), events), grammar,
+                             job.model if job.model in self.adapters else None)
         try:
             while True:
                 ev = await events.get()
@@ -85,6 +89,9 @@ class HFWorker(BaseModelWorker):
     async def prompt_logprobs(self, job: Job, top: int) -> list[TokenLogprob]:
         loaded = self.loaded
         assert loaded is not None
+        if loaded.adapters:
+            raise JobError("Prompt logprobs (echo with logprobs) are not available on a worker serving LoRA "
+                           "adapters.", param="echo", code="unsupported_parameter")
         if not loaded.causal:
             raise JobError(f"The model `{job.model}` serves embeddings only.", param="model", code="unsupported")
         ids = await asyncio.to_thread(prompt_ids, loaded.tokenizer, job)
@@ -98,6 +105,14 @@ class HFWorker(BaseModelWorker):
     def matryoshka(self) -> bool:
         config = self.loaded.model.config if self.loaded is not None else None
         return bool(getattr(config, "is_matryoshka", False) or getattr(config, "matryoshka_dimensions", None))
+
+
+def _adapter(spec: str) -> tuple[str, str]:
+    """``--lora NAME=PATH`` as (name, path)."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--lora wants NAME=PATH, got {spec!r}")
+    return name, str(Path(path).expanduser())
 
 
 def _token_text(tokenizer: Any) -> Callable[[int], str]:
