@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     tm.add_argument("directory", help="Where to save it (save_pretrained layout).")
     tm.add_argument("--no-chat-template", action="store_true", help="Leave the chat template out.")
     tm.add_argument("--context-length", type=int, default=256, help="max_position_embeddings [default 256].")
-    tm.add_argument("--lora", default=None, metavar="DIR", help="Also build a random LoRA adapter for it in DIR.")
+    tm.add_argument("--lora", dest="lora_dir", default=None, metavar="DIR",
+                    help="Also build a random LoRA adapter for it in DIR.")
     tm.set_defaults(run=_tiny_model)
 
     st = sub.add_parser("status", parents=[common], help="Print the live workers, like `docker ps`.")
@@ -135,10 +136,10 @@ def _tiny_model(args: argparse.Namespace, _settings: Settings) -> int:
 
     path = build_tiny_model(args.directory, chat_template=not args.no_chat_template, context_length=args.context_length)
     print(f"tiny model saved in {path}; serve it with: redserve up --engine hf --model {path}")
-    if args.lora:
+    if args.lora_dir:
         from workers.tiny_model import build_tiny_lora
 
-        adapter = build_tiny_lora(path, args.lora)
+        adapter = build_tiny_lora(path, args.lora_dir)
         print(f"a LoRA adapter for it in {adapter}; serve both with: redserve worker --engine hf --model tiny "
               f"--model-path {path} --lora tiny-lora={adapter}")
     return 0
