@@ -367,3 +367,21 @@ async def test_contract_a_full_vllm_queue_is_a_503_with_vllms_message(stack, tok
         await client.chat.completions.create(model="toy", messages=USER, max_tokens=5)
     assert err.value.status_code == 503 and "engine is currently busy" in err.value.message
     await first
+
+
+async def test_contract_lora_adapters_are_models_sent_as_lora_requests(stack, tokenizer, tmp_path):
+    """Stand-in for vLLM's AsyncLLM (vLLM needs a GPU which CI lacks): an adapter is its own model; its requests
+    carry vLLM's LoRARequest (a stable id per adapter), the base model's carry none, and LoRA is enabled."""
+    worker, llm, client = await serve(stack, tokenizer, max_model_len=512,
+                                      settings={"lora": [f"sql={tmp_path}/sql", f"chat={tmp_path}/chat"]})
+    assert worker.started_with["enable_lora"] is True and worker.started_with["max_loras"] == 2
+    assert {m.id for m in (await client.models.list()).data} == {"toy", "sql", "chat"}
+    for model in ("chat", "toy", "chat"):
+        llm.requests.clear()
+        await client.chat.completions.create(model=model, messages=USER, max_tokens=2)
+        _, got = only_request(llm)
+        if model == "toy":
+            assert got.lora_request is None
+        else:
+            assert (got.lora_request.lora_name, got.lora_request.lora_int_id) == ("chat", 2)
+            assert got.lora_request.lora_path == f"{tmp_path}/chat"

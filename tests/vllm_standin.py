@@ -201,7 +201,8 @@ class ModelConfig:
 def standin_classes() -> dict[str, Any]:
     """The stand-in twin of ``workers.vllm.vllm_classes()``."""
     return {"sampling_params": SamplingParams, "pooling_params": PoolingParams, "delta": RequestOutputKind.DELTA,
-            "structured_outputs": StructuredOutputsParams, "client_error": VLLMClientError, "vllm_error": VLLMError}
+            "structured_outputs": StructuredOutputsParams, "client_error": VLLMClientError, "vllm_error": VLLMError,
+            "lora_request": LoRARequest}
 
 
 @dataclass
@@ -210,6 +211,16 @@ class Received:
 
     prompt: dict[str, Any]
     params: Any
+    lora_request: Any = None
+
+
+@dataclass
+class LoRARequest:
+    """``vllm.lora.request.LoRARequest`` (0.33): the fields the worker sets."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str = ""
 
 
 @dataclass(eq=False)
@@ -257,8 +268,8 @@ class StandInAsyncLLM:
     def shutdown(self) -> None:
         self.shut_down = True
 
-    async def generate(self, prompt: dict[str, Any], sampling_params: SamplingParams, request_id: str
-                       ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: dict[str, Any], sampling_params: SamplingParams, request_id: str, *,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         if self.runner_type == "pooling":
             raise VLLMValidationError("This model does not support generation")
         if sampling_params.output_kind is not RequestOutputKind.DELTA:
@@ -268,14 +279,14 @@ class StandInAsyncLLM:
             raise QueueOverflowError()
         self.live += 1
         try:
-            async for out in self._generate(ids, prompt, sampling_params, request_id):
+            async for out in self._generate(ids, prompt, sampling_params, request_id, lora_request):
                 yield out
         finally:
             self.live -= 1
 
     async def _generate(self, ids: list[int], prompt: dict[str, Any], sampling_params: SamplingParams,
-                        request_id: str) -> AsyncIterator[RequestOutput]:
-        self.requests[request_id] = Received(prompt, sampling_params)
+                        request_id: str, lora_request: LoRARequest | None) -> AsyncIterator[RequestOutput]:
+        self.requests[request_id] = Received(prompt, sampling_params, lora_request)
         p = sampling_params
         seed = p.seed if p.seed is not None else random.randrange(len(self.reply_ids))
         choices = [_Choice(i, 0 if p.temperature == 0 else seed + i, StopMatcher(p.stop)) for i in range(p.n)]

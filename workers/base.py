@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 import time
 import uuid
@@ -594,6 +595,17 @@ class BaseModelWorker(abc.ABC):
                                param="response_format")
             job = dataclasses.replace(job, params=msgspec.structs.replace(params, structured=forced))
         return job, True
+
+
+def lora_adapters(specs: list[str]) -> dict[str, str]:
+    """``--lora NAME=PATH`` (repeatable) as {name: path}; each adapter is served as a model of its own."""
+    adapters = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora wants NAME=PATH, got {spec!r}")
+        adapters[name] = os.path.expanduser(path)
+    return adapters
 
 
 def _invalid_param(problem: str) -> str | None:

@@ -67,7 +67,7 @@ from broker.protocol import (
     Usage,
 )
 from broker.settings import Settings
-from workers.base import BaseModelWorker
+from workers.base import BaseModelWorker, lora_adapters
 from workers.errors import JobError
 from workers.params import fitted, inputs_fit
 from workers.prompts import prompt_ids
@@ -88,10 +88,12 @@ def vllm_classes() -> dict[str, Any]:
     from vllm import PoolingParams
     from vllm import SamplingParams as VLLMSamplingParams
     from vllm.exceptions import VLLMClientError, VLLMError
+    from vllm.lora.request import LoRARequest
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     return {"sampling_params": VLLMSamplingParams, "pooling_params": PoolingParams, "delta": RequestOutputKind.DELTA,
-            "structured_outputs": StructuredOutputsParams, "client_error": VLLMClientError, "vllm_error": VLLMError}
+            "structured_outputs": StructuredOutputsParams, "client_error": VLLMClientError, "vllm_error": VLLMError,
+            "lora_request": LoRARequest}
 
 
 # --- the adapter: every vLLM name this worker uses ---------------------------------------
@@ -111,12 +113,13 @@ class VLLMEngine:
     """
 
     def __init__(self, llm: Any, *, sampling_params: Any, pooling_params: Any, delta: Any, structured_outputs: Any,
-                 client_error: type[Exception], vllm_error: type[Exception]) -> None:
+                 client_error: type[Exception], vllm_error: type[Exception], lora_request: Any) -> None:
         self.llm = llm
         self._sampling_params = sampling_params
         self._pooling_params = pooling_params
         self._delta = delta
         self._structured_outputs = structured_outputs
+        self._lora_request = lora_request
         #: What vLLM raises when it refuses a request: a 400, never a 500.
         self.refusals: tuple[type[Exception], ...] = (ValueError, client_error)
         #: Every error of vLLM's own, and what older vLLM raised for a refusal.
@@ -191,12 +194,18 @@ class VLLMEngine:
     def pooling_params(self) -> Any:
         return self._pooling_params(task="embed")
 
-    async def generate(self, prompt_ids: list[int], params: Generate, request_id: str) -> AsyncIterator[Event]:
+    def lora(self, name: str, number: int, path: str) -> Any:
+        """vLLM's ``LoRARequest`` for adapter ``name`` (``number``: vLLM's id for it, from 1)."""
+        return self._lora_request(lora_name=name, lora_int_id=number, lora_path=path)
+
+    async def generate(self, prompt_ids: list[int], params: Generate, request_id: str, lora: Any = None
+                       ) -> AsyncIterator[Event]:
         """The events of one request: deltas, a ``ChoiceEnd`` per choice, then ``Done``."""
         request = self.sampling_params(params)
         pending: dict[int, _Pending] = {}
         prompt_tokens, completion_tokens = len(prompt_ids), 0
-        stream = self.llm.generate({"prompt_token_ids": prompt_ids}, request, request_id)
+        stream = self.llm.generate({"prompt_token_ids": prompt_ids}, request, request_id,
+                                   **({"lora_request": lora} if lora is not None else {}))
         async with self._running(request_id, stream):
             async for out in stream:
                 prompt_tokens = len(out.prompt_token_ids or prompt_ids)
@@ -314,7 +323,9 @@ class VLLMWorker(BaseModelWorker):
 
     def __init__(self, redis_url: str, settings: Settings, models: list[str], *, worker_id: str | None = None,
                  engine_args: Mapping[str, Any] | None = None) -> None:
-        super().__init__(redis_url, settings, models, worker_id=worker_id)
+        #: ``--lora NAME=PATH``: each adapter a model of its own; vLLM batches adapters together (``LoRARequest``).
+        self.adapters = lora_adapters(settings.lora)
+        super().__init__(redis_url, settings, [*models, *self.adapters], worker_id=worker_id)
         # A local directory or a Hugging Face repo id: the settings field, else the served name.
         self.model_path = os.path.expanduser(getattr(settings, "model_path", None) or models[0])
         #: What ``AsyncEngineArgs`` gets: the model, the ``vllm_engine_args`` setting, then ``engine_args``.
@@ -322,6 +333,7 @@ class VLLMWorker(BaseModelWorker):
             "model": self.model_path,
             **({"dtype": settings.dtype} if settings.dtype != "auto" else {}),
             **({"max_model_len": settings.max_model_len} if settings.max_model_len else {}),
+            **({"enable_lora": True, "max_loras": len(self.adapters)} if self.adapters else {}),
             **extra_engine_args(getattr(settings, "vllm_engine_args", None)),
             **(engine_args or {}),
         }
@@ -351,7 +363,10 @@ class VLLMWorker(BaseModelWorker):
         ids = await asyncio.to_thread(prompt_ids, self.tokenizer, job)
         assert isinstance(job.params, Generate)
         params = fitted(job.params, job.kind, len(ids), vllm.context_length)
-        async for ev in vllm.generate(ids, params, job.request_id):
+        lora = None
+        if job.model in self.adapters:
+            lora = vllm.lora(job.model, list(self.adapters).index(job.model) + 1, self.adapters[job.model])
+        async for ev in vllm.generate(ids, params, job.request_id, lora):
             yield ev
 
     def matryoshka(self) -> bool:

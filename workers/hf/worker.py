@@ -10,7 +10,7 @@ from typing import Any
 
 from broker.protocol import FEATURES, Done, Embed, Embeddings, Event, Generate, Job, TokenLogprob, Usage
 from broker.settings import Settings
-from workers.base import BaseModelWorker
+from workers.base import BaseModelWorker, lora_adapters
 from workers.errors import JobError
 from workers.hf.embeddings import mean_pooled
 from workers.hf.engine import BatchEngine, Emit
@@ -30,7 +30,7 @@ class HFWorker(BaseModelWorker):
     def __init__(self, redis_url: str, settings: Settings, models: list[str], *, worker_id: str | None = None,
                  model_path: str | None = None) -> None:
         #: ``--lora NAME=PATH``: each adapter is served as a model of its own, beside the base.
-        self.adapters = dict(_adapter(spec) for spec in settings.lora)
+        self.adapters = lora_adapters(settings.lora)
         super().__init__(redis_url, settings, [*models, *self.adapters], worker_id=worker_id)
         # The directory: the argument, else the settings field, else the served name read as a path.
         self.model_path = Path(model_path or getattr(settings, "model_path", None) or models[0]).expanduser()
@@ -105,14 +105,6 @@ class HFWorker(BaseModelWorker):
     def matryoshka(self) -> bool:
         config = self.loaded.model.config if self.loaded is not None else None
         return bool(getattr(config, "is_matryoshka", False) or getattr(config, "matryoshka_dimensions", None))
-
-
-def _adapter(spec: str) -> tuple[str, str]:
-    """``--lora NAME=PATH`` as (name, path)."""
-    name, sep, path = spec.partition("=")
-    if not sep or not name or not path:
-        raise ValueError(f"--lora wants NAME=PATH, got {spec!r}")
-    return name, str(Path(path).expanduser())
 
 
 def _token_text(tokenizer: Any) -> Callable[[int], str]:
