@@ -133,7 +133,9 @@ async def test_master_killed_under_streams_and_a_batch(deployment, settings, out
             flowing = await wait_for(lambda: _served(client), timeout=30, interval=0.1)
             back_after = time.monotonic() - killed
             results = await streams
+            settle = time.monotonic() + 90  # a batch that stops moving fails here, saying where it stood
             while batch.status not in ("completed", "failed", "cancelled", "expired"):
+                assert time.monotonic() < settle, f"the batch did not finish after the failover: {batch}"
                 await asyncio.sleep(0.2)
                 batch = await client.batches.retrieve(batch.id)
         assert flowing and deployment.master() != old  # the replica was promoted
