@@ -66,7 +66,7 @@ from workers.chat_templates import chat_template
 from workers.errors import JobError
 from workers.metrics import serve_metrics
 from workers.outbox import Outbox, OutboxOverflow, ReplayLog
-from workers.params import fitted
+from workers.params import fitted, in_vocabulary, l2_normalised
 from workers.prompts import prompt_ids
 from workers.publish import Orphaned, ReplyPublisher
 from workers.tools import PARSERS
@@ -167,9 +167,7 @@ class BaseModelWorker(abc.ABC):
         assert isinstance(job.params, Detokenize)
         if self.tokenizer is None:
             raise JobError(f"The model `{job.model}` cannot detokenize.", code="unsupported", param="model")
-        vocab = len(self.tokenizer)
-        if bad := [t for t in job.params.tokens if not 0 <= t < vocab]:
-            raise JobError(f"Token id {bad[0]} is not in the model's vocabulary (0..{vocab - 1}).", param="tokens")
+        in_vocabulary(job.params.tokens, len(self.tokenizer), "tokens")
         text: str = await asyncio.to_thread(self.tokenizer.decode, job.params.tokens)
         return text
 
@@ -468,8 +466,7 @@ class BaseModelWorker(abc.ABC):
         width = len(answer.vectors[0]) if answer.vectors else 0
         if dims > width:
             raise JobError(f"`dimensions` is {dims}, more than the model's {width}.", param="dimensions")
-        cut = [v[:dims] for v in answer.vectors]
-        return Embeddings([[x / (sum(y * y for y in v) ** 0.5 or 1.0) for x in v] for v in cut], answer.usage)
+        return Embeddings([l2_normalised(v[:dims]) for v in answer.vectors], answer.usage)
 
     def _generation(self, job: Job) -> AsyncIterator[Event]:
         """One prompt's events: its echo first, then the engine's, with tool calls made of its text."""

@@ -8,6 +8,9 @@ judge is left: whether prompt plus completion fit its model's context.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
 import msgspec
 
 from broker.protocol import Generate, JobKind
@@ -36,8 +39,20 @@ def max_tokens(params: Generate) -> int:
     return params.max_tokens
 
 
+def in_vocabulary(ids: Iterable[int], vocab: int, param: str) -> None:
+    """A token id the model does not have is a 400 naming ``param``."""
+    if bad := [t for t in ids if not 0 <= t < vocab]:
+        raise JobError(f"Token id {bad[0]} is not in the model's vocabulary (0..{vocab - 1}).", param=param)
+
+
 def inputs_fit(longest: int, context: int) -> None:
     """An embedding input longer than the model's context is a 400 naming ``input``."""
     if longest > context:
         raise JobError(f"An input is longer than this model's maximum of {context} tokens.",
                        param="input", code="context_length_exceeded")
+
+
+def l2_normalised(vector: list[float]) -> list[float]:
+    """``vector`` scaled to length 1 (a zero vector stays as it is)."""
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [x / norm for x in vector] if norm else vector

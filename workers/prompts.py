@@ -13,6 +13,7 @@ import jinja2
 
 from broker.protocol import Generate, Job, Message, Tokenize
 from workers.errors import JobError
+from workers.params import in_vocabulary
 
 #: What the template call itself passes: ``chat_template_kwargs`` may not override these.
 _TEMPLATE_ARGS = frozenset({"conversation", "messages", "tools", "add_generation_prompt", "continue_final_message",
@@ -38,9 +39,7 @@ def prompt_ids(tokenizer: Any, job: Job) -> list[int]:
 
 def _token_ids(tokenizer: Any, ids: list[int]) -> list[int]:
     """A token-id prompt, as given (``add_special_tokens`` is the client's business then)."""
-    vocab = len(tokenizer)
-    if bad := [t for t in ids if not 0 <= t < vocab]:
-        raise JobError(f"Token id {bad[0]} is not in the model's vocabulary (0..{vocab - 1}).", param="prompt")
+    in_vocabulary(ids, len(tokenizer), "prompt")
     return ids
 
 

@@ -45,7 +45,6 @@ import contextlib
 import inspect
 import json
 import logging
-import math
 import os
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -69,7 +68,7 @@ from broker.protocol import (
 from broker.settings import Settings
 from workers.base import BaseModelWorker, lora_adapters
 from workers.errors import JobError
-from workers.params import fitted, inputs_fit
+from workers.params import fitted, inputs_fit, l2_normalised
 from workers.prompts import prompt_ids
 
 log = logging.getLogger(__name__)
@@ -297,11 +296,6 @@ def embedding_inputs(tokenizer: Any, params: Embed, context_length: int) -> list
     ids = [t if isinstance(t, list) else list(tokenizer(t)["input_ids"]) for t in params.input]
     inputs_fit(max(map(len, ids), default=0), context_length)
     return ids
-
-
-def l2_normalised(vector: list[float]) -> list[float]:
-    norm = math.sqrt(sum(x * x for x in vector))
-    return [x / norm for x in vector] if norm else vector
 
 
 def extra_engine_args(value: str | None) -> dict[str, Any]:

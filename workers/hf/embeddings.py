@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.errors import JobError
 from workers.hf.loading import LoadedModel
-from workers.params import inputs_fit
+from workers.params import in_vocabulary, inputs_fit
 
 #: Inputs embedded per forward pass, to bound memory on long input lists.
 EMBED_CHUNK = 32
@@ -19,9 +18,7 @@ def mean_pooled(loaded: LoadedModel, inputs: list[str | list[int]]) -> tuple[lis
     vectors: list[list[float]] = []
     tokens = 0
     ids = [i if isinstance(i, list) else loaded.tokenizer(i)["input_ids"] for i in inputs]
-    vocab = loaded.vocab_size
-    if bad := [t for seq in ids for t in seq if not 0 <= t < vocab]:
-        raise JobError(f"Token id {bad[0]} is not in the model's vocabulary (0..{vocab - 1}).", param="input")
+    in_vocabulary((t for seq in ids for t in seq), loaded.vocab_size, "input")
     inputs_fit(max(map(len, ids)), loaded.context_length)
     with torch.inference_mode():
         for start in range(0, len(ids), EMBED_CHUNK):
