@@ -40,6 +40,10 @@ class WorkerRecord:
     context_length: int = 0
     #: Where the served model came from (a directory or a hub id; empty when the engine has none).
     root: str = ""
+    #: Per model, where a worker serves several that differ (``--model NAME=PATH``): name -> context length,
+    #: name -> root. Stored as ``context_length:<name>`` and ``root:<name>`` fields beside the defaults above.
+    contexts: dict[str, int] = field(default_factory=dict)
+    roots: dict[str, str] = field(default_factory=dict)
     #: Counters since start: jobs finished and tokens produced.
     jobs_done: int = 0
     tokens_out: int = 0
@@ -64,7 +68,17 @@ class WorkerRecord:
             "root": self.root,
             "jobs_done": str(self.jobs_done),
             "tokens_out": str(self.tokens_out),
+            **{f"context_length:{m}": str(n) for m, n in self.contexts.items()},
+            **{f"root:{m}": r for m, r in self.roots.items()},
         }
+
+    def context_of(self, model: str) -> int:
+        """The context length of ``model`` on this worker (0 = unknown)."""
+        return self.contexts.get(model, self.context_length)
+
+    def root_of(self, model: str) -> str:
+        """Where ``model`` on this worker came from."""
+        return self.roots.get(model, self.root)
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> WorkerRecord:
@@ -86,6 +100,8 @@ class WorkerRecord:
             tokens_out=int(fields.get("tokens_out", 0)),
             queue=int(fields.get("queue", 0)),
             last_heartbeat=float(fields.get("last_heartbeat", 0)) / 1000,
+            contexts={k.partition(":")[2]: int(v) for k, v in fields.items() if k.startswith("context_length:")},
+            roots={k.partition(":")[2]: v for k, v in fields.items() if k.startswith("root:")},
         )
 
 
@@ -111,13 +127,13 @@ class Registry:
             )
         )
 
-    async def finish(self, record: WorkerRecord, entry_id: str) -> int:
-        """Ack and delete one finished job; returns the queue length left."""
+    async def finish(self, record: WorkerRecord, entry_id: str, model: str) -> int:
+        """Ack and delete one finished job of ``model``; returns the worker's queue length left."""
         k = self.keys
         return int(
             await self.scripts.finish(
-                keys=[k.worker_jobs(record.id), k.worker(record.id), *(k.model_workers(m) for m in record.models)],
-                args=[WORKER_GROUP, entry_id, record.id],
+                keys=[k.worker_jobs(record.id), k.worker(record.id), k.model_workers(model)],
+                args=[WORKER_GROUP, entry_id, record.id, len(record.models)],
             )
         )
 

@@ -59,10 +59,10 @@ async def list_models(request: Request) -> dict[str, Any]:
             entry["workers"] += 1
             if w.engine not in entry["engines"]:
                 entry["engines"].append(w.engine)
-            if w.context_length:
-                entry["context_length"] = entry["max_model_len"] = w.context_length
-            if w.root:
-                entry["root"] = w.root
+            if w.context_of(m):
+                entry["context_length"] = entry["max_model_len"] = w.context_of(m)
+            if w.root_of(m):
+                entry["root"] = w.root_of(m)
     return {"object": "list", "data": sorted(models.values(), key=lambda m: m["id"])}
 
 

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     wk = sub.add_parser("worker", parents=[common], help="Run one model worker process.")
     wk.add_argument("--engine", required=True, help="echo, hf, vllm or openai (see README).")
     wk.add_argument("--model", action="append", required=True, dest="models",
-                    help="Model name to serve; repeat to serve several under one worker.")
+                    help="Model to serve: NAME, or NAME=PATH (hf: a model directory); repeat to serve several in "
+                         "one worker.")
     wk.add_argument("--worker-id", default=None, help="Stable id instead of a random one.")
     add_settings_flags(wk, "redis", "worker")
     wk.set_defaults(run=_worker)

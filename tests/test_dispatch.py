@@ -115,13 +115,23 @@ async def test_unknown_model_no_worker_and_busy(redis, keys):
         await d.dispatch(job(i=4))
 
 
-async def test_dispatch_bumps_every_model_of_a_multi_model_worker(redis, keys):
-    await register(redis, keys, "both", models=("a", "b"))
-    d = Dispatcher(redis, keys)
-    await d.dispatch(job("a"))
+async def test_a_multi_model_worker_keeps_one_queue_per_model_and_one_limit(redis, keys):
+    """A worker of several models: each model's sorted set counts that model's jobs (dispatch, finish and the
+    heartbeat's recount agree), while max_queue holds the worker's whole queue, whose slots serve them all."""
+    rec = await register(redis, keys, "both", models=("a", "b"), max_queue=3)
+    registry, d = Registry(redis, keys), Dispatcher(redis, keys)
+    placed = [await d.dispatch(job("a", i)) for i in range(2)]
+    await d.dispatch(job("b", 9))
+    scores = {m: await redis.zscore(keys.model_workers(m), "both") for m in ("a", "b")}
+    assert scores == {"a": 2, "b": 1} and await redis.hget(keys.worker("both"), "queue") == "3"
+    with pytest.raises(Busy):  # b has one job, but the worker's three slots are all taken
+        await d.dispatch(job("b", 10))
+    assert await registry.heartbeat(rec, 30.0) == 3  # the recount agrees with what dispatch kept
+    assert {m: await redis.zscore(keys.model_workers(m), "both") for m in ("a", "b")} == scores
+    assert await registry.finish(rec, placed[0].entry_id, "a") == 2
     assert await redis.zscore(keys.model_workers("a"), "both") == 1
     assert await redis.zscore(keys.model_workers("b"), "both") == 1
-    assert await redis.hget(keys.worker("both"), "queue") == "1"
+    await d.dispatch(job("b", 11))  # a slot is free again, for either model
 
 
 async def test_stream_entry_is_readable_with_plain_fields(redis, redis_url, keys):

@@ -36,7 +36,7 @@ async def test_several_prompts_get_n_choices_each_in_order(stack):
 
 async def test_token_id_prompts_read_as_their_text(stack, tiny_dir):
     worker, client = await serve(stack, tiny_dir)
-    ids = worker.loaded.tokenizer("Hello there")["input_ids"]
+    ids = worker.held["tiny"].loaded.tokenizer("Hello there")["input_ids"]
     as_text = await client.completions.create(model="tiny", prompt="Hello there", max_tokens=6, temperature=0)
     as_ids = await client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0)
     assert as_ids.choices[0].text == as_text.choices[0].text
@@ -83,7 +83,7 @@ async def test_echo_engine_refuses_prompt_scoring_by_name(stack):
 
 async def test_embeddings_take_token_ids_and_matryoshka_dimensions(stack, tmp_path):
     worker, client = await serve(stack, MINILM, name="minilm")
-    ids = [worker.loaded.tokenizer(s)["input_ids"] for s in SENTENCES]
+    ids = [worker.held["minilm"].loaded.tokenizer(s)["input_ids"] for s in SENTENCES]
     by_text = await client.embeddings.create(model="minilm", input=SENTENCES)
     by_ids = await client.embeddings.create(model="minilm", input=ids)
     for a, b in zip(by_text.data, by_ids.data):

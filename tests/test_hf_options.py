@@ -14,7 +14,7 @@ from workers.vllm import VLLMWorker
 
 async def test_dtype_and_max_model_len(stack, tiny_dir):
     worker, client = await serve(stack, tiny_dir, dtype="bfloat16", max_model_len=64)
-    assert worker.loaded.model.dtype == torch.bfloat16
+    assert worker.held["tiny"].loaded.model.dtype == torch.bfloat16
     [model] = (await client.models.list()).data
     assert model.model_extra["max_model_len"] == 64
     r = await client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0)

@@ -169,7 +169,7 @@ async def test_logprobs_are_emitted_per_token(stack, tiny_dir):
     for e in entries:
         assert len(e.top_logprobs) == 2
         assert e.logprob == e.top_logprobs[0].logprob <= 0  # greedy picks the most likely
-    prompt_tokens = len(worker.loaded.tokenizer("Hello there")["input_ids"])
+    prompt_tokens = len(worker.held["tiny"].loaded.tokenizer("Hello there")["input_ids"])
     assert events[-1] == Done(Usage(prompt_tokens, 6))
 
 
@@ -183,13 +183,13 @@ async def test_client_disconnect_stops_generation_within_a_step(stack, tiny_dir)
         if got == 5:
             break
     await stream.close()
-    assert worker.tasks and worker.batcher.active == 1  # still generating when we hung up
+    assert worker.tasks and worker.held["tiny"].batcher.active == 1  # still generating when we hung up
     hung_up = time.monotonic()
-    await wait_for(lambda: not worker.tasks and worker.batcher.active == 0, timeout=2)
+    await wait_for(lambda: not worker.tasks and worker.held["tiny"].batcher.active == 0, timeout=2)
     assert time.monotonic() - hung_up < 1.0
-    made = worker.batcher.tokens_generated
+    made = worker.held["tiny"].batcher.tokens_generated
     await asyncio.sleep(0.3)
-    assert worker.batcher.tokens_generated == made < CONTEXT // 2  # and nothing since
+    assert worker.held["tiny"].batcher.tokens_generated == made < CONTEXT // 2  # and nothing since
 
 
 async def test_heartbeats_flow_during_a_long_generation(stack, tiny_dir, redis, keys, settings):
@@ -201,7 +201,7 @@ async def test_heartbeats_flow_during_a_long_generation(stack, tiny_dir, redis, 
         beats.add(await redis.hget(keys.worker(worker.id), "last_heartbeat"))
         if len(beats) >= 3 or time.monotonic() - started > 5 * settings.heartbeat_interval:
             break
-    assert worker.batcher.active == 1  # the generation was still running all along
+    assert worker.held["tiny"].batcher.active == 1  # the generation was still running all along
     await stream.close()
     assert len(beats) >= 3
 
@@ -216,9 +216,9 @@ async def test_concurrent_requests_share_one_batched_forward(stack, tiny_dir):
         return r.choices[0].text
 
     alone = [await complete(p) for p in prompts]
-    assert worker.batcher.max_batch_size == 1
+    assert worker.held["tiny"].batcher.max_batch_size == 1
     together = await asyncio.gather(*(complete(p) for p in prompts))
-    assert worker.batcher.max_batch_size > 1
+    assert worker.held["tiny"].batcher.max_batch_size > 1
     assert together == alone  # left padding and cache merging change nothing
 
 
@@ -275,7 +275,7 @@ async def test_embeddings_match_sentence_transformers(stack):
 
 async def test_embedding_model_refuses_generation_and_overlong_input(stack):
     worker, client = await serve(stack, MINILM, name="minilm")
-    assert worker.batcher is None and worker.record.context_length == 256  # sentence_bert_config's limit
+    assert worker.held["minilm"].batcher is None and worker.record.context_length == 256  # sentence_bert_config's limit
     with pytest.raises(openai.BadRequestError) as err:
         await client.chat.completions.create(model="minilm", messages=USER)
     assert "embeddings only" in err.value.message

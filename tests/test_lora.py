@@ -34,7 +34,7 @@ async def test_adapters_are_models_answering_with_their_own_weights(stack, tiny_
     models = ["tiny", "alpha", "beta"] * 8
     together = await asyncio.gather(*(say(m) for m in models))
     assert together == [alone[m] for m in models]
-    assert worker.batcher.max_batch_size > 3  # they really ran together
+    assert worker.held["tiny"].batcher.max_batch_size > 3  # they really ran together
 
 
 def test_a_lora_flag_names_its_adapter(tiny_dir):

@@ -145,7 +145,7 @@ async def test_a_constraint_that_cannot_compile_is_a_400_naming_it(stack, tiny_d
                                              max_tokens=5, **body)
     assert err.value.code == "invalid_constraint" and err.value.param == param
     assert "cannot be compiled" in err.value.message and "/project/" not in err.value.message
-    assert worker.batcher.tokens_generated == 0  # refused before it joined the batch
+    assert worker.held["tiny"].batcher.tokens_generated == 0  # refused before it joined the batch
 
 
 async def test_structured_outputs_take_exactly_one_constraint(stack, tiny_dir):
@@ -278,7 +278,7 @@ async def test_a_forced_tool_choice_needs_constrained_decoding(stack):
 # --- vLLM's sampling extras -----------------------------------------------------------------------------
 async def test_vllm_sampling_extras_are_honoured(stack, tiny_dir):
     worker, client = await serve(stack, tiny_dir)
-    tok = worker.loaded.tokenizer
+    tok = worker.held["tiny"].loaded.tokenizer
     ask = dict(model="tiny", prompt="Hello there", temperature=0, max_tokens=8)
     plain = (await client.completions.create(**ask)).choices[0].text
     # logit_bias: a +100 bias makes one token the greedy choice every time.
@@ -305,7 +305,7 @@ async def test_min_tokens_and_ignore_eos_hold_the_end_back(stack, tmp_path):
 
     eos_friendly = build_tiny_model(tmp_path / "eos", context_length=512, suppress_eos=False)
     worker, client = await serve(stack, eos_friendly)
-    eos = worker.loaded.tokenizer.eos_token_id
+    eos = worker.held["tiny"].loaded.tokenizer.eos_token_id
     ask = dict(model="tiny", prompt="Hello there", temperature=0, max_tokens=20, logit_bias={str(eos): 100})
     r = await client.completions.create(**ask)
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 1  # EOS, at once

@@ -119,8 +119,8 @@ class BaseModelWorker(abc.ABC):
         #: ended): a gateway that missed messages asks for them again by request id.
         self.publishers: dict[str, ReplyPublisher] = {}
         self._ended: dict[str, float] = {}
-        #: Entry ids of jobs that ended but could not be retired (Redis was away): retired once it is back.
-        self._unretired: set[str] = set()
+        #: Jobs that ended but could not be retired (Redis was away), entry id -> model: retired once it is back.
+        self._unretired: dict[str, str] = {}
         self._draining = asyncio.Event()
         self._registered = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -150,25 +150,32 @@ class BaseModelWorker(abc.ABC):
         """Embed ``job.params.input``. Engines without embeddings keep this."""
         raise JobError(f"The model `{job.model}` does not support embeddings.", code="unsupported")
 
-    # --- what a Hugging Face tokenizer gives every engine that has one (``self.tokenizer``) -------
+    # --- what a Hugging Face tokenizer gives every engine that has one (``tokenizer_of``) -------
+    def tokenizer_of(self, model: str) -> Any:
+        """The tokenizer of one served model (None: the engine has none); a worker of several models overrides."""
+        return self.tokenizer
+
     async def tokenize(self, job: Job) -> tuple[int, list[int] | None]:
         """Count a prompt's tokens: ``(count, ids)``; ``ids`` None when the engine has no real ids."""
-        if self.tokenizer is None:
+        tokenizer = self.tokenizer_of(job.model)
+        if tokenizer is None:
             raise JobError(f"The model `{job.model}` cannot tokenize.", code="unsupported", param="model")
-        ids = await asyncio.to_thread(prompt_ids, self.tokenizer, job)
+        ids = await asyncio.to_thread(prompt_ids, tokenizer, job)
         return len(ids), ids
 
-    def token_strings(self, ids: list[int]) -> list[str] | None:
+    def token_strings(self, model: str, ids: list[int]) -> list[str] | None:
         """Each token's text, for ``/tokenize``; None when the engine has no tokenizer."""
-        return None if self.tokenizer is None else [self.tokenizer.decode([i]) for i in ids]
+        tokenizer = self.tokenizer_of(model)
+        return None if tokenizer is None else [tokenizer.decode([i]) for i in ids]
 
     async def detokenize(self, job: Job) -> str:
         """Token ids back to text."""
         assert isinstance(job.params, Detokenize)
-        if self.tokenizer is None:
+        tokenizer = self.tokenizer_of(job.model)
+        if tokenizer is None:
             raise JobError(f"The model `{job.model}` cannot detokenize.", code="unsupported", param="model")
-        in_vocabulary(job.params.tokens, len(self.tokenizer), "tokens")
-        text: str = await asyncio.to_thread(self.tokenizer.decode, job.params.tokens)
+        in_vocabulary(job.params.tokens, len(tokenizer), "tokens")
+        text: str = await asyncio.to_thread(tokenizer.decode, job.params.tokens)
         return text
 
     # --- lifecycle -------------------------------------------------------------
@@ -179,8 +186,10 @@ class BaseModelWorker(abc.ABC):
     async def serve(self) -> None:
         """Run until drained. Returns normally after a clean drain."""
         await self.setup()
-        if self.settings.chat_template and self.tokenizer is not None:
-            self.tokenizer.chat_template = self.chat_template
+        if self.settings.chat_template:
+            for model in self.record.models:
+                if (tokenizer := self.tokenizer_of(model)) is not None:
+                    tokenizer.chat_template = self.chat_template
         try:
             await self._serve()
         finally:
@@ -240,9 +249,9 @@ class BaseModelWorker(abc.ABC):
         died) is run again if it is still wanted, else retired: its queue slot
         is never lost.
         """
-        for entry_id in list(self._unretired):
-            self.record.queue = await self.registry.finish(self.record, entry_id)
-            self._unretired.discard(entry_id)
+        for entry_id, model in list(self._unretired.items()):
+            self.record.queue = await self.registry.finish(self.record, entry_id, model)
+            del self._unretired[entry_id]
         running = {t.entry_id for t in self.jobs.values()}
         idle_ms = int(self.settings.heartbeat_interval * 2000)
         for entry_id, fields in await self._ghosts(idle_ms, running):
@@ -250,7 +259,7 @@ class BaseModelWorker(abc.ABC):
                 continue
             job = Job.from_fields(entry_id, fields)
             if job.request_id in self._ended or job.request_id in self.tasks:
-                self.record.queue = await self.registry.finish(self.record, entry_id)
+                self.record.queue = await self.registry.finish(self.record, entry_id, job.model)
             else:
                 log.info("job %s found pending with no task after Redis came back: running it", job.request_id)
                 self._start(job)
@@ -414,10 +423,10 @@ class BaseModelWorker(abc.ABC):
             self.record.jobs_done += 1
             self._ended[job.request_id] = time.monotonic()
             try:
-                self.record.queue = await self.registry.finish(self.record, job.entry_id)
+                self.record.queue = await self.registry.finish(self.record, job.entry_id, job.model)
             except Exception as exc:  # Redis away: retired by the first heartbeat that reaches it
                 log.info("job %s ended while Redis was unreachable (%s); retired later", job.request_id, exc)
-                self._unretired.add(job.entry_id)
+                self._unretired[job.entry_id] = job.model
 
     async def _events(self, job: Job) -> AsyncIterator[Event]:
         """The engine's events, with errors turned into a terminal error event."""
@@ -430,8 +439,8 @@ class BaseModelWorker(abc.ABC):
                 return
             if job.kind is JobKind.TOKENIZE:
                 count, ids = await self.tokenize(job)
-                strs = None if ids is None else await asyncio.to_thread(self.token_strings, ids)
-                yield TokenCount(count, ids, self.record.context_length, strs)
+                strs = None if ids is None else await asyncio.to_thread(self.token_strings, job.model, ids)
+                yield TokenCount(count, ids, self.record.context_of(job.model), strs)
                 return
             if job.kind is JobKind.DETOKENIZE:
                 yield Text(await self.detokenize(job))
@@ -450,7 +459,7 @@ class BaseModelWorker(abc.ABC):
             yield ServeError(f"The worker failed: {type(exc).__name__}: {exc}").event()
 
 
-    def matryoshka(self) -> bool:
+    def matryoshka(self, model: str) -> bool:
         """Whether the model's vectors may be cut short (trained Matryoshka-style); engines that know say so."""
         return False
 
@@ -459,7 +468,7 @@ class BaseModelWorker(abc.ABC):
         dims = job.params.dimensions if isinstance(job.params, Embed) else None
         if dims is None or self.upstream:
             return answer
-        if not self.matryoshka():
+        if not self.matryoshka(job.model):
             raise JobError(f"The model `{job.model}` does not support `dimensions` (it is not a Matryoshka "
                            "model: its vectors cannot be cut short).", param="dimensions",
                            code="unsupported_parameter")
@@ -485,13 +494,13 @@ class BaseModelWorker(abc.ABC):
         ``max_tokens: 0`` that is all (what evaluation harnesses score a continuation with)."""
         params = job.params
         assert isinstance(params, Generate)
-        text = self.prompt_text(params)
+        text = self.prompt_text(job.model, params)
         count, _ = await self.tokenize(job)
-        if self.record.context_length:  # everything a stream could fail on is checked before its first byte
+        if context := self.record.context_of(job.model):  # all a stream could fail on is checked before its first byte
             if params.max_tokens:
-                fitted(params, job.kind, count, self.record.context_length)
-            elif count > self.record.context_length:
-                raise JobError(f"This model's maximum context length is {self.record.context_length} tokens; the "
+                fitted(params, job.kind, count, context)
+            elif count > context:
+                raise JobError(f"This model's maximum context length is {context} tokens; the "
                                f"prompt has {count}.", param="prompt", code="context_length_exceeded")
         scored = await self.prompt_logprobs(job, params.logprobs) if params.logprobs is not None else None
         for i in range(params.n):
@@ -548,14 +557,15 @@ class BaseModelWorker(abc.ABC):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def prompt_text(self, params: Generate) -> str:
+    def prompt_text(self, model: str, params: Generate) -> str:
         """A completion prompt as text (token ids through the tokenizer)."""
         if isinstance(params.prompt, str):
             return params.prompt
-        if self.tokenizer is None:
+        tokenizer = self.tokenizer_of(model)
+        if tokenizer is None:
             raise JobError("This engine has no tokenizer to read a token-id prompt back as text.", param="prompt",
                            code="unsupported_parameter")
-        text: str = self.tokenizer.decode(params.prompt or [])
+        text: str = tokenizer.decode(params.prompt or [])
         return text
 
     async def prompt_logprobs(self, job: Job, top: int) -> list[TokenLogprob]:

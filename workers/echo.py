@@ -65,6 +65,6 @@ class EchoWorker(BaseModelWorker):
         assert isinstance(job.params, (Tokenize, Generate))
         return prompt_token_count(job.params), None
 
-    def prompt_text(self, params: Generate) -> str:
+    def prompt_text(self, model: str, params: Generate) -> str:
         return prompt_text(params)
 

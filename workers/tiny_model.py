@@ -69,10 +69,11 @@ def train_tokenizer(vocab_size: int = VOCAB_SIZE):  # -> PreTrainedTokenizerFast
 
 
 def build_tiny_model(directory: str | Path, *, chat_template: bool = True, context_length: int = 256,
-                     suppress_eos: bool = True) -> Path:
+                     suppress_eos: bool = True, seed: int = SEED) -> Path:
     """Write tokenizer + model to ``directory`` (created if needed) and return it.
 
     ``chat_template=False`` leaves the template out, for serving a completions-only model.
+    ``seed`` draws the random weights (another seed: another model, with the same tokenizer).
     ``suppress_eos`` zeroes the output row of ``<|eos|>``, so its logit (0) sits far below the
     peaked random ones: greedy replies then always run to ``max_tokens`` (what tests and
     benchmarks want), while sampled ones still end by themselves now and then.
@@ -95,7 +96,7 @@ def build_tiny_model(directory: str | Path, *, chat_template: bool = True, conte
         initializer_range=0.2,
     )
     with torch.random.fork_rng(devices=[]):  # a fixed seed without touching the caller's RNG
-        torch.manual_seed(SEED)
+        torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     if suppress_eos:
         with torch.no_grad():

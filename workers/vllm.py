@@ -363,7 +363,7 @@ class VLLMWorker(BaseModelWorker):
         async for ev in vllm.generate(ids, params, job.request_id, lora):
             yield ev
 
-    def matryoshka(self) -> bool:
+    def matryoshka(self, model: str) -> bool:
         config = getattr(getattr(self.vllm, "llm", None), "model_config", None)
         hf = getattr(config, "hf_config", None)
         return bool(getattr(hf, "is_matryoshka", False) or getattr(hf, "matryoshka_dimensions", None))

@@ -6,7 +6,7 @@
 -- KEYS[4]  the request's replay log (stream), started with a ``meta`` entry
 --          that also names its owner
 -- ARGV     method, random in [0,1), worker key prefix, jobs suffix,
---          model key prefix, model key suffix, model name, request key TTL (ms),
+--          model name, request key TTL (ms),
 --          source stream and entry id ("" unless moving a job off a dead
 --          worker), replay TTL (ms, 0 = no log) and the meta blob, the
 --          owning tenant ("" keeps the owner already recorded: a re-dispatch),
@@ -14,7 +14,11 @@
 --          the job's stream fields as name/value pairs.
 --
 -- ``shortest_queue`` picks the least queue length divided by speed (ties at
--- random); ``lottery`` draws with odds proportional to speed.
+-- random); ``lottery`` draws with odds proportional to speed. The queue a
+-- worker is ranked by is the model's own (its score: a worker serving several
+-- models keeps one count per model); the limits (max_queue, the batch share)
+-- hold the worker's whole queue (its record's ``queue``), since its slots
+-- serve every model it has.
 -- Workers whose record has expired are pruned from the set; draining workers
 -- and workers whose queue is at their max_queue are skipped. A batch job (a
 -- share > 0) only goes where the queue is under share x max_concurrency (at
@@ -28,31 +32,32 @@
 -- Returns {worker_id, entry_id, queue_length} or an error reply whose first
 -- word is UNKNOWN_MODEL, NO_WORKER, BUSY, NO_ROOM (no batch room now) or GONE.
 local method, r = ARGV[1], tonumber(ARGV[2])
-local wpre, jsuf, mpre, msuf, model = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local wpre, jsuf, model = ARGV[3], ARGV[4], ARGV[5]
 
-if ARGV[9] == '' then
+if ARGV[7] == '' then
   local placed = redis.call('HMGET', KEYS[3], 'attempt', 'worker', 'entry')
-  if placed[1] == ARGV[14] and placed[2] then return {placed[2], placed[3] or '', '0'} end
+  if placed[1] == ARGV[12] and placed[2] then return {placed[2], placed[3] or '', '0'} end
 end
 
-local share = tonumber(ARGV[15])
+local share = tonumber(ARGV[13])
 local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local ids, queues, speeds = {}, {}, {}
 local ready = 0
 for i = 1, #members, 2 do
   local wid = members[i]
-  local rec = redis.call('HMGET', wpre .. wid, 'status', 'speed', 'max_queue', 'max_concurrency')
+  local rec = redis.call('HMGET', wpre .. wid, 'status', 'speed', 'max_queue', 'max_concurrency', 'queue')
   if not rec[1] then
     redis.call('ZREM', KEYS[1], wid)
   elseif rec[1] == 'ready' then
     ready = ready + 1
     local q = tonumber(members[i + 1])
+    local total = math.max(q, tonumber(rec[5]) or 0)
     local cap = tonumber(rec[3]) or 0
     if share > 0 then  -- a batch job: its share of the slots, and never past max_queue either
       local room = math.max(1, math.floor((tonumber(rec[4]) or 1) * share))
       if cap <= 0 or room < cap then cap = room end
     end
-    if cap <= 0 or q < cap then
+    if cap <= 0 or total < cap then
       ids[#ids + 1] = wid
       queues[#queues + 1] = q
       speeds[#speeds + 1] = tonumber(rec[2]) or 1
@@ -92,22 +97,19 @@ else  -- shortest queue, in time: the queue a worker of speed s works through is
 end
 
 local wid = ids[pick]
-if ARGV[9] ~= '' and redis.call('XDEL', ARGV[9], ARGV[10]) == 0 then
+if ARGV[7] ~= '' and redis.call('XDEL', ARGV[7], ARGV[8]) == 0 then
   return redis.error_reply('GONE the job was already moved')
 end
-local models = redis.call('HGET', wpre .. wid, 'models')
-for m in string.gmatch(models, '[^,]+') do
-  redis.call('ZADD', mpre .. m .. msuf, 'XX', 'INCR', 1, wid)
-end
+redis.call('ZADD', KEYS[1], 'XX', 'INCR', 1, wid)
 redis.call('HINCRBY', wpre .. wid, 'queue', 1)
 local fields = {}
-for i = 16, #ARGV do fields[#fields + 1] = ARGV[i] end
-if tonumber(ARGV[11]) > 0 and redis.call('EXISTS', KEYS[4]) == 0 then
-  redis.call('XADD', KEYS[4], '*', 'meta', ARGV[12], 'owner', ARGV[13])
-  redis.call('PEXPIRE', KEYS[4], ARGV[11])
+for i = 14, #ARGV do fields[#fields + 1] = ARGV[i] end
+if tonumber(ARGV[9]) > 0 and redis.call('EXISTS', KEYS[4]) == 0 then
+  redis.call('XADD', KEYS[4], '*', 'meta', ARGV[10], 'owner', ARGV[11])
+  redis.call('PEXPIRE', KEYS[4], ARGV[9])
 end
 local entry = redis.call('XADD', wpre .. wid .. jsuf, '*', unpack(fields))
-redis.call('HSET', KEYS[3], 'worker', wid, 'attempt', ARGV[14], 'entry', entry)
-if ARGV[13] ~= '' then redis.call('HSET', KEYS[3], 'owner', ARGV[13]) end
-redis.call('PEXPIRE', KEYS[3], ARGV[8])
+redis.call('HSET', KEYS[3], 'worker', wid, 'attempt', ARGV[12], 'entry', entry)
+if ARGV[11] ~= '' then redis.call('HSET', KEYS[3], 'owner', ARGV[11]) end
+redis.call('PEXPIRE', KEYS[3], ARGV[6])
 return {wid, entry, tostring(queues[pick] + 1)}

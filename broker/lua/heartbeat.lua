@@ -6,9 +6,12 @@
 --         model key suffix, number of models, models..., then record
 --         fields as name/value pairs.
 --
--- The queue length reported into each model's sorted set is the stream's
--- length: finished jobs are deleted from the stream, so what is left is
--- exactly the jobs running or waiting.
+-- Finished jobs are deleted from the stream, so what is left is exactly the
+-- jobs running or waiting: the record's ``queue`` is the stream's length,
+-- and each model's sorted set gets that model's share of it (the entries
+-- whose ``model`` field names it; the whole length when the worker serves
+-- one model). This recount corrects any drift of the scores dispatch and
+-- finish keep between heartbeats.
 local ttl, now, wid, group, mpre, msuf = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local nmodels = tonumber(ARGV[7])
 
@@ -22,8 +25,19 @@ redis.call('SADD', KEYS[2], wid)
 
 local queue = redis.call('XLEN', KEYS[4])
 redis.call('HSET', KEYS[1], 'queue', queue)
+local per_model = {}
+if nmodels > 1 and queue > 0 then
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[4], '-', '+')) do
+    local f = entry[2]
+    for j = 1, #f, 2 do
+      if f[j] == 'model' then per_model[f[j + 1]] = (per_model[f[j + 1]] or 0) + 1 break end
+    end
+  end
+end
 for i = 8, 7 + nmodels do
-  redis.call('ZADD', mpre .. ARGV[i] .. msuf, queue, wid)
+  local own = queue
+  if nmodels > 1 then own = per_model[ARGV[i]] or 0 end
+  redis.call('ZADD', mpre .. ARGV[i] .. msuf, own, wid)
   redis.call('ZADD', KEYS[3], now, ARGV[i])
 end
 return queue

@@ -67,18 +67,67 @@ class _Choice:
     finished: bool = False
 
 
-class BatchEngine:
-    """One thread that owns the model and runs every live sequence in one forward pass per step.
+class ComputeThread:
+    """The one thread that owns the models of a worker and runs their steps.
 
-    Each step: admit (prefill) what arrived, drop what was cancelled, one
-    batched decode forward, sample each row with its own parameters, retire
-    what finished. A request waits at most one step to join.
+    Each round: admit (prefill) what arrived, then one step of each model
+    that has live sequences, in turn. A worker serving several models shares
+    this thread fairly, one decode step per busy model per round; a request
+    waits at most one round to join.
     """
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, name: str) -> None:
+        self._inbox: queue.SimpleQueue[tuple[BatchEngine, Generation] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._engines: list[BatchEngine] = []
+
+    def attach(self, engine: BatchEngine) -> None:
+        """Before ``start``: one more model whose steps this thread runs."""
+        self._engines.append(engine)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread after its current round (blocking: call it in a thread)."""
+        self._inbox.put(None)
+        self._thread.join()
+
+    def submit(self, engine: BatchEngine, gen: Generation) -> None:
+        self._inbox.put((engine, gen))
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                for item in self._arrivals(wait=not any(e.busy for e in self._engines)):
+                    if item is None:
+                        return
+                    engine, gen = item
+                    engine._guarded([gen], engine._admit, gen)
+                for engine in self._engines:
+                    engine._tick()
+
+    def _arrivals(self, *, wait: bool) -> list[tuple[BatchEngine, Generation] | None]:
+        arrived = [self._inbox.get()] if wait else []
+        while not self._inbox.empty():
+            arrived.append(self._inbox.get_nowait())
+        return arrived
+
+
+class BatchEngine:
+    """One model's batch: every live sequence of it runs in one forward pass per step.
+
+    Each step: drop what was cancelled, one batched decode forward, sample
+    each row with its own parameters, retire what finished. The steps run on
+    a ``ComputeThread``: the engine's own, or one it shares with the other
+    models of its worker.
+    """
+
+    def __init__(self, loaded: LoadedModel, thread: ComputeThread | None = None) -> None:
         self.loaded = loaded
-        self._inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=f"hf-engine-{loaded.path.name}", daemon=True)
+        self._own = thread is None
+        self.thread = thread or ComputeThread(f"hf-engine-{loaded.path.name}")
+        self.thread.attach(self)
         self._batch = KVBatch(loaded.device)
         self._choices: list[_Choice] = []
         forward = inspect.signature(loaded.model.forward).parameters
@@ -90,37 +139,33 @@ class BatchEngine:
         self._masks = Masks(loaded.vocab_size)
         self._eos = torch.tensor(sorted(loaded.eos_ids), dtype=torch.long, device=loaded.device)
 
+    @property
+    def busy(self) -> bool:
+        """Whether a sequence of this model is live (the thread must not sleep)."""
+        return bool(self._choices)
+
     def start(self) -> None:
-        self._thread.start()
+        """Start the engine's own thread (a shared one is started by its owner)."""
+        if self._own:
+            self.thread.start()
 
     def close(self) -> None:
-        """Stop the thread after its current step (blocking: call it in a thread)."""
-        self._inbox.put(None)
-        self._thread.join()
+        """Stop the engine's own thread (blocking: call it in a thread)."""
+        if self._own:
+            self.thread.close()
 
     def submit(self, prompt_ids: list[int], params: Generate, emit: Emit, grammar: Any = None,
                adapter: str | None = None) -> Generation:
         gen = Generation(prompt_ids, params, emit, new_generator(params.seed, self.loaded.device), grammar, adapter)
-        self._inbox.put(gen)
+        self.thread.submit(self, gen)
         return gen
 
-    # --- the loop ----------------------------------------------------------------
-    def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                for gen in self._arrivals(wait=not self._choices):
-                    if gen is None:
-                        return
-                    self._guarded([gen], self._admit, gen)
-                self._retire([i for i, c in enumerate(self._choices) if not c.gen.cancelled.is_set()])
-                if self._choices:
-                    self._guarded(list({c.gen: None for c in self._choices}), self._step)
-
-    def _arrivals(self, *, wait: bool) -> list[Generation | None]:
-        arrived = [self._inbox.get()] if wait else []
-        while not self._inbox.empty():
-            arrived.append(self._inbox.get_nowait())
-        return arrived
+    # --- one round of the compute thread ------------------------------------------
+    def _tick(self) -> None:
+        """Drop what was cancelled, then one decode step of what is left."""
+        self._retire([i for i, c in enumerate(self._choices) if not c.gen.cancelled.is_set()])
+        if self._choices:
+            self._guarded(list({c.gen: None for c in self._choices}), self._step)
 
     def _guarded(self, gens: list[Generation], fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn``; if it fails, fail ``gens`` (and drop them) rather than the thread."""

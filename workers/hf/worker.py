@@ -1,10 +1,11 @@
-"""HFWorker: ties a loaded model and its compute thread to the broker."""
+"""HFWorker: ties loaded models and their one compute thread to the broker."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from broker.settings import Settings
 from workers.base import BaseModelWorker, lora_adapters
 from workers.errors import JobError
 from workers.hf.embeddings import mean_pooled
-from workers.hf.engine import BatchEngine, Emit
+from workers.hf.engine import BatchEngine, ComputeThread, Emit
 from workers.hf.grammar import Grammars
 from workers.hf.loading import LoadedModel, LoadOptions, load_model, with_adapters
 from workers.hf.sampling import prompt_logprobs
@@ -23,44 +24,74 @@ from workers.prompts import prompt_ids
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Held:
+    """One model directory this worker holds: the weights, its batch (causal LMs) and its grammar compiler."""
+
+    loaded: LoadedModel
+    batcher: BatchEngine | None = None
+    grammars: Grammars | None = None
+
+
 class HFWorker(BaseModelWorker):
+    """Serves one or more model directories (``--model NAME=PATH``, repeatable) and LoRA adapters of one.
+
+    Every model has its own batch; one compute thread runs them all, a step of
+    each busy model in turn, and each model keeps its own queue count in its
+    sorted set.
+    """
+
     engine = "hf"
     features = FEATURES
 
     def __init__(self, redis_url: str, settings: Settings, models: list[str], *, worker_id: str | None = None,
                  model_path: str | None = None) -> None:
-        #: ``--lora NAME=PATH``: each adapter is served as a model of its own, beside the base.
+        #: Served name -> model directory.
+        self.sources = model_sources(models, model_path or getattr(settings, "model_path", None))
+        #: ``--lora NAME=PATH``: each adapter is served as a model of its own, beside its base.
         self.adapters = lora_adapters(settings.lora)
-        super().__init__(redis_url, settings, [*models, *self.adapters], worker_id=worker_id)
-        # The directory: the argument, else the settings field, else the served name read as a path.
-        self.model_path = Path(model_path or getattr(settings, "model_path", None) or models[0]).expanduser()
-        self.loaded: LoadedModel | None = None
-        self.batcher: BatchEngine | None = None
-        self.grammars: Grammars | None = None
+        if self.adapters and len(self.sources) > 1:
+            raise ValueError("--lora adapters need a worker of one base model (this one has "
+                             f"{len(self.sources)}: {', '.join(self.sources)})")
+        super().__init__(redis_url, settings, [*self.sources, *self.adapters], worker_id=worker_id)
+        self.held: dict[str, Held] = {}
+        self._compute: ComputeThread | None = None
 
     async def setup(self) -> None:
         options = LoadOptions(self.settings.device, self.settings.dtype, self.settings.max_model_len,
                               self.settings.load_in)
-        self.loaded = await asyncio.to_thread(load_model, self.model_path, options)
-        self.loaded = await asyncio.to_thread(with_adapters, self.loaded, self.adapters)
-        self.tokenizer = self.loaded.tokenizer
-        self.record.context_length = self.loaded.context_length
-        self.record.root = str(self.model_path)
-        if self.loaded.causal:
-            self.batcher = BatchEngine(self.loaded)
-            self.batcher.start()
-            self.grammars = await asyncio.to_thread(Grammars, self.loaded.tokenizer, self.loaded.vocab_size)
-        log.info("hf worker loaded %s (%s, context %d, %s)", self.model_path,
-                 "causal LM" if self.loaded.causal else "embeddings only", self.loaded.context_length,
-                 self.loaded.device)
+        self._compute = ComputeThread(f"hf-engine-{self.id}")
+        for name, path in self.sources.items():
+            loaded = await asyncio.to_thread(load_model, path, options)
+            loaded = await asyncio.to_thread(with_adapters, loaded, self.adapters)
+            held = self.held[name] = Held(loaded)
+            if loaded.causal:
+                held.batcher = BatchEngine(loaded, self._compute)
+                held.grammars = await asyncio.to_thread(Grammars, loaded.tokenizer, loaded.vocab_size)
+            log.info("hf worker loaded %s as %s (%s, context %d, %s)", path, name,
+                     "causal LM" if loaded.causal else "embeddings only", loaded.context_length, loaded.device)
+        first = next(iter(self.held.values())).loaded
+        self.tokenizer = first.tokenizer
+        self.record.context_length, self.record.root = first.context_length, str(first.path)
+        if len(self.held) > 1:
+            self.record.contexts = {n: h.loaded.context_length for n, h in self.held.items()}
+            self.record.roots = {n: str(h.loaded.path) for n, h in self.held.items()}
+        self._compute.start()
 
     async def teardown(self) -> None:
-        if self.batcher is not None:
-            await asyncio.to_thread(self.batcher.close)
+        if self._compute is not None:
+            await asyncio.to_thread(self._compute.close)
+
+    def holding(self, model: str) -> Held:
+        """What serves ``model``: its own directory, or the base an adapter rides on."""
+        return self.held[model] if model in self.held else next(iter(self.held.values()))
+
+    def tokenizer_of(self, model: str) -> Any:
+        return self.holding(model).loaded.tokenizer if self.held else None
 
     async def generate(self, job: Job) -> AsyncIterator[Event]:
-        loaded, batcher = self.loaded, self.batcher
-        assert loaded is not None
+        held = self.holding(job.model)
+        loaded, batcher = held.loaded, held.batcher
         if batcher is None:
             raise JobError(f"The model `{job.model}` serves embeddings only.", param="model", code="unsupported")
         ids = await asyncio.to_thread(prompt_ids, loaded.tokenizer, job)
@@ -68,9 +99,9 @@ class HFWorker(BaseModelWorker):
         params = fitted(job.params, job.kind, len(ids), loaded.context_length)
         grammar = None
         if params.structured is not None:  # compiled before the job joins the batch: a bad one costs nothing
-            assert self.grammars is not None
+            assert held.grammars is not None
             forced = params.tools and params.tool_choice in ("required", "function")
-            grammar = await asyncio.to_thread(self.grammars.compile, params.structured,
+            grammar = await asyncio.to_thread(held.grammars.compile, params.structured,
                                               "tools" if forced else "response_format")
         events: asyncio.Queue[Any] = asyncio.Queue()
         gen = batcher.submit(ids, params, _threadsafe_put(asyncio.get_running_loop(), events), grammar,
@@ -87,8 +118,7 @@ class HFWorker(BaseModelWorker):
             gen.cancel()
 
     async def prompt_logprobs(self, job: Job, top: int) -> list[TokenLogprob]:
-        loaded = self.loaded
-        assert loaded is not None
+        loaded = self.holding(job.model).loaded
         if loaded.adapters:
             raise JobError("Prompt logprobs (echo with logprobs) are not available on a worker serving LoRA "
                            "adapters.", param="echo", code="unsupported_parameter")
@@ -98,13 +128,29 @@ class HFWorker(BaseModelWorker):
         return await asyncio.to_thread(prompt_logprobs, loaded.model, ids, top, _token_text(loaded.tokenizer))
 
     async def embed(self, job: Job) -> Embeddings:
-        assert self.loaded is not None and isinstance(job.params, Embed)
-        vectors, tokens = await asyncio.to_thread(mean_pooled, self.loaded, job.params.input)
+        assert isinstance(job.params, Embed)
+        vectors, tokens = await asyncio.to_thread(mean_pooled, self.holding(job.model).loaded, job.params.input)
         return Embeddings(vectors, Usage(tokens))
 
-    def matryoshka(self) -> bool:
-        config = self.loaded.model.config if self.loaded is not None else None
+    def matryoshka(self, model: str) -> bool:
+        config = self.holding(model).loaded.model.config if self.held else None
         return bool(getattr(config, "is_matryoshka", False) or getattr(config, "matryoshka_dimensions", None))
+
+
+def model_sources(models: list[str], model_path: str | None) -> dict[str, Path]:
+    """``--model NAME=PATH`` (repeatable) as {name: directory}. A bare NAME is read from ``--model-path`` when
+    it is the only model, else as a path itself."""
+    sources: dict[str, Path] = {}
+    for spec in models:
+        name, sep, path = spec.partition("=")
+        if sep and not (name and path):
+            raise ValueError(f"--model wants NAME or NAME=PATH, got {spec!r}")
+        if not sep:
+            path = model_path if model_path and len(models) == 1 else name
+        if name in sources:
+            raise ValueError(f"--model {name} is given twice")
+        sources[name] = Path(path).expanduser()
+    return sources
 
 
 def _token_text(tokenizer: Any) -> Callable[[int], str]:
