@@ -84,6 +84,32 @@ class Keys:
         """Stream of side-by-side votes cast in the web UI, one readable entry per vote."""
         return f"{self.prefix}:votes"
 
+    def feedback(self) -> str:
+        """Stream of feedback on single-chat replies (up, down, flag), each with the conversation it judges."""
+        return f"{self.prefix}:feedback"
+
+    def conversations(self) -> str:
+        """Stream (opt-in, ``--log-conversations``): each chat or completion request with its reply and timings."""
+        return f"{self.prefix}:conversations"
+
+    # --- the arena -------------------------------------------------------------
+    def battle(self, battle_id: str) -> str:
+        """Hash with a TTL: one anonymous battle (both models, each side's turns, state, the vote once cast)."""
+        return f"{self.prefix}:arena:battle:{battle_id}"
+
+    def arena_votes(self) -> str:
+        """Stream of anonymous battle votes, one readable entry per vote: what the leaderboard is computed from."""
+        return f"{self.prefix}:arena:votes"
+
+    def leaderboard(self) -> str:
+        """Hash: the leaderboard's running state (outcome counts per pair, online Elo, votes per model) and
+        ``last_id``, the last vote folded in."""
+        return f"{self.prefix}:arena:leaderboard"
+
+    def leaderboard_lock(self) -> str:
+        """String with a TTL: which gateway is folding new votes into the leaderboard now."""
+        return f"{self.prefix}:arena:leaderboard:lock"
+
     # --- batch jobs ----------------------------------------------------------
     def batch_queue(self) -> str:
         """Sorted set: arq's queue of batch jobs (member = job id, score = when it may run, ms)."""

@@ -24,6 +24,7 @@ class Scripts:
     cancel: AsyncScript
     emit: AsyncScript
     ratelimit: AsyncScript
+    vote: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:
@@ -34,4 +35,5 @@ class Scripts:
             cancel=redis.register_script(source("cancel")),
             emit=redis.register_script(source("emit")),
             ratelimit=redis.register_script(source("ratelimit")),
+            vote=redis.register_script(source("vote")),
         )

@@ -315,6 +315,46 @@ class Settings(BaseSettings):
         default=100_000, ge=1, description="Votes kept in the votes stream; older ones are trimmed.",
         json_schema_extra=_for("gateway"),
     )
+    arena_models: list[str] = Field(
+        default_factory=list, description="Models the arena draws battles from (default: every live model).",
+        json_schema_extra=_for("gateway"),
+    )
+    arena_exclude: list[str] = Field(
+        default_factory=list, description="Models the arena never draws (embeddings models, say).",
+        json_schema_extra=_for("gateway"),
+    )
+    arena_battle_ttl: float = Field(
+        default=86_400.0, gt=0, description="Seconds an arena battle is kept after its last turn or vote.",
+        json_schema_extra=_for("gateway"),
+    )
+    log_conversations: bool = Field(
+        default=False, description="Log each chat and completion request with its reply, timings and hashed API "
+                                   "key to the conversations stream (never the key itself).",
+        json_schema_extra=_for("gateway", "batch-runner"),
+    )
+    conversations_max_entries: int = Field(
+        default=100_000, ge=1, description="Conversations kept in the log; older ones are trimmed.",
+        json_schema_extra=_for("gateway", "batch-runner"),
+    )
+    moderation: bool = Field(
+        default=False, description="Refuse flagged prompts (400, code content_filter) using --moderation-rules "
+                                   "and/or --moderation-url.",
+        json_schema_extra=_for("gateway", "batch-runner"),
+    )
+    moderation_rules: str | None = Field(
+        default=None, description="Moderation rules file: a word or phrase per line, `re:REGEX` for a regex, an "
+                                  "optional `[category]` prefix, `#` comments.",
+        json_schema_extra=_for("gateway", "batch-runner"),
+    )
+    moderation_url: str | None = Field(
+        default=None, description="An OpenAI-compatible moderations endpoint (https://host/v1/moderations) asked "
+                                  "about every prompt; unreachable, it fails requests closed (503).",
+        json_schema_extra=_for("gateway", "batch-runner"),
+    )
+    moderation_api_key: str | None = Field(
+        default=None, description="Bearer key for --moderation-url.",
+        json_schema_extra=_for("gateway", "batch-runner"),
+    )
     batch_max_requests: int = Field(
         default=50_000, ge=1, description="Most requests in one batch.",
         json_schema_extra=_for("gateway", "batch-runner"),

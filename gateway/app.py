@@ -12,9 +12,13 @@ from starlette.middleware.cors import CORSMiddleware
 
 from broker import __version__
 from broker.client import BrokerClient
+from broker.connection import connect
 from broker.settings import Settings
 from gateway import batches, console, errors, resume
+from gateway.arena import routes as arena
+from gateway.conversations import ConversationLog
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
+from gateway.moderation import Moderator
 from gateway.routes import router
 from gateway.security import APIKeyMiddleware, BodyLimitMiddleware, RateLimiter, load_keys
 
@@ -31,12 +35,24 @@ def create_app(redis_url: str, settings: Settings, *, batch: bool = False) -> Fa
     broker = BrokerClient(redis_url, settings, batch=batch)
     limiter = RateLimiter(broker, settings.rpm_limit, settings.tpm_limit)
 
+    moderator = Moderator.from_settings(settings.moderation_rules, settings.moderation_url,
+                                        settings.moderation_api_key) if settings.moderation else None
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await broker.start()
+        log_redis = connect(redis_url, decode=True) if settings.log_conversations else None
+        if log_redis is not None:
+            app.state.conversations = ConversationLog(log_redis, broker.keys.conversations(),
+                                                      settings.conversations_max_entries, metrics.log_misses)
         try:
             yield
         finally:
+            if log_redis is not None:
+                await app.state.conversations.close()
+                await log_redis.aclose()
+            if moderator is not None:
+                await moderator.aclose()
             await broker.close()
 
     docs = settings.api_docs
@@ -47,6 +63,8 @@ def create_app(redis_url: str, settings: Settings, *, batch: bool = False) -> Fa
     app.state.broker = broker
     app.state.limiter = limiter
     app.state.metrics = metrics = GatewayMetrics(broker)
+    app.state.moderator = moderator
+    app.state.conversations = None
     errors.install(app)
     # The last added runs first: metrics see every answer, then the API key (before any body is read),
     # then the body cap.
@@ -60,6 +78,7 @@ def create_app(redis_url: str, settings: Settings, *, batch: bool = False) -> Fa
     app.include_router(resume.router)
     app.include_router(console.router)
     app.include_router(batches.router)
+    app.include_router(arena.router)
     ui_dir = resources.files("ui")
     app.mount("/", StaticFiles(directory=str(ui_dir), html=True), name="ui")
     return app

@@ -20,8 +20,10 @@ from broker.ids import response_id
 from broker.protocol import ChoiceEnd, Delta, Done, Event, Failure, JobKind, Params, TokenLogprob, ToolCall, Usage
 from broker.replies import ReplyStream, Restarted
 from gateway import limits
+from gateway.conversations import ConversationLog, Transcript
 from gateway.disconnect import ClientGone, unless_disconnected
 from gateway.metrics import GatewayMetrics, since
+from gateway.moderation import texts_of
 from gateway.render import Shape
 from gateway.schemas import SamplingRequest
 from gateway.security import RateLimiter, Reservation, tenant_of
@@ -39,6 +41,9 @@ async def generate(
     """
     settings = broker.settings
     limits.check(body, settings)
+    if (moderator := request.app.state.moderator) is not None:
+        await moderator.screen(texts_of(body.model_dump(include={"messages", "prompt"})),
+                               "messages" if kind is JobKind.CHAT else "prompt")
     tenant = tenant_of(request)
     limiter: RateLimiter = request.app.state.limiter
     if limiter.tpm and tenant.limited and body.max_tokens is None:
@@ -55,6 +60,8 @@ async def generate(
         await limiter.settle(held, 0)
         raise
     shape.id = response_id(kind, stream.rid)
+    log: ConversationLog | None = request.app.state.conversations
+    transcript = Transcript(body, kind, tenant.id) if log is not None else None
     try:
         try:
             first = await unless_disconnected(request, first_reply(stream))
@@ -75,13 +82,15 @@ async def generate(
         await limiter.settle(held, 0)  # nothing was generated
         raise
 
-    account = _usage_hook(request, body.model, held)
+    account = _usage_hook(request, body.model, held,
+                          (log, transcript, shape.id) if log is not None and transcript is not None else None)
     if body.stream:
-        events = _sse(broker, stream, first, fmt, body.resumable, account, metrics.itl.labels(body.model))
+        events = _sse(broker, stream, first, fmt, body.resumable, account, metrics.itl.labels(body.model),
+                      transcript)
         return EventSourceResponse(events, ping=15, send_timeout=broker.settings.send_timeout,
                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        whole = await unless_disconnected(request, _collect(stream, first, fmt.shape, prefix))
+        whole = await unless_disconnected(request, _collect(stream, first, fmt.shape, prefix, transcript))
         await account(whole.usage)
         return JSONResponse(whole.body)
     except ClientGone:
@@ -110,8 +119,10 @@ Events = Sequence[Event] | Restarted
 Accountant = Callable[[Usage], Awaitable[None]]
 
 
-def _usage_hook(request: Request, model: str, held: Reservation | None) -> Accountant:
-    """What happens to a finished request's usage: metrics, and settling its token reservation.
+def _usage_hook(request: Request, model: str, held: Reservation | None,
+                logged: tuple[ConversationLog, Transcript, str] | None) -> Accountant:
+    """What happens to a finished request's usage: metrics, settling its token reservation, and the
+    conversation log (``logged``: the log, the transcript and the response id) when it is on.
 
     A request that never gets here (the client left, it was cancelled, it
     failed after its first token) keeps its whole reservation as its charge.
@@ -121,6 +132,9 @@ def _usage_hook(request: Request, model: str, held: Reservation | None) -> Accou
 
     async def account(usage: Usage) -> None:
         tokens.inc(usage.completion_tokens)
+        if logged is not None:
+            log, transcript, rid = logged
+            log.write(transcript, rid, usage)
         await limiter.settle(held, usage.prompt_tokens + usage.completion_tokens)
 
     return account
@@ -141,13 +155,15 @@ class Whole:
     usage: Usage
 
 
-async def _collect(stream: ReplyStream, first: Events, shape: Shape, prefix: str) -> Whole:
+async def _collect(stream: ReplyStream, first: Events, shape: Shape, prefix: str,
+                   transcript: Transcript | None) -> Whole:
     texts: dict[int, list[str]] = {}
     finish: dict[int, str] = {}
     lps: dict[int, list[TokenLogprob]] = {}
     calls: dict[int, dict[int, dict[str, Any]]] = {}  # choice -> call index -> call
     events = first
     while True:
+        _note(transcript, events)
         if isinstance(events, Restarted):  # the worker died, the job runs again elsewhere: start over
             texts, finish, lps, calls = {}, {}, {}, {}
             events = []
@@ -175,11 +191,12 @@ async def _collect(stream: ReplyStream, first: Events, shape: Shape, prefix: str
 
 
 async def _sse(broker: BrokerClient, stream: ReplyStream, first: Events, fmt: StreamFormat,
-               resumable: bool, account: Accountant, itl: Any) -> AsyncIterator[bytes]:
+               resumable: bool, account: Accountant, itl: Any, transcript: Transcript | None) -> AsyncIterator[bytes]:
     try:
         if head := opening(fmt):
             yield encode(head)
         events = first
+        _note(transcript, events)
         last = time.perf_counter()
         while True:
             if not isinstance(events, Restarted):
@@ -196,6 +213,7 @@ async def _sse(broker: BrokerClient, stream: ReplyStream, first: Events, fmt: St
                         await account(usage)
                     return
             events = await stream.next_events()
+            _note(transcript, events)
     except ServeError as exc:
         yield encode(failure(exc.body()))
     except (asyncio.CancelledError, GeneratorExit):
@@ -205,6 +223,12 @@ async def _sse(broker: BrokerClient, stream: ReplyStream, first: Events, fmt: St
     finally:
         if stream.open:
             await _release(broker, stream)
+
+
+def _note(transcript: Transcript | None, events: Events) -> None:
+    """Keep the conversation log's copy of the reply, when the log is on."""
+    if transcript is not None:
+        transcript.restart() if isinstance(events, Restarted) else transcript.feed(events)
 
 
 async def _release(broker: BrokerClient, stream: ReplyStream) -> None:

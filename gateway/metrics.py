@@ -32,6 +32,8 @@ class GatewayMetrics:
                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("redserve_gateway_generated_tokens", "Completion tokens delivered.", ["model"],
                               registry=r)
+        self.log_misses = Counter("redserve_conversation_log_misses", "Conversation log entries that could not be "
+                                  "written (the requests themselves succeeded).", registry=r)
         r.register(_BrokerCollector(broker))
 
     def render(self) -> bytes:

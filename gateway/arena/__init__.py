@@ -1,0 +1,1 @@
+"""The arena: anonymous battles, their votes and the leaderboard."""
