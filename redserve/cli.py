@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pydantic import ValidationError
 
 from broker.settings import MissingRedisURL, Settings
-from redserve import batch_cli, chat, loop
+from redserve import arena_cli, batch_cli, chat, loop
 from redserve.flags import add_settings_flags, settings_from
 
 #: Engines that load a model directory from this machine.
@@ -33,9 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=1, help="Worker processes to start [default 1].")
     up.add_argument("--engine", default="echo", help="Engine of those workers [default echo].")
     up.add_argument("--no-batch-runner", action="store_true", help="Start no batch runner (no /v1/batches).")
-    up.add_argument("--model", default=None,
+    up.add_argument("--model", action="append", default=None, dest="models",
                     help="Model they serve [default: the engine's name]; for hf and vllm a model directory, "
-                         "served under its folder name.")
+                         "served under its folder name. Repeat it for several models (the arena needs two), "
+                         "each with --workers workers of its own.")
     add_settings_flags(up, "redis", "gateway", "worker")
     up.set_defaults(run=_up)
 
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(br, "redis", "batch-runner")
     br.set_defaults(run=_batch_runner)
 
+    arena_cli.add_parsers(sub, common)
     chat.add_parser(sub, common).set_defaults(run=lambda args, _settings: chat.run(args))
     batch_cli.add_parser(sub, common).set_defaults(run=lambda args, _settings: batch_cli.run(args))
     return parser
@@ -107,11 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _up(args: argparse.Namespace, settings: Settings) -> int:
     from redserve.stack import run_stack
 
-    model = args.model or args.engine
-    if args.engine in LOCAL_ENGINES and not settings.model_path and os.path.isdir(model):
-        settings = settings.model_copy(update={"model_path": model})
-        model = os.path.basename(os.path.normpath(model))
-    return run_stack(settings, workers=args.workers, engine=args.engine, model=model, log_level=args.log_level,
+    served: list[tuple[str, str | None]] = []
+    for model in args.models or [args.engine]:
+        if args.engine in LOCAL_ENGINES and not settings.model_path and os.path.isdir(model):
+            served.append((os.path.basename(os.path.normpath(model)), model))
+        else:
+            served.append((model, None))
+    return run_stack(settings, workers=args.workers, engine=args.engine, models=served, log_level=args.log_level,
                      batch_runner=not args.no_batch_runner)
 
 

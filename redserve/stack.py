@@ -20,17 +20,19 @@ from redserve.redis_server import RedisServer
 from redserve.serve import gateway_server, listen
 
 
-def run_stack(settings: Settings, *, workers: int, engine: str, model: str, log_level: str = "info",
-              batch_runner: bool = True) -> int:
+def run_stack(settings: Settings, *, workers: int, engine: str, models: list[tuple[str, str | None]],
+              log_level: str = "info", batch_runner: bool = True) -> int:
+    """``models``: (served name, model directory or None) pairs, each served by ``workers`` processes."""
     redis: RedisServer | None = None
     if not settings.redis_url:
         redis = RedisServer().start()
         settings = settings.model_copy(update={"redis_url": redis.url})
     env = os.environ | settings.to_env()
-    cmd = [sys.executable, "-m", "redserve", "worker", "--log-level", log_level, "--engine", engine, "--model", model]
+    worker = [sys.executable, "-m", "redserve", "worker", "--log-level", log_level, "--engine", engine]
+    commands = [[*worker, "--model", name, *(["--model-path", path] if path else [])] for name, path in models]
     # Own sessions: a terminal's Ctrl-C reaches only this process, which then
     # stops things in order (gateway, then draining workers, then Redis).
-    procs = [subprocess.Popen(cmd, env=env, start_new_session=True) for _ in range(workers)]
+    procs = [subprocess.Popen(cmd, env=env, start_new_session=True) for cmd in commands for _ in range(workers)]
     if batch_runner:  # so /v1/batches and `redserve batch submit` work out of the box
         runner = [sys.executable, "-m", "redserve", "batch-runner", "--log-level", log_level]
         procs.append(subprocess.Popen(runner, env=env, start_new_session=True))
@@ -38,7 +40,7 @@ def run_stack(settings: Settings, *, workers: int, engine: str, model: str, log_
     if sock is not None:  # the other gateways accept on the socket this process serves on too
         procs += [spawn_gateway(settings, log_level, sock.fileno()) for _ in range(settings.gateway_processes - 1)]
     try:
-        return loop.run(_serve(settings, model, redis, log_level, sock), settings.event_loop)
+        return loop.run(_serve(settings, [name for name, _ in models], redis, log_level, sock), settings.event_loop)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -52,7 +54,7 @@ def run_stack(settings: Settings, *, workers: int, engine: str, model: str, log_
             redis.close()
 
 
-async def _serve(settings: Settings, model: str, redis: RedisServer | None, log_level: str,
+async def _serve(settings: Settings, models: list[str], redis: RedisServer | None, log_level: str,
                  sock: socket.socket | None) -> int:
     server = gateway_server(settings.resolved_redis_url(), settings, log_level=log_level)
     task = asyncio.create_task(server.serve(sockets=None if sock is None else [sock]))
@@ -61,10 +63,13 @@ async def _serve(settings: Settings, model: str, redis: RedisServer | None, log_
     if server.started:
         base = f"http://{settings.host}:{server.servers[0].sockets[0].getsockname()[1]}"
         where = f"private Redis at {redis.url} (data in {redis.dir})" if redis else f"Redis at {settings.redis_url}"
+        model = models[0]
+        arena = f"  arena          {base}/#arena   (an anonymous battle of two models)\n" if len(models) > 1 else ""
         print(
             f"\nredserve is up: {base}\n"
             f"  web UI         {base}/\n"
-            f"  OpenAI API     {base}/v1   (model: {model})\n"
+            f"  OpenAI API     {base}/v1   (model{'s' if len(models) > 1 else ''}: {', '.join(models)})\n"
+            f"{arena}"
             f"  {where}\n"
             f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
             f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hello there\"}}]}}'\n"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -231,3 +233,62 @@ def test_rules_file_path_is_checked_at_startup(tmp_path: Path):
 
     with pytest.raises(ValueError):
         create_app("redis://unused", Settings(moderation=True, moderation_rules=str(tmp_path / "missing.txt")))
+
+
+def test_up_with_two_models_battles_them_and_the_terminal_prints_the_leaderboard(redis_url):
+    """`redserve up --model alpha --model beta`, a battle and its vote over HTTP, then `redserve leaderboard` and
+    `redserve export votes` read the same Redis."""
+    from support import run_redserve, shut_down, spawn_redserve, wait_models
+
+    from redserve.redis_server import free_port
+
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_url}
+    proc = spawn_redserve("up", "--port", str(port), "--model", "alpha", "--model", "beta", "--no-batch-runner",
+                          "--log-level", "warning", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_models(base, lambda seen: seen.get("alpha") == 1 and seen.get("beta") == 1, watch=proc)
+        with httpx.Client(base_url=base, timeout=30) as http:
+            battle = http.post("/api/arena/battles").json()["id"]
+            with http.stream("POST", f"/api/arena/battles/{battle}/turns", json={"content": "hi both"}) as r:
+                assert r.status_code == 200 and '"state": "open"' in r.read().decode()
+            assert set(http.post(f"/api/arena/battles/{battle}/vote", json={"winner": "b"}).json()["models"].values()) \
+                == {"alpha", "beta"}
+        board = run_redserve("leaderboard", env=env)
+        assert board.returncode == 0, board.stderr
+        lines = board.stdout.splitlines()
+        assert "95% CI" in lines[0] and len(lines) == 3 and {ln.split()[1] for ln in lines[1:]} == {"alpha", "beta"}
+        exported = run_redserve("export", "votes", "--since", "2020-01-01", env=env)
+        [vote] = [json.loads(line) for line in exported.stdout.splitlines()]
+        assert vote["battle"] == battle and vote["winner"] == "b" and vote["messages_a"][0]["content"] == "hi both"
+        assert run_redserve("export", "votes", "--since", "next tuesday", env=env).returncode == 2
+    finally:
+        (done,) = shut_down(proc, timeout=60)
+    assert "/#arena" in done.stdout
+
+
+async def test_moderation_refuses_a_flagged_batch_line(stack, settings, tmp_path):
+    from batchkit import jsonl, running_runner
+
+    rules = tmp_path / "rules.txt"
+    rules.write_text(RULES)
+    await stack.worker(["echo"])
+    client = (await stack.gateway()).client()
+    rows = [{"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": "echo", "messages": [{"role": "user", "content": text}], "max_tokens": 2}}
+            for cid, text in (("clean", "a fine line"), ("flagged", "some forbidden phrase"))]
+    uploaded = await client.files.create(file=("b.jsonl", "\n".join(map(json.dumps, rows)).encode()), purpose="batch")
+    async with running_runner(settings, moderation=True, moderation_rules=str(rules)):
+        batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+        for _ in range(600):
+            if batch.status in ("completed", "failed"):
+                break
+            await asyncio.sleep(0.05)
+            batch = await client.batches.retrieve(batch.id)
+    assert batch.status == "completed" and (batch.request_counts.completed, batch.request_counts.failed) == (1, 1)
+    [error] = jsonl((await client.files.content(batch.error_file_id)).content)
+    assert error["custom_id"] == "flagged" and error["response"]["status_code"] == 400
+    assert error["response"]["body"]["error"]["code"] == "content_filter"

@@ -17,7 +17,7 @@ from redserve.redis_server import free_port
 
 
 def test_every_command_explains_its_flags():
-    for cmd in ["up", "gateway", "worker", "status", "tiny-model"]:
+    for cmd in ["up", "gateway", "worker", "status", "tiny-model", "leaderboard", "export"]:
         out = run_redserve(cmd, "--help").stdout
         flags = set(re.findall(r"(--[a-z][a-z-]+)", out)) - {"--help"}
         assert flags, cmd
