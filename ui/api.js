@@ -9,10 +9,13 @@ export const FINISH_NOTES = {
 };
 
 export class ApiError extends Error {
-  constructor(message, status = 0) {
+  /** `code` and `detail` are the gateway's own error code and message, when it sent an OpenAI error body. */
+  constructor(message, status = 0, { code = "", detail = "" } = {}) {
     super(message);
     this.name = "ApiError";
     this.status = status;
+    this.code = code;
+    this.detail = detail || message;
   }
 }
 
@@ -54,12 +57,15 @@ export function explain(status, message, retryAfter = null) {
 
 async function errorFrom(res) {
   let message = res.statusText || "request failed";
+  let code = "";
   try {
-    message = (await res.json()).error?.message || message;
+    const { error } = await res.json();
+    message = error?.message || message;
+    code = error?.code || "";
   } catch {
     /* not an OpenAI-shaped body */
   }
-  return new ApiError(explain(res.status, message, res.headers.get("Retry-After")), res.status);
+  return new ApiError(explain(res.status, message, res.headers.get("Retry-After")), res.status, { code, detail: message });
 }
 
 async function request(path, init = {}) {
@@ -136,4 +142,17 @@ export async function streamChat(body, { signal, onDelta }) {
     if (choice?.finish_reason) finishReason = choice.finish_reason;
   }
   return { finishReason };
+}
+
+/**
+ * POST `body` to an endpoint that answers with a stream of JSON events (the arena's turns).
+ * Refusals before the stream starts throw here; the events come from the returned iterator.
+ */
+export async function postEvents(path, body, { signal } = {}) {
+  const res = await request(path, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal,
+  });
+  return (async function* events() {
+    for await (const data of sseData(res.body)) yield JSON.parse(data);
+  })();
 }

@@ -4,9 +4,11 @@ const NS = "http://www.w3.org/2000/svg";
 const WIDTH = 300;
 const HEIGHT = 80;
 
-function svgEl(tag, attrs) {
+/** An SVG element: `svgEl("line", { x1: 0 }, ...children)` (children: nodes or text). */
+export function svgEl(tag, attrs = {}, ...children) {
   const node = document.createElementNS(NS, tag);
   for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, String(value));
+  node.append(...children);
   return node;
 }
 

@@ -1,7 +1,44 @@
 // The Chat view: multi-turn conversation with one model, streamed and rendered as Markdown.
 // Stop aborts the fetch; the gateway notices the disconnect and cancels the job on its worker.
-import { FINISH_NOTES, streamChat } from "./api.js";
+// Under each reply, 👍 👎 🚩 send feedback (POST /api/feedback) with the conversation it answers.
+import { FINISH_NOTES, postJSON, streamChat } from "./api.js";
 import { el, liveMarkdown, submitOnEnter } from "./dom.js";
+
+const FEEDBACK = [
+  { rating: "up", icon: "👍", label: "Upvote" },
+  { rating: "down", icon: "👎", label: "Downvote" },
+  { rating: "flag", icon: "🚩", label: "Flag" },
+];
+const OPPOSITE = { up: "down", down: "up" };
+
+/**
+ * Buttons that judge one reply: `sent` is what the reply answered ({ model, messages }).
+ * A judgement is sent once; up and down exclude each other, a flag goes with either.
+ */
+function feedbackBar(sent, reply) {
+  const note = el("span", { class: "fb-note", role: "alert" });
+  const buttons = {};
+  async function judge(rating) {
+    const button = buttons[rating];
+    button.disabled = true;
+    note.textContent = "";
+    try {
+      await postJSON("/api/feedback", { model: sent.model, rating, messages: sent.messages, reply });
+      button.setAttribute("aria-pressed", "true");
+      button.classList.add("done");
+      if (OPPOSITE[rating]) buttons[OPPOSITE[rating]].disabled = true;
+    } catch (err) {
+      button.disabled = false;
+      note.textContent = `Feedback not sent: ${err.message}`;
+    }
+  }
+  for (const { rating, icon, label } of FEEDBACK) {
+    buttons[rating] = el("button", { type: "button", class: "fb", "aria-label": label, title: label, "aria-pressed": "false",
+      "data-rating": rating }, icon);
+    buttons[rating].addEventListener("click", () => judge(rating));
+  }
+  return el("div", { class: "feedback", role: "group", "aria-label": "Feedback on this reply" }, ...Object.values(buttons), note);
+}
 
 /**
  * Wires the chat section. `params` is the shared settings panel (see params.js);
@@ -82,6 +119,7 @@ export function createChat(root, params, onFailure = () => {}) {
       if (!stopped) onFailure();
     } finally {
       view.flush();
+      if (turn.content && turn.status !== "error") turn.node.append(feedbackBar({ model: name, messages }, turn.content));
       controller = null;
       sync();
       prompt.focus();

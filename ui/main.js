@@ -1,8 +1,11 @@
-// The page: views switched by the URL hash (#chat, #compare, #fleet), the API key, the model lists.
+// The page: views switched by the URL hash (#chat, #compare, #arena, #leaderboard, #fleet), the API key,
+// the model lists.
 import { getApiKey, setApiKey } from "./api.js";
+import { createArena } from "./arena.js";
 import { createChat } from "./chat.js";
 import { createCompare } from "./compare.js";
 import { createFleet } from "./fleet.js";
+import { createLeaderboard } from "./leaderboard.js";
 import { refreshModelSelects } from "./models.js";
 import { createParams } from "./params.js";
 
@@ -37,8 +40,13 @@ function main() {
   const status = $("status");
   const chat = createChat($("view-chat"), params, refreshModels);
   const compare = createCompare($("view-compare"), params, refreshModels);
+  const arena = createArena($("view-arena"), params);
+  const leaderboard = createLeaderboard($("view-leaderboard"));
   const fleet = createFleet($("view-fleet"));
-  const views = { chat: {}, compare: {}, fleet };
+  const views = { chat: {}, compare: {}, arena, leaderboard, fleet };
+  // Views that pick models by name. The arena must not list them: its models stay anonymous until the vote.
+  const picking = new Set(["chat", "compare"]);
+  let current = null;
 
   function refreshModels() {
     return refreshModelSelects([...chat.selects, ...compare.selects], [0, 0, 1])
@@ -50,7 +58,6 @@ function main() {
       });
   }
 
-  let current = null;
   const route = () => {
     const asked = location.hash.slice(1);
     const name = Object.hasOwn(views, asked) ? asked : "chat";
@@ -62,13 +69,16 @@ function main() {
       if (link.hash === `#${name}`) link.setAttribute("aria-current", "page");
       else link.removeAttribute("aria-current");
     }
-    $("settings").hidden = name === "fleet";
+    $("settings").hidden = name === "fleet" || name === "leaderboard";
     views[name].show?.();
-    if (name !== "fleet") refreshModels();
+    if (picking.has(name)) refreshModels();
   };
 
   for (const select of [...chat.selects, ...compare.selects]) select.addEventListener("focus", refreshModels);
-  setupApiKey(refreshModels);
+  setupApiKey(() => {
+    if (picking.has(current)) refreshModels();
+    else if (current === "leaderboard") leaderboard.show();
+  });
   $("params-panel").open = window.matchMedia("(min-width: 60rem)").matches;
   window.addEventListener("hashchange", route);
   route();
