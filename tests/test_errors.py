@@ -145,14 +145,17 @@ async def test_every_route_answers_503_when_redis_is_down():
 
     hexid = "0123456789abcdef" * 2
     params = {"file_id": f"file-{hexid[:24]}", "batch_id": f"batch_{hexid}", "response_id": f"chatcmpl-{hexid}",
-              "model": "echo"}
+              "model": "echo", "battle_id": hexid}
     chat = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+    arena = f"/api/arena/battles/{{battle_id}}"
     bodies = {"/v1/chat/completions": chat, "/v1/completions": {"model": "echo", "prompt": "hi"},
               "/v1/embeddings": {"model": "echo", "input": "hi"}, "/tokenize": {"model": "echo", "prompt": "hi"},
               "/v1/tokenize": {"model": "echo", "prompt": "hi"},
               "/detokenize": {"model": "echo", "tokens": [1]}, "/v1/detokenize": {"model": "echo", "tokens": [1]},
               "/v1/batches": {"input_file_id": params["file_id"], "endpoint": "/v1/chat/completions"},
-              "/api/votes": {"winner": "tie", "left_model": "a", "right_model": "b", "prompt": "p"}}
+              "/api/votes": {"winner": "tie", "left_model": "a", "right_model": "b", "prompt": "p"},
+              f"{arena}/turns": {"content": "hi"}, f"{arena}/vote": {"winner": "a"},
+              "/api/feedback": {"model": "echo", "rating": "up", "reply": "r", "messages": [chat["messages"][0]]}}
     with RedisServer() as server:
         settings = Settings(redis_url=server.url, reply_timeout=5, api_keys=["sk-k"], rpm_limit=1000,
                             tpm_limit=100_000, admin_api_keys=["sk-admin"])
