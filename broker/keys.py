@@ -97,6 +97,10 @@ class Keys:
         """Hash with a TTL: one anonymous battle (both models, each side's turns, state, the vote once cast)."""
         return f"{self.prefix}:arena:battle:{battle_id}"
 
+    def battle_turn(self, battle_id: str) -> str:
+        """String with a TTL: a battle's turn is under way (no second turn, and no vote, until it ends)."""
+        return f"{self.prefix}:arena:battle:{battle_id}:turn"
+
     def arena_votes(self) -> str:
         """Stream of anonymous battle votes, one readable entry per vote: what the leaderboard is computed from."""
         return f"{self.prefix}:arena:votes"

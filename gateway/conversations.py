@@ -67,8 +67,8 @@ class Transcript:
         return {
             "id": response_id, "kind": str(self.kind), "model": body.model, "tenant": self.tenant,
             "input": json.dumps(said), "params": json.dumps(given, sort_keys=True),
-            "reply": json.dumps(["".join(self.texts.get(i, [])) for i in range(body.n)]),
-            "finish_reason": ",".join(self.finish.get(i, "") for i in range(body.n)),
+            "reply": json.dumps(["".join(self.texts[i]) for i in sorted(self.texts)]),
+            "finish_reason": ",".join(self.finish[i] for i in sorted(self.finish)),
             "prompt_tokens": str(usage.prompt_tokens), "completion_tokens": str(usage.completion_tokens),
             "ttft_ms": f"{((self.first or now) - self.started) * 1000:.1f}",
             "duration_ms": f"{(now - self.started) * 1000:.1f}", "stream": "1" if body.stream else "0",

@@ -110,6 +110,10 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
     from redserve.stack import run_stack
 
     served: list[tuple[str, str | None]] = []
+    if settings.model_path and len(args.models or ()) > 1:
+        print("redserve up: --model-path names one model's directory; with several models give each --model "
+              "as a directory instead", file=sys.stderr)
+        return 2
     for model in args.models or [args.engine]:
         if args.engine in LOCAL_ENGINES and not settings.model_path and os.path.isdir(model):
             served.append((os.path.basename(os.path.normpath(model)), model))

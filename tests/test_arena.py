@@ -292,3 +292,26 @@ async def test_moderation_refuses_a_flagged_batch_line(stack, settings, tmp_path
     [error] = jsonl((await client.files.content(batch.error_file_id)).content)
     assert error["custom_id"] == "flagged" and error["response"]["status_code"] == 400
     assert error["response"]["body"]["error"]["code"] == "content_filter"
+
+
+async def test_a_battle_takes_no_vote_and_no_second_turn_while_a_turn_streams(stack):
+    for name in MODELS:
+        await stack.worker([name], echo_delay=0.2)
+    gw = await stack.gateway()
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+        battle = (await http.post("/api/arena/battles")).json()["id"]
+        await turn(http, battle, "first")
+        async with http.stream("POST", f"/api/arena/battles/{battle}/turns", json={"content": "slow one"}) as r:
+            async for _ in sse_events(r):  # the turn is streaming now
+                vote = await http.post(f"/api/arena/battles/{battle}/vote", json={"winner": "a"})
+                assert vote.status_code == 409 and vote.json()["error"]["code"] == "battle_busy"
+                other = await http.post(f"/api/arena/battles/{battle}/turns", json={"content": "me too"})
+                assert other.status_code == 409 and other.json()["error"]["code"] == "battle_busy"
+                break
+        # the browser left mid-turn: the turn is released, and the battle takes its vote
+        for _ in range(100):
+            vote = await http.post(f"/api/arena/battles/{battle}/vote", json={"winner": "a"})
+            if vote.status_code != 409:
+                break
+            await asyncio.sleep(0.05)
+        assert vote.status_code == 200

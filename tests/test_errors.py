@@ -147,7 +147,7 @@ async def test_every_route_answers_503_when_redis_is_down():
     params = {"file_id": f"file-{hexid[:24]}", "batch_id": f"batch_{hexid}", "response_id": f"chatcmpl-{hexid}",
               "model": "echo", "battle_id": hexid}
     chat = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
-    arena = f"/api/arena/battles/{{battle_id}}"
+    arena = "/api/arena/battles/{battle_id}"
     bodies = {"/v1/chat/completions": chat, "/v1/completions": {"model": "echo", "prompt": "hi"},
               "/v1/embeddings": {"model": "echo", "input": "hi"}, "/tokenize": {"model": "echo", "prompt": "hi"},
               "/v1/tokenize": {"model": "echo", "prompt": "hi"},

@@ -44,7 +44,7 @@ async def fuzz(url: str, tmp_path: Path, name: str, *options: str, env: dict[str
 
 
 async def test_no_server_errors_and_no_hangs(stack, tmp_path):
-    await stack.worker(max_concurrency=16)
+    await stack.worker(["echo", "echo-2"], max_concurrency=16)  # two models: the arena can draw a battle
     gw = await stack.gateway(reply_timeout=5)
     await fuzz(gw.url, tmp_path, "schemathesis", "--checks", "not_a_server_error", "--max-examples", "40",
                "--exclude-path-regex", "^/v1/(batches|files)")  # fuzzed below, as another tenant
@@ -55,7 +55,7 @@ async def test_another_tenant_never_sees_a_tenants_data(stack, settings, tmp_pat
     schemathesis then fuzzes every route as keyB, often with keyA's ids in the path."""
     key_a, key_b = "sk-fuzz-a", "sk-fuzz-b"
     marker = f"SECRET-{uuid.uuid4().hex}"
-    await stack.worker(max_concurrency=16)
+    await stack.worker(["echo", "echo-2"], max_concurrency=16)  # two models: the arena can draw a battle
     gw = await stack.gateway(reply_timeout=5, api_keys=[key_a, key_b])
     a = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key=key_a, max_retries=0)
     async with running_runner(settings):

@@ -28,7 +28,8 @@ def test_every_key_builder_is_documented():
         "batch_job_result": k.batch_job_result("<job-id>"), "batch": k.batch("<batch-id>"),
         "batch_results": k.batch_results("<batch-id>"), "batches": k.batches(), "file": k.file("<file-id>"),
         "tenant_batches": k.tenant_batches("<tenant-id>"), "tenant_files": k.tenant_files("<tenant-id>"),
-        "battle": k.battle("<battle-id>"), "arena_votes": k.arena_votes(), "leaderboard": k.leaderboard(),
+        "battle": k.battle("<battle-id>"), "battle_turn": k.battle_turn("<battle-id>"),
+        "arena_votes": k.arena_votes(), "leaderboard": k.leaderboard(),
         "leaderboard_lock": k.leaderboard_lock(), "feedback": k.feedback(), "conversations": k.conversations(),
     }
     public = {n for n in dir(Keys) if not n.startswith("_") and callable(getattr(Keys, n)) and not n.endswith("_parts")}

@@ -11,7 +11,10 @@
 -- and each model's sorted set gets that model's share of it (the entries
 -- whose ``model`` field names it; the whole length when the worker serves
 -- one model). This recount corrects any drift of the scores dispatch and
--- finish keep between heartbeats.
+-- finish keep between heartbeats; for a worker of several models it reads
+-- the stream, so it runs only while the stream holds at most RECOUNT_MAX
+-- entries (a bounded cost per heartbeat): a longer queue keeps the scores
+-- dispatch and finish maintain, and a new member starts at 0.
 local ttl, now, wid, group, mpre, msuf = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local nmodels = tonumber(ARGV[7])
 
@@ -25,8 +28,10 @@ redis.call('SADD', KEYS[2], wid)
 
 local queue = redis.call('XLEN', KEYS[4])
 redis.call('HSET', KEYS[1], 'queue', queue)
+local RECOUNT_MAX = 256
+local recount = nmodels == 1 or queue <= RECOUNT_MAX
 local per_model = {}
-if nmodels > 1 and queue > 0 then
+if nmodels > 1 and queue > 0 and recount then
   for _, entry in ipairs(redis.call('XRANGE', KEYS[4], '-', '+')) do
     local f = entry[2]
     for j = 1, #f, 2 do
@@ -35,9 +40,13 @@ if nmodels > 1 and queue > 0 then
   end
 end
 for i = 8, 7 + nmodels do
-  local own = queue
-  if nmodels > 1 then own = per_model[ARGV[i]] or 0 end
-  redis.call('ZADD', mpre .. ARGV[i] .. msuf, own, wid)
+  if recount then
+    local own = queue
+    if nmodels > 1 then own = per_model[ARGV[i]] or 0 end
+    redis.call('ZADD', mpre .. ARGV[i] .. msuf, own, wid)
+  else
+    redis.call('ZADD', mpre .. ARGV[i] .. msuf, 'NX', 0, wid)
+  end
   redis.call('ZADD', KEYS[3], now, ARGV[i])
 end
 return queue

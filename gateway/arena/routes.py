@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -34,6 +35,8 @@ from gateway.errors import APIError
 from gateway.generation import submit
 from gateway.schemas import ChatCompletionRequest, RequestBody
 from gateway.security import tenant_of
+
+log = logging.getLogger(__name__)
 
 #: Longest text a feedback entry keeps of one message.
 MAX_TEXT = 100_000
@@ -129,12 +132,11 @@ async def battle_turn(battle_id: str, turn: Turn, request: Request) -> EventSour
             await moderator.screen([turn.content], "content")
         except ServeError as exc:
             if exc.code == "content_filter":  # kept, but left out of the leaderboard
-                battle.flagged = True
-                await _store(request).save(battle)
+                await _store(request).flag(battle.id)
             raise
     for side in SIDES:
         battle.messages[side].append({"role": "user", "content": turn.content})
-    return _replies(request, battle, turn.model_dump(exclude={"content"}, exclude_none=True))
+    return await _replies(request, battle, turn.model_dump(exclude={"content"}, exclude_none=True))
 
 
 @router.post("/arena/battles/{battle_id}/regenerate")
@@ -147,7 +149,7 @@ async def battle_regenerate(battle_id: str, body: Regenerate, request: Request) 
             messages.pop()
         if not messages:
             raise APIError(400, "Nothing to regenerate: the battle has no turn yet.", param="battle")
-    return _replies(request, battle, body.model_dump(exclude_none=True))
+    return await _replies(request, battle, body.model_dump(exclude_none=True))
 
 
 @router.post("/arena/battles/{battle_id}/vote")
@@ -168,14 +170,19 @@ async def _playable(request: Request, battle_id: str) -> Battle:
     return battle
 
 
-def _replies(request: Request, battle: Battle, sampling: dict[str, Any]) -> EventSourceResponse:
-    """Both sides' replies to the battle's conversation as one SSE stream, then the battle saved."""
-    bodies = {side: _side_body(battle, side, sampling, request.app.state.settings) for side in SIDES}
+async def _replies(request: Request, battle: Battle, sampling: dict[str, Any]) -> EventSourceResponse:
+    """Both sides' replies to the battle's conversation as one SSE stream, then the turn stored. The battle is
+    held for the turn: no second turn and no vote until both replies are complete."""
+    bodies = {side: _side_body(request, battle, side, sampling) for side in SIDES}
+    await _store(request).begin_turn(battle.id)
     return EventSourceResponse(_both(request, battle, bodies), ping=15,
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _side_body(battle: Battle, side: str, sampling: dict[str, Any], settings: Settings) -> ChatCompletionRequest:
+def _side_body(request: Request, battle: Battle, side: str, sampling: dict[str, Any]) -> ChatCompletionRequest:
+    settings: Settings = request.app.state.settings
+    if request.app.state.limiter.tpm and tenant_of(request).limited and "max_tokens" not in sampling:
+        sampling = {**sampling, "max_tokens": min(settings.tpm_default_max_tokens, settings.max_tokens_cap)}
     try:
         body = ChatCompletionRequest.model_validate({"model": battle.model(side), "messages": battle.messages[side],
                                                      **sampling})
@@ -199,16 +206,17 @@ async def _both(request: Request, battle: Battle, bodies: dict[str, ChatCompleti
             ev = await events.get()
             ended += "end" in ev
             yield json.dumps(ev)
-    finally:  # the browser left: both jobs are released (their tasks' own finally)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    if len(replies) == len(SIDES):
-        for side in SIDES:
-            battle.messages[side].append({"role": "assistant", "content": replies[side]})
-    else:
-        battle.state = "ended"
-    await _store(request).save(battle)
+        if len(replies) == len(SIDES):
+            for side in SIDES:
+                battle.messages[side].append({"role": "assistant", "content": replies[side]})
+        else:
+            battle.state = "ended"
+    finally:  # also when the browser left: both jobs are released (their tasks' own finally), the turn ends
+        with anyio.CancelScope(shield=True):
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await _store(request).end_turn(battle, ended=battle.state == "ended")
     yield json.dumps({"state": battle.state, "error": battle.error or None})
 
 
@@ -248,9 +256,11 @@ async def _side(request: Request, battle: Battle, side: str, body: ChatCompletio
                         return
     except ServeError as exc:
         await _side_failed(battle, side, exc, events)
+    except Exception as exc:  # Redis gone past redis_wait, say: the side ends, the stream never hangs
+        log.warning("arena side %s of battle %s failed: %r", side, battle.id, exc)
+        await _side_failed(battle, side, ServeError("The model could not answer."), events)
     finally:
-        with anyio.CancelScope(shield=True):
-            await broker.release(stream)
+        await asyncio.shield(broker.release(stream))  # a browser gone mid-turn cancels this task
 
 
 async def _side_failed(battle: Battle, side: str, exc: ServeError, events: asyncio.Queue[dict[str, Any]]) -> None:

@@ -32,6 +32,8 @@ from gateway.arena.ratings import Tally
 FOLD_PAGE = 1_000
 #: How long one gateway may hold the fold lock (ms): far more than a fold of FOLD_PAGE votes takes.
 FOLD_LOCK_MS = 10_000
+#: The longest a battle turn holds its battle (ms), should its gateway die before releasing it.
+TURN_MS = 600_000
 SIDES = ("a", "b")
 
 
@@ -102,11 +104,36 @@ class ArenaStore:
             pipe.pexpire(key, self.battle_ttl_ms)
             await pipe.execute()
 
+    async def begin_turn(self, battle_id: str) -> None:
+        """Hold the battle for one turn (a 409 if a turn is under way): until ``end_turn``, no other turn and no
+        vote. The marker expires by itself if this gateway dies mid-turn."""
+        if not await self.redis.set(self.keys.battle_turn(battle_id), "1", nx=True, px=TURN_MS):
+            raise ServeError("A turn of this battle is still under way.", status=409, code="battle_busy",
+                             param="battle")
+
+    async def end_turn(self, battle: Battle, *, ended: bool) -> None:
+        """Store the turn's conversation (and the end of the battle, if a side failed), then release it. Only
+        these fields are written: whatever else the battle holds is left as it is."""
+        key = self.keys.battle(battle.id)
+        fields = {f"messages_{s}": json.dumps(battle.messages[s]) for s in SIDES}
+        if ended:
+            fields |= {"state": "ended", "error": battle.error}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]  # redis-py's mapping type is invariant
+            pipe.pexpire(key, self.battle_ttl_ms)
+            pipe.delete(self.keys.battle_turn(battle.id))
+            await pipe.execute()
+
+    async def flag(self, battle_id: str) -> None:
+        """Moderation refused a prompt of this battle: it stays, but its vote will not count."""
+        await resolved(self.redis.hset(self.keys.battle(battle_id), "flagged", "1"))
+
     async def vote(self, battle_id: str, winner: str) -> tuple[str, str]:
         """Cast the battle's one vote; the two names it reveals. Refusals are 409 (404 when it is gone)."""
         try:
-            a, b, _ = await self.scripts.vote(keys=[self.keys.battle(battle_id), self.keys.arena_votes()],
-                                              args=[winner, battle_id, self.max_entries, self.battle_ttl_ms])
+            a, b, _ = await self.scripts.vote(
+                keys=[self.keys.battle(battle_id), self.keys.arena_votes(), self.keys.battle_turn(battle_id)],
+                args=[winner, battle_id, self.max_entries, self.battle_ttl_ms])
         except ResponseError as exc:
             word, _, message = str(exc).partition(" ")
             status = 404 if word == "GONE" else 409
@@ -154,8 +181,7 @@ def draw_pair(models: Sequence[str], tally: Tally, rng: random.Random) -> tuple[
     random left/right order."""
     names = sorted(set(models))
     if len(names) < 2:
-        raise ServeError("The arena needs at least two live models; "
-                         f"{'only ' + names[0] + ' is' if names else 'none is'} serving.",
+        raise ServeError(f"The arena needs at least two live models; {len(names)} serving now.",  # never a name
                          status=503, code="arena_unavailable")
     pairs = [(x, y) for i, x in enumerate(names) for y in names[i + 1:]]
     weights = [1.0 / (1 + sum(tally.pairs.get(p, (0, 0, 0))) + sum(tally.pairs.get(p[::-1], (0, 0, 0))))
