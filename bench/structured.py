@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.protocol import Done, Generate, Structured
-from workers.hf.engine import BatchEngine
+from workers.hf.engine import BatchEngine, ComputeThread
 from workers.hf.grammar import Grammars
 from workers.hf.loading import load_model
 from workers.tiny_model import build_tiny_model
@@ -76,8 +76,9 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         loaded = load_model(build_tiny_model(Path(tmp), context_length=4096))
-    engine = BatchEngine(loaded)
-    engine.start()
+    thread = ComputeThread("bench-structured")
+    engine = BatchEngine(loaded, thread)
+    thread.start()
     grammar = Grammars(loaded.tokenizer, loaded.vocab_size).compile(Structured(json=json.dumps(SCHEMA)), "bench")
     prompt = list(loaded.tokenizer("Numbers, please:")["input_ids"])
     run(engine, grammar, 2, 16, prompt)  # warm up both paths
@@ -88,7 +89,7 @@ def main() -> None:
         held = max(run(engine, grammar, c, args.max_tokens, prompt) for _ in range(args.rounds))
         print(json.dumps({"concurrency": c, "free_tokens_per_s": round(free), "schema_tokens_per_s": round(held),
                           "ratio": round(held / free, 3)}))
-    engine.close()
+    thread.close()
 
 
 if __name__ == "__main__":

@@ -119,15 +119,14 @@ class BatchEngine:
 
     Each step: drop what was cancelled, one batched decode forward, sample
     each row with its own parameters, retire what finished. The steps run on
-    a ``ComputeThread``: the engine's own, or one it shares with the other
-    models of its worker.
+    ``thread``, shared with the other models of the worker; its owner starts
+    and closes it.
     """
 
-    def __init__(self, loaded: LoadedModel, thread: ComputeThread | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, thread: ComputeThread) -> None:
         self.loaded = loaded
-        self._own = thread is None
-        self.thread = thread or ComputeThread(f"hf-engine-{loaded.path.name}")
-        self.thread.attach(self)
+        self.thread = thread
+        thread.attach(self)
         self._batch = KVBatch(loaded.device)
         self._choices: list[_Choice] = []
         forward = inspect.signature(loaded.model.forward).parameters
@@ -143,16 +142,6 @@ class BatchEngine:
     def busy(self) -> bool:
         """Whether a sequence of this model is live (the thread must not sleep)."""
         return bool(self._choices)
-
-    def start(self) -> None:
-        """Start the engine's own thread (a shared one is started by its owner)."""
-        if self._own:
-            self.thread.start()
-
-    def close(self) -> None:
-        """Stop the engine's own thread (blocking: call it in a thread)."""
-        if self._own:
-            self.thread.close()
 
     def submit(self, prompt_ids: list[int], params: Generate, emit: Emit, grammar: Any = None,
                adapter: str | None = None) -> Generation:
