@@ -108,21 +108,22 @@ class ConversationLog:
         await asyncio.gather(*self._writes, return_exceptions=True)
 
 
-def entries_as_json(entries: Iterable[tuple[str, dict[str, str]]]) -> Iterable[str]:
+#: The fields of a conversation entry that hold JSON.
+JSON_FIELDS = frozenset({"input", "params", "reply"})
+
+
+def entries_as_json(entries: Iterable[tuple[str, dict[str, str]]], json_fields: frozenset[str]) -> Iterable[str]:
     """Stream entries as JSON lines for ``redserve export``: the entry id, its time, and its fields with the
-    JSON ones (input, params, reply, messages) parsed back."""
+    ones named in ``json_fields`` parsed back."""
     for entry_id, fields in entries:
         row: dict[str, Any] = {"entry": entry_id, "time": int(entry_id.split("-")[0]) / 1000}
         for name, value in fields.items():
-            row[name] = _parsed(value) if name in _JSON_FIELDS else value
+            row[name] = _parsed(value) if name in json_fields else value
         yield json.dumps(row, ensure_ascii=False)
-
-
-_JSON_FIELDS = {"input", "params", "reply", "messages", "messages_a", "messages_b"}
 
 
 def _parsed(value: str) -> Any:
     try:
         return json.loads(value)
-    except ValueError:
+    except ValueError:  # an entry written by hand, say: kept as the text it is
         return value

@@ -13,12 +13,14 @@ from broker.keys import Keys
 from broker.settings import Settings
 from gateway.arena.ratings import Row, leaderboard
 from gateway.arena.store import ArenaStore
-from gateway.conversations import entries_as_json
+from gateway.conversations import JSON_FIELDS, entries_as_json
 from redserve.flags import add_settings_flags
 
-#: What ``redserve export`` writes, and the stream each comes from.
-EXPORTS = {"conversations": Keys.conversations, "votes": Keys.arena_votes, "named-votes": Keys.votes,
-           "feedback": Keys.feedback}
+#: What ``redserve export`` writes: the stream each comes from, and its fields that hold JSON.
+EXPORTS = {"conversations": (Keys.conversations, JSON_FIELDS),
+           "votes": (Keys.arena_votes, frozenset({"messages_a", "messages_b"})),
+           "named-votes": (Keys.votes, frozenset({"params"})),
+           "feedback": (Keys.feedback, frozenset({"messages"}))}
 PAGE = 1_000
 
 
@@ -71,10 +73,11 @@ async def export(settings: Settings, what: str, since: str | None) -> int:
         print(f"redserve export: {exc}", file=sys.stderr)
         return 2
     redis = connect(settings.resolved_redis_url(), decode=True)
-    stream = EXPORTS[what](Keys(settings.key_prefix))
+    key, json_fields = EXPORTS[what]
+    stream = key(Keys(settings.key_prefix))
     try:
         while entries := await redis.xrange(stream, min=start, count=PAGE):
-            sys.stdout.write("".join(line + "\n" for line in entries_as_json(entries)))
+            sys.stdout.write("".join(line + "\n" for line in entries_as_json(entries, json_fields)))
             start = f"({entries[-1][0]}"
     finally:
         await redis.aclose()

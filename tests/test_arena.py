@@ -315,3 +315,14 @@ async def test_a_battle_takes_no_vote_and_no_second_turn_while_a_turn_streams(st
                 break
             await asyncio.sleep(0.05)
         assert vote.status_code == 200
+
+
+def test_export_parses_only_the_fields_that_hold_json():
+    from gateway.conversations import entries_as_json
+    from redserve.arena_cli import EXPORTS
+
+    _, json_fields = EXPORTS["feedback"]
+    entry = ("1700000000000-0", {"reply": "[1, 2]", "messages": '[{"role": "user", "content": "hi"}]'})
+    [line] = entries_as_json([entry], json_fields)
+    row = json.loads(line)
+    assert row["reply"] == "[1, 2]" and row["messages"][0]["content"] == "hi" and row["time"] == 1700000000.0
