@@ -22,6 +22,7 @@ _ID_SHAPES = {
     "file": re.compile(r"file-[0-9a-f]{24}|file-[0-9a-f]{32}-(?:output|errors)"),
     "batch": re.compile(r"batch_[0-9a-f]{32}"),
     "request": re.compile(r"[0-9a-f]{32}"),
+    "battle": re.compile(r"[0-9a-f]{32}"),
 }
 
 
@@ -53,5 +54,5 @@ def tenant_id(key: bytes) -> str:
 
 
 def well_formed(kind: str, value: str) -> bool:
-    """Whether ``value`` has the shape of a ``kind`` id redserve hands out (file, batch, request)."""
+    """Whether ``value`` has the shape of a ``kind`` id redserve hands out (file, batch, request, battle)."""
     return bool(_ID_SHAPES[kind].fullmatch(value))

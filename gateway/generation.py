@@ -19,6 +19,7 @@ from broker.errors import ServeError, UnknownModel, WorkerTimeout
 from broker.ids import response_id
 from broker.protocol import ChoiceEnd, Delta, Done, Event, Failure, JobKind, Params, TokenLogprob, ToolCall, Usage
 from broker.replies import ReplyStream, Restarted
+from broker.settings import Settings
 from gateway import limits
 from gateway.conversations import ConversationLog, Transcript
 from gateway.disconnect import ClientGone, unless_disconnected
@@ -46,9 +47,7 @@ async def generate(
                                "messages" if kind is JobKind.CHAT else "prompt")
     tenant = tenant_of(request)
     limiter: RateLimiter = request.app.state.limiter
-    if limiter.tpm and tenant.limited and body.max_tokens is None:
-        body.max_tokens = min(settings.tpm_default_max_tokens, settings.max_tokens_cap)  # what the reservation holds
-    held = await limiter.reserve(tenant, limits.estimate_tokens(body))
+    held = await reserve_tokens(request, body)
     metrics: GatewayMetrics = request.app.state.metrics
     started = time.perf_counter()
     shape = Shape(chat=kind is JobKind.CHAT, model=body.model)
@@ -97,6 +96,17 @@ async def generate(
         return Response(status_code=499)
     finally:
         await _release(broker, stream)
+
+
+async def reserve_tokens(request: Request, body: SamplingRequest) -> Reservation | None:
+    """Hold the request's tokens against its tenant's per-minute budget (a 429 when spent). A limited tenant's
+    request without ``max_tokens`` gets ``tpm_default_max_tokens``: what the reservation holds is its cap."""
+    settings: Settings = request.app.state.settings
+    limiter: RateLimiter = request.app.state.limiter
+    tenant = tenant_of(request)
+    if limiter.tpm and tenant.limited and body.max_tokens is None:
+        body.max_tokens = min(settings.tpm_default_max_tokens, settings.max_tokens_cap)
+    return await limiter.reserve(tenant, limits.estimate_tokens(body))
 
 
 async def submit(request: Request, broker: BrokerClient, model: str, kind: JobKind, params: Params,

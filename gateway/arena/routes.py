@@ -28,11 +28,12 @@ from broker.errors import ServeError
 from broker.protocol import ChoiceEnd, Delta, Done, Failure, JobKind
 from broker.replies import Restarted
 from broker.settings import Settings
+from broker.tenants import well_formed
 from gateway import limits
 from gateway.arena.ratings import leaderboard, win_fractions
 from gateway.arena.store import SIDES, ArenaStore, Battle
 from gateway.errors import APIError
-from gateway.generation import submit
+from gateway.generation import reserve_tokens, submit
 from gateway.schemas import ChatCompletionRequest, RequestBody
 from gateway.security import tenant_of
 
@@ -60,19 +61,18 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 router = APIRouter(prefix="/api", tags=["arena"], lifespan=_lifespan)
 
 
-class Turn(RequestBody):
+class Regenerate(RequestBody):
+    """The sampling both sides use (the last user message is answered again)."""
+
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+
+class Turn(Regenerate):
     """The next user message of a battle, and the sampling both sides use."""
 
     content: str = Field(min_length=1, max_length=MAX_TEXT)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-
-
-class Regenerate(RequestBody):
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
 
 
 class BattleVote(RequestBody):
@@ -98,7 +98,7 @@ def _broker(request: Request) -> BrokerClient:
 
 
 async def _owned(request: Request, battle_id: str) -> Battle:
-    battle = await _store(request).get(battle_id) if len(battle_id) == 32 else None
+    battle = await _store(request).get(battle_id) if well_formed("battle", battle_id) else None
     if battle is None or not tenant_of(request).owns(battle.owner):
         raise APIError(404, f"No battle `{battle_id}` (it may have expired).", param="battle",
                        code="battle_not_found")
@@ -181,8 +181,6 @@ async def _replies(request: Request, battle: Battle, sampling: dict[str, Any]) -
 
 def _side_body(request: Request, battle: Battle, side: str, sampling: dict[str, Any]) -> ChatCompletionRequest:
     settings: Settings = request.app.state.settings
-    if request.app.state.limiter.tpm and tenant_of(request).limited and "max_tokens" not in sampling:
-        sampling = {**sampling, "max_tokens": min(settings.tpm_default_max_tokens, settings.max_tokens_cap)}
     try:
         body = ChatCompletionRequest.model_validate({"model": battle.model(side), "messages": battle.messages[side],
                                                      **sampling})
@@ -227,11 +225,11 @@ async def _side(request: Request, battle: Battle, side: str, body: ChatCompletio
     text: list[str] = []
     held = None
     try:
-        held = await limiter.reserve(tenant_of(request), limits.estimate_tokens(body))
+        held = await reserve_tokens(request, body)
         stream = await submit(request, broker, body.model, JobKind.CHAT, body.job_params())
-    except ServeError as exc:
+    except Exception as exc:
         await limiter.settle(held, 0)  # nothing was generated
-        await _side_failed(battle, side, exc, events)
+        await _side_failed(battle, side, _refusal(battle, side, exc), events)
         return
     try:
         while True:
@@ -254,13 +252,19 @@ async def _side(request: Request, battle: Battle, side: str, body: ChatCompletio
                         replies[side] = "".join(text)
                         await events.put({"side": side, "end": True})
                         return
-    except ServeError as exc:
-        await _side_failed(battle, side, exc, events)
-    except Exception as exc:  # Redis gone past redis_wait, say: the side ends, the stream never hangs
-        log.warning("arena side %s of battle %s failed: %r", side, battle.id, exc)
-        await _side_failed(battle, side, ServeError("The model could not answer."), events)
+    except Exception as exc:
+        await _side_failed(battle, side, _refusal(battle, side, exc), events)
     finally:
         await asyncio.shield(broker.release(stream))  # a browser gone mid-turn cancels this task
+
+
+def _refusal(battle: Battle, side: str, exc: Exception) -> ServeError:
+    """What a side's failure says: its own error, or (Redis gone past redis_wait, say) a plain one, so the side
+    always ends and the stream never hangs."""
+    if isinstance(exc, ServeError):
+        return exc
+    log.warning("arena side %s of battle %s failed: %r", side, battle.id, exc)
+    return ServeError("The model could not answer.")
 
 
 async def _side_failed(battle: Battle, side: str, exc: ServeError, events: asyncio.Queue[dict[str, Any]]) -> None:
