@@ -71,6 +71,7 @@ class HFWorker(BaseModelWorker):
             log.info("hf worker loaded %s as %s (%s, context %d, %s)", path, name,
                      "causal LM" if loaded.causal else "embeddings only", loaded.context_length, loaded.device)
         first = next(iter(self.held.values())).loaded
+        self.tokenizer = first.tokenizer  # the base's documented attribute: the first model's
         self.record.context_length, self.record.root = first.context_length, str(first.path)
         if len(self.held) > 1:
             self.record.contexts = {n: h.loaded.context_length for n, h in self.held.items()}
