@@ -7,6 +7,12 @@ for a replicated Redis behind Sentinels (``rediss+sentinel://`` with TLS;
 ``?sentinel_password=...`` when the Sentinels need one). With Sentinel every new connection asks the Sentinels
 where the master is, so a failover is followed by reconnecting: the callers'
 retry loops already do that.
+
+``redis+cluster://[user:password@]host:port[,host:port...]`` (``rediss+cluster://`` with TLS) is a Redis
+Cluster: any of its nodes finds the rest. The client is redis-py's asyncio ``RedisCluster``, which follows
+``MOVED``/``ASK`` and a failover by refreshing its slot table; it has the same command methods as ``Redis``,
+so callers hold either as ``Redis`` and ask ``is_cluster`` where the two differ (pub/sub, see
+``broker.pubsub``; no MULTI across slots).
 """
 
 from __future__ import annotations
@@ -14,10 +20,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
@@ -26,6 +33,7 @@ from redis.exceptions import ConnectionError, TimeoutError
 T = TypeVar("T")
 
 SENTINEL_SCHEME, SENTINEL_TLS_SCHEME = "redis+sentinel", "rediss+sentinel"
+CLUSTER_SCHEME, CLUSTER_TLS_SCHEME = "redis+cluster", "rediss+cluster"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +88,9 @@ def connection_pool(url: str, *, decode: bool = False, **kwargs: Any) -> Connect
         "health_check_interval": 30,
         **kwargs,
     }
+    if is_cluster_url(url):
+        raise ValueError(f"{url!r} is a Redis Cluster, and this part of redserve needs one Redis (the batch "
+                         "queue, arq, has no Cluster support): give it a plain redis:// URL (--batch-redis-url)")
     target = sentinel_target(url)
     if target is None:
         return ConnectionPool.from_url(url, **options)
@@ -90,9 +101,52 @@ def connection_pool(url: str, *, decode: bool = False, **kwargs: Any) -> Connect
         target.master, sentinel, db=target.db, username=target.username, password=target.password, **tls, **options)
 
 
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://``)."""
+    return urlsplit(url).scheme in (CLUSTER_SCHEME, CLUSTER_TLS_SCHEME)
+
+
+def cluster_client(url: str, *, decode: bool = False, **kwargs: Any) -> RedisCluster:
+    """A Redis Cluster client for a ``redis+cluster://`` URL: the nodes it names are where it starts, the
+    cluster tells it the rest."""
+    parts = urlsplit(url)
+    auth, _, hosts = parts.netloc.rpartition("@")
+    user, _, password = auth.partition(":")
+    nodes = []
+    for host in hosts.split(","):
+        name, colon, port = host.rpartition(":")
+        if not colon or not port.isdigit():
+            raise ValueError(f"{url!r}: the form is redis+cluster://[user:password@]host:port[,host:port...]")
+        nodes.append(ClusterNode(name.strip("[]"), int(port)))
+    options: dict[str, Any] = {
+        "decode_responses": decode,
+        "retry": Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=5),
+        "health_check_interval": 30,
+        "username": unquote(user) or None,
+        "password": unquote(password) or None,
+        # a failover takes the node timeout (seconds) to be noticed: keep asking meanwhile
+        "cluster_error_retry_attempts": 8,
+        **({"ssl": True} if parts.scheme == CLUSTER_TLS_SCHEME else {}),
+        **kwargs,
+    }
+    return RedisCluster(startup_nodes=nodes, **options)
+
+
 def connect(url: str, *, decode: bool = True, **kwargs: Any) -> Redis:
-    """A client for ``url`` that owns its pool (``aclose`` closes its connections)."""
+    """A client for ``url`` that owns its pool (``aclose`` closes its connections).
+
+    For a ``redis+cluster://`` URL it is a ``RedisCluster``, typed as ``Redis``: the commands redserve sends
+    are the same methods on both, and ``is_cluster`` tells the places that differ."""
+    if is_cluster_url(url):
+        return cast(Redis, cluster_client(url, decode=decode, **kwargs))
     return Redis.from_pool(connection_pool(url, decode=decode, **kwargs))
+
+
+def is_cluster(redis: object) -> bool:
+    """Whether ``redis`` (a client, or a pipeline of one) talks to a Redis Cluster."""
+    from redis.asyncio.cluster import ClusterPipeline
+
+    return isinstance(redis, RedisCluster | ClusterPipeline)
 
 
 async def resolved(reply: Awaitable[T] | T) -> T:

@@ -89,3 +89,81 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class RedisCluster:
+    """A local Redis Cluster: ``masters`` masters with ``replicas`` replicas each, on loopback ports.
+
+    Every node also listens on its port + 10000 (the cluster bus), so ports are
+    picked below 55535 with their bus ports free too, never any ephemeral port.
+    """
+
+    def __init__(self, masters: int = 3, replicas: int = 1, *, node_timeout_ms: int = 1000) -> None:
+        self.masters = masters
+        self.nodes = [RedisServer(port, extra_args=["--cluster-enabled", "yes",
+                                                    "--cluster-node-timeout", str(node_timeout_ms),
+                                                    "--cluster-config-file", "nodes.conf"])
+                      for port in cluster_ports(masters * (1 + replicas))]
+        self.replicas = replicas
+
+    @property
+    def url(self) -> str:
+        """The ``redis+cluster://`` URL naming every node (any one of them would do to find the rest)."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> RedisCluster:
+        for node in self.nodes:
+            node.start()
+        subprocess.run([shutil.which("redis-cli") or "redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{n.port}" for n in self.nodes), "--cluster-replicas", str(self.replicas),
+                        "--cluster-yes"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.wait_ok(timeout)
+        return self
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Wait until every live node reports the cluster ``ok`` with every slot covered."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            states = [self.cli(n.port, "CLUSTER", "INFO") for n in self.nodes if n.proc is not None]
+            if all("cluster_state:ok" in s and "cluster_slots_ok:16384" in s for s in states):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the cluster did not become ok within {timeout}s")
+
+    def cli(self, port: int, *args: str) -> str:
+        done = subprocess.run([shutil.which("redis-cli") or "redis-cli", "-p", str(port), *args],
+                              capture_output=True, text=True, timeout=10)
+        return done.stdout
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+    def __enter__(self) -> RedisCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def cluster_ports(count: int, low: int = 20000, high: int = 55535) -> list[int]:
+    """``count`` ports in [low, high) each free with its cluster bus port (+10000) free too."""
+    import random
+
+    ports: list[int] = []
+    rng = random.Random()
+    while len(ports) < count:
+        port = rng.randrange(low, high - 10000)
+        if port in ports or not all(_free(p) for p in (port, port + 10000)):
+            continue
+        ports.append(port)
+    return ports
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
