@@ -17,12 +17,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker.connection import connect
+from broker.connection import connect, is_cluster
 from broker.dispatch import Dispatcher
 from broker.errors import NoWorker, RedisUnavailable, UnknownModel, WorkerLost
+from broker.ids import new_request_id
 from broker.janitor import Janitor
 from broker.keys import Keys
-from broker.protocol import Cancel, Job, JobKind, Params, Reply, Resend, StreamMeta, pack
+from broker.protocol import Cancel, Job, JobKind, Params, Reply, Resend, StreamMeta, as_str, pack
+from broker.pubsub import publish, publish_command
 from broker.registry import Registry, WorkerRecord
 from broker.replay import Replay, follow, open_log
 from broker.replies import ReplyRouter, ReplyStream
@@ -42,6 +44,9 @@ class BrokerClient:
         self.keys = Keys(settings.key_prefix)
         self._text = connect(redis_url, decode=True)
         self._raw = connect(redis_url, decode=False)
+        if settings.replica_acks and is_cluster(self._raw):
+            raise ValueError("replica_acks (WAIT) needs one Redis or Sentinel: a cluster's dispatch and WAIT would "
+                             "run on different connections; set replica_acks 0 with a redis+cluster:// URL")
         self.scripts = Scripts.register(self._raw)
         self.registry = Registry(self._text, self.keys, Scripts.register(self._text))
         self.dispatcher = Dispatcher(self._raw, self.keys, settings.dispatch_method, self.scripts,
@@ -98,7 +103,7 @@ class BrokerClient:
         if not await self.router.wait_live(self.settings.redis_wait):
             raise RedisUnavailable(f"This gateway has had no reply channel for {self.settings.redis_wait:g} s "
                                    "(redis_wait): Redis is unreachable.")
-        stream = self.router.open(timeout)
+        stream = self.router.open(timeout, new_request_id(model))
         stream.job = job = Job(
             request_id=stream.rid,
             model=model,
@@ -163,16 +168,18 @@ class BrokerClient:
         """
         if not well_formed("request", request_id):
             return None
-        prefix, suffix = self.keys.worker_control_parts()
         try:
-            wid = await self.scripts.cancel(keys=[self.keys.request(request_id)],
-                                            args=[prefix, suffix, pack(Cancel(request_id)),
-                                                  "" if tenant.admin else tenant.id])
+            found = await self.scripts.cancel(keys=[self.keys.request(request_id)],
+                                              args=["" if tenant.admin else tenant.id])
         except ResponseError as exc:
             if "WRONGTYPE" not in str(exc):
                 raise
             return None  # a request placed by a gateway older than owners (a string key): it owns no one
-        return wid.decode() if isinstance(wid, bytes) else wid
+        if not found:
+            return None
+        wid = as_str(found)
+        await publish(self._raw, self.keys.worker_control(wid), pack(Cancel(request_id)))
+        return wid
 
     async def ping(self) -> None:
         """Raises if Redis is unreachable."""
@@ -221,8 +228,8 @@ class BrokerClient:
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
             async with self._raw.pipeline(transaction=False) as pipe:
                 for s in streams:
-                    pipe.publish(self.keys.worker_control(s.worker_id or ""),
-                                 pack(Resend(s.rid, s.next_seq, s.attempt, self.router.channel)))
+                    pipe.execute_command(publish_command(pipe), self.keys.worker_control(s.worker_id or ""),
+                                         pack(Resend(s.rid, s.next_seq, s.attempt, self.router.channel)))
                 await pipe.execute()
 
     def _shed(self, stream: ReplyStream) -> None:

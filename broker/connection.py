@@ -129,7 +129,8 @@ def cluster_client(url: str, *, decode: bool = False, **kwargs: Any) -> RedisClu
         **({"ssl": True} if parts.scheme == CLUSTER_TLS_SCHEME else {}),
         **kwargs,
     }
-    return RedisCluster(startup_nodes=nodes, **options)
+    cluster: RedisCluster = RedisCluster(startup_nodes=nodes, **options)
+    return cluster
 
 
 def connect(url: str, *, decode: bool = True, **kwargs: Any) -> Redis:
@@ -140,6 +141,13 @@ def connect(url: str, *, decode: bool = True, **kwargs: Any) -> Redis:
     if is_cluster_url(url):
         return cast(Redis, cluster_client(url, decode=decode, **kwargs))
     return Redis.from_pool(connection_pool(url, decode=decode, **kwargs))
+
+
+def atomic_pipeline(redis: Redis) -> Any:
+    """A pipeline whose commands (keys of one slot) apply together: MULTI/EXEC on one Redis. redis-py 5's
+    asyncio cluster client has no MULTI, so on a cluster they go in order in one pipeline (a client that dies
+    half-way leaves the first ones applied)."""
+    return redis.pipeline(transaction=not is_cluster(redis))
 
 
 def is_cluster(redis: object) -> bool:

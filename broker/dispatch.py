@@ -74,12 +74,13 @@ class Dispatcher:
         interactive: it was admitted already).
         """
         k = self.keys
-        wpre, jsuf = k.worker_parts()
         source, entry_id = move_from or ("", "")
         ttl_ms = max(1000, int((job.deadline - time.time()) * 1000) + 60_000) if job.deadline else 3_600_000
         fields = [x for kv in job.to_fields().items() for x in kv]
-        keys = [k.model_workers(job.model), k.models(), k.request(job.request_id), k.replay(job.request_id)]
-        args = [method or self.method, self._rng.random(), wpre, jsuf, job.model, ttl_ms,
+        keys = [k.model_workers(job.model), k.model_seen(job.model), k.request(job.request_id),
+                k.replay(job.request_id)]
+        args = [method or self.method, self._rng.random(), k.seat_prefix(job.model), k.jobs_prefix(job.model),
+                job.model, ttl_ms,
                 source, entry_id, job.replay_ms, meta, owner, job.attempt,
                 self.batch_share if share is None else share, *fields]
         try:

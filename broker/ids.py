@@ -6,10 +6,19 @@ id) is what the cancel, resume and inspect paths take.
 
 from __future__ import annotations
 
+import uuid
+
+from broker.keys import TAG_LENGTH, model_tag
 from broker.protocol import JobKind
 from broker.tenants import well_formed
 
 _PREFIXES = {JobKind.CHAT: "chatcmpl-", JobKind.COMPLETION: "cmpl-"}
+
+
+def new_request_id(model: str) -> str:
+    """A fresh request id for a job of ``model``: 32 hex digits that begin with the model's slot tag, so the
+    request's keys share the slot of the model's dispatch (see ``broker.keys``)."""
+    return model_tag(model) + uuid.uuid4().hex[TAG_LENGTH:]
 
 
 def response_id(kind: JobKind, rid: str) -> str:

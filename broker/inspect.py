@@ -38,11 +38,11 @@ class Location:
 
 async def locate(redis: Redis, keys: Keys, request_id: str) -> Location:
     """``redis`` must decode responses (stream payloads are skipped, only routing fields are read)."""
-    worker = await resolved(redis.hget(keys.request(request_id), "worker"))
-    if worker is None:
+    worker, model = await resolved(redis.hmget(keys.request(request_id), ["worker", "model"]))
+    if worker is None or model is None:
         return Location(request_id, "unknown")
     alive = bool(await redis.exists(keys.worker(worker)))
-    stream = keys.worker_jobs(worker)
+    stream = keys.jobs(model, worker)
     try:
         pending = {p["message_id"]: p for p in await redis.xpending_range(stream, WORKER_GROUP, "-", "+", 10_000)}
     except ResponseError:

@@ -32,7 +32,7 @@ from broker.dispatch import Dispatcher
 from broker.errors import Gone, ServeError
 from broker.keys import WORKER_GROUP, Keys
 from broker.protocol import Job, Reply, as_str
-from broker.pubsub import listeners
+from broker.pubsub import listeners, publish
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,9 @@ class Janitor:
 
     async def sweep(self) -> list[str]:
         """One round: reclaim every dead worker this janitor gets the lock for; returns their ids."""
-        ids = [i.decode() for i in await resolved(self.redis.smembers(self.keys.workers()))]
+        found = await resolved(self.redis.hgetall(self.keys.workers()))
+        registered = {as_str(w): as_str(m) for w, m in found.items()}
+        ids = list(registered)
         if not ids:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -111,12 +113,22 @@ class Janitor:
         dead, self._suspects = confirm_dead(missing, self._suspects)
         for wid in sorted(dead):
             if await self.redis.set(self.keys.reclaim_lock(wid), "1", nx=True, px=int(self.lock_ttl * 1000)):
-                await self.reclaim(wid)
+                await self.reclaim(wid, [m for m in registered[wid].split(",") if m])
                 reclaimed.append(wid)
         return reclaimed
 
-    async def reclaim(self, worker_id: str) -> None:
-        stream = self.keys.worker_jobs(worker_id)
+    async def reclaim(self, worker_id: str, models: list[str]) -> None:
+        """Decide the fate of every job left in the dead worker's streams (one per model), then forget it."""
+        for model in models:
+            await self._reclaim_stream(self.keys.jobs(model, worker_id))
+            async with self.redis.pipeline(transaction=False) as pipe:  # one slot per model on a cluster
+                pipe.delete(self.keys.jobs(model, worker_id))
+                pipe.zrem(self.keys.model_workers(model), worker_id)
+                await pipe.execute()
+        await resolved(self.redis.hdel(self.keys.workers(), worker_id))
+        log.info("reclaimed the jobs of dead worker %s", worker_id)
+
+    async def _reclaim_stream(self, stream: str) -> None:
         running = await self._pending_ids(stream)
         for eid, fields in await self.redis.xrange(stream):
             entry_id = eid.decode()
@@ -132,11 +144,6 @@ class Janitor:
                     await self.redis.xdel(stream, entry_id)
                 case Fate.MOVE:
                     await self._move(job, stream, entry_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(stream)
-            pipe.srem(self.keys.workers(), worker_id)
-            await pipe.execute()
-        log.info("reclaimed the jobs of dead worker %s", worker_id)
 
     async def _move(self, job: Job, stream: str, entry_id: str) -> None:
         try:
@@ -150,7 +157,7 @@ class Janitor:
 
     async def _tell_lost(self, job: Job) -> None:
         self.lost += 1
-        await self.redis.publish(job.reply_to, Reply.worker_lost(job.request_id, job.attempt).encode())
+        await publish(self.redis, job.reply_to, Reply.worker_lost(job.request_id, job.attempt).encode())
 
     async def _someone_waits(self, job: Job) -> bool:
         return await listeners(self.redis, job.reply_to) > 0

@@ -2,14 +2,37 @@
 
 ``docs/redis.md`` documents each of them with the ``redis-cli`` commands that
 inspect it. Names read naturally in ``redis-cli --scan``: ``redserve:worker:<id>``.
+
+**Hash tags, so one dispatch is one slot on Redis Cluster.** What a dispatch
+reads and writes (the model's load set, its workers' seats, the chosen
+worker's job stream for the model, the request's hash and replay log) shares
+one hash tag, ``{<model tag>}``: four hex digits of a hash of the model name.
+A request id *begins* with its model's tag, so whoever holds only the id
+(cancel, resume, inspect) builds the same slot's names. Different models, and
+the gateways' reply channels (named by gateway id, untagged), spread over the
+slots. Keys no script combines carry no tag. On a single Redis the braces are
+just characters in a name.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 #: The consumer group every worker stream carries (the consumer is the worker id).
 WORKER_GROUP = "workers"
+#: Hex digits of a model's slot tag (and so the first characters of its request ids).
+TAG_LENGTH = 4
+
+
+def model_tag(model: str) -> str:
+    """The hash tag every key of ``model``'s dispatch carries: stable, spread evenly over the slots."""
+    return hashlib.blake2b(model.encode(), digest_size=TAG_LENGTH // 2).hexdigest()
+
+
+def request_tag(request_id: str) -> str:
+    """A request's tag: the first characters of its id (its model's tag, see ``broker.ids.new_request_id``)."""
+    return request_id[:TAG_LENGTH]
 
 
 @dataclass(frozen=True)
@@ -23,35 +46,46 @@ class Keys:
         """Hash with a TTL: the worker's record; its existence *is* liveness."""
         return f"{self.prefix}:worker:{worker_id}"
 
-    def worker_jobs(self, worker_id: str) -> str:
-        """Stream of jobs for one worker, read through the consumer group ``workers``."""
-        return f"{self.prefix}:worker:{worker_id}:jobs"
-
     def worker_control(self, worker_id: str) -> str:
-        """Pub/sub channel a worker listens on for cancellations."""
+        """Pub/sub channel (sharded on a cluster) a worker listens on for cancellations and resend requests."""
         return f"{self.prefix}:worker:{worker_id}:control"
 
     def workers(self) -> str:
-        """Set of worker ids that have registered; dead ids are pruned by readers."""
+        """Hash: every registered worker id -> its models (comma-separated), so the janitor finds a dead
+        worker's job streams after its record expired; the janitor removes the id once they are reclaimed."""
         return f"{self.prefix}:workers"
 
-    # --- models --------------------------------------------------------------
+    # --- models (one slot per model: see the module docstring) ----------------
     def model_workers(self, model: str) -> str:
-        """Sorted set: member = worker id serving ``model``, score = its queue length."""
-        return f"{self.prefix}:model:{model}:workers"
+        """Sorted set: member = worker id serving ``model``, score = its queue of this model."""
+        return f"{self.prefix}:{{{model_tag(model)}}}:model:{model}:workers"
+
+    def seat(self, model: str, worker_id: str) -> str:
+        """Hash with the worker's TTL: what dispatch needs of one worker of ``model`` (status, speed, caps, and
+        ``others``: its queue of its other models), in the model's slot."""
+        return f"{self.seat_prefix(model)}{worker_id}"
+
+    def jobs(self, model: str, worker_id: str) -> str:
+        """Stream of one worker's jobs of ``model``, read through the consumer group ``workers``."""
+        return f"{self.jobs_prefix(model)}{worker_id}"
+
+    def model_seen(self, model: str) -> str:
+        """String with a TTL: when (ms) a worker last announced ``model`` (dispatch tells 404 from 503 by it)."""
+        return f"{self.prefix}:{{{model_tag(model)}}}:model:{model}:seen"
 
     def models(self) -> str:
-        """Sorted set: member = model name, score = last time (ms) a worker announced it."""
+        """Sorted set: member = model name, score = last time (ms) a worker announced it (for listing)."""
         return f"{self.prefix}:models"
 
-    # --- requests ------------------------------------------------------------
+    # --- requests (in their model's slot: the id begins with the tag) ----------
     def request(self, request_id: str) -> str:
-        """Hash with a TTL: ``worker`` (where the request was last dispatched, for cancel and inspect), ``owner``."""
-        return f"{self.prefix}:request:{request_id}"
+        """Hash with a TTL: ``worker`` and ``model`` (where the request was last dispatched, for cancel and
+        inspect), ``owner``."""
+        return f"{self.prefix}:{{{request_tag(request_id)}}}:request:{request_id}"
 
     def replay(self, request_id: str) -> str:
         """Stream with a TTL: a request's reply messages (a ``meta``/``owner`` entry first), for resuming streams."""
-        return f"{self.prefix}:replay:{request_id}"
+        return f"{self.prefix}:{{{request_tag(request_id)}}}:replay:{request_id}"
 
     def dead_letters(self) -> str:
         """Stream of jobs that failed ``max_attempts`` times, with the reason."""
@@ -95,24 +129,24 @@ class Keys:
     # --- the arena -------------------------------------------------------------
     def battle(self, battle_id: str) -> str:
         """Hash with a TTL: one anonymous battle (both models, each side's turns, state, the vote once cast)."""
-        return f"{self.prefix}:arena:battle:{battle_id}"
+        return f"{self.prefix}:{{arena}}:battle:{battle_id}"
 
     def battle_turn(self, battle_id: str) -> str:
         """String with a TTL: a battle's turn is under way (no second turn, and no vote, until it ends)."""
-        return f"{self.prefix}:arena:battle:{battle_id}:turn"
+        return f"{self.prefix}:{{arena}}:battle:{battle_id}:turn"
 
     def arena_votes(self) -> str:
         """Stream of anonymous battle votes, one readable entry per vote: what the leaderboard is computed from."""
-        return f"{self.prefix}:arena:votes"
+        return f"{self.prefix}:{{arena}}:votes"
 
     def leaderboard(self) -> str:
         """Hash: the leaderboard's running state (outcome counts per pair, online Elo, votes per model) and
         ``last_id``, the last vote folded in."""
-        return f"{self.prefix}:arena:leaderboard"
+        return f"{self.prefix}:{{arena}}:leaderboard"
 
     def leaderboard_lock(self) -> str:
         """String with a TTL: which gateway is folding new votes into the leaderboard now."""
-        return f"{self.prefix}:arena:leaderboard:lock"
+        return f"{self.prefix}:{{arena}}:leaderboard:lock"
 
     # --- batch jobs ----------------------------------------------------------
     def batch_queue(self) -> str:
@@ -144,16 +178,12 @@ class Keys:
         return f"{self.prefix}:file:{file_id}"
 
     # --- pieces for Lua -----------------------------------------------------
-    # A worker's models (and a chosen worker's id) are only known inside the
-    # Lua scripts, so they build those names from these pieces.
-    def model_workers_parts(self) -> tuple[str, str]:
-        """(prefix, suffix) such that prefix + model + suffix == model_workers(model)."""
-        return f"{self.prefix}:model:", ":workers"
+    # The dispatch script learns its candidates' ids from the load set, so it
+    # builds their seat and stream names from these prefixes (same slot).
+    def seat_prefix(self, model: str) -> str:
+        """prefix + worker id == seat(model, worker id)."""
+        return f"{self.prefix}:{{{model_tag(model)}}}:model:{model}:seat:"
 
-    def worker_control_parts(self) -> tuple[str, str]:
-        """(prefix, suffix): prefix + id + suffix == worker_control(id)."""
-        return f"{self.prefix}:worker:", ":control"
-
-    def worker_parts(self) -> tuple[str, str]:
-        """(prefix, jobs suffix): prefix + id == worker(id), and + suffix == worker_jobs(id)."""
-        return f"{self.prefix}:worker:", ":jobs"
+    def jobs_prefix(self, model: str) -> str:
+        """prefix + worker id == jobs(model, worker id)."""
+        return f"{self.prefix}:{{{model_tag(model)}}}:model:{model}:jobs:"

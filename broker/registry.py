@@ -6,6 +6,7 @@ notice a dead worker, its key just expires and the dispatcher prunes it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -18,6 +19,10 @@ from broker import __version__
 from broker.connection import resolved
 from broker.keys import WORKER_GROUP, Keys
 from broker.scripts import Scripts
+
+#: How long a model stays known (dispatch answers "no worker", 503, rather than "unknown model", 404) after
+#: its last worker announced it.
+SEEN_MS = 7 * 24 * 3600 * 1000
 
 
 @dataclass
@@ -47,8 +52,10 @@ class WorkerRecord:
     #: Counters since start: jobs finished and tokens produced.
     jobs_done: int = 0
     tokens_out: int = 0
-    #: Only filled when read back from Redis.
+    #: Only filled when read back from Redis (and kept by the worker itself): running + waiting, all models.
     queue: int = 0
+    #: The worker's own count per model (its job stream's length), as it last saw it; never stored as such.
+    queues: dict[str, int] = field(default_factory=dict)
     last_heartbeat: float = 0.0
 
     def to_fields(self) -> dict[str, str]:
@@ -115,47 +122,69 @@ class Registry:
 
     # --- the worker's side -------------------------------------------------
     async def heartbeat(self, record: WorkerRecord, ttl: float) -> int:
-        """Create or refresh the record and its consumer group; returns the queue length."""
-        k = self.keys
-        mpre, msuf = k.model_workers_parts()
-        fields = [x for kv in record.to_fields().items() for x in kv]
-        return int(
-            await self.scripts.heartbeat(
-                keys=[k.worker(record.id), k.workers(), k.models(), k.worker_jobs(record.id)],
-                args=[int(ttl * 1000), int(time.time() * 1000), record.id, WORKER_GROUP, mpre, msuf,
-                      len(record.models), *record.models, *fields],
-            )
-        )
+        """Create or refresh the worker's seat in each model's slot (consumer group included), its record, and
+        its entry in the registry; returns the queue length, all models.
+
+        A seat's ``others`` (the worker's queue of its other models, which dispatch adds to the model's own for
+        the caps) is what this heartbeat counted: on Redis Cluster the models live in different slots, so no
+        one step sees them all; it is exact for a worker of one model, and as of this heartbeat (or the worker's
+        last finish) otherwise."""
+        k, ttl_ms, now = self.keys, int(ttl * 1000), int(time.time() * 1000)
+        seat = {"status": record.status, "speed": repr(record.speed), "max_queue": str(record.max_queue),
+                "max_concurrency": str(record.max_concurrency)}
+
+        async def beat(model: str, known: dict[str, int]) -> int:
+            fields = {**seat, "others": str(sum(known.values()) - known.get(model, 0))}
+            return int(await self.scripts.heartbeat(
+                keys=[k.seat(model, record.id), k.model_workers(model), k.jobs(model, record.id), k.model_seen(model)],
+                args=[ttl_ms, now, record.id, WORKER_GROUP, SEEN_MS, *(x for kv in fields.items() for x in kv)]))
+
+        counts = await asyncio.gather(*(beat(m, record.queues) for m in record.models))
+        if len(record.models) > 1 and dict(zip(record.models, counts)) != record.queues:  # ``others`` was stale
+            counted = dict(zip(record.models, counts))
+            counts = await asyncio.gather(*(beat(m, counted) for m in record.models))
+        record.queues = dict(zip(record.models, counts))
+        record.queue = sum(counts)
+        fields = {**record.to_fields(), "queue": str(record.queue), "last_heartbeat": str(now)}
+        await self.scripts.record(keys=[k.worker(record.id)], args=[ttl_ms, *(x for kv in fields.items() for x in kv)])
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(k.workers(), record.id, ",".join(record.models))
+            pipe.zadd(k.models(), dict.fromkeys(record.models, now))
+            await pipe.execute()
+        return record.queue
 
     async def finish(self, record: WorkerRecord, entry_id: str, model: str) -> int:
-        """Ack and delete one finished job of ``model``; returns the worker's queue length left."""
+        """Ack and delete one finished job of ``model``; returns the worker's queue length left (all models, as
+        far as it knows: its other models' counts are from their last finish or heartbeat)."""
         k = self.keys
-        return int(
-            await self.scripts.finish(
-                keys=[k.worker_jobs(record.id), k.worker(record.id), k.model_workers(model)],
-                args=[WORKER_GROUP, entry_id, record.id, len(record.models)],
-            )
-        )
+        left = int(await self.scripts.finish(keys=[k.jobs(model, record.id), k.model_workers(model)],
+                                             args=[WORKER_GROUP, entry_id, record.id]))
+        record.queues[model] = left
+        record.queue = sum(record.queues.values())
+        return record.queue
 
     async def deregister(self, record: WorkerRecord) -> None:
-        """Leave cleanly: record, load entries and the (now empty) stream go."""
+        """Leave cleanly: record, seats, load entries and the (now empty) streams go; one command per key, as
+        they live in different slots on a cluster."""
         k = self.keys
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(k.worker(record.id), k.worker_jobs(record.id))
-            pipe.srem(k.workers(), record.id)
+        async with self.redis.pipeline(transaction=False) as pipe:
             for m in record.models:
                 pipe.zrem(k.model_workers(m), record.id)
+                pipe.delete(k.seat(m, record.id))
+                pipe.delete(k.jobs(m, record.id))
+            pipe.delete(k.worker(record.id))
+            pipe.hdel(k.workers(), record.id)
             await pipe.execute()
 
     # --- readers' side -----------------------------------------------------
     async def live_workers(self) -> list[WorkerRecord]:
         """Every worker whose record still exists.
 
-        An id whose record expired stays in the set: it is how the janitor
-        finds a dead worker's jobs, and only the janitor removes it, once
-        they are reclaimed.
+        An id whose record expired stays in the registry hash: it is how the
+        janitor finds a dead worker's jobs, and only the janitor removes it,
+        once they are reclaimed.
         """
-        ids = sorted(await resolved(self.redis.smembers(self.keys.workers())))
+        ids = sorted(await resolved(self.redis.hkeys(self.keys.workers())))
         if not ids:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -209,8 +209,9 @@ class ReplyRouter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def open(self, timeout: float) -> ReplyStream:
-        stream = ReplyStream(self, uuid.uuid4().hex, timeout, self.buffer)
+    def open(self, timeout: float, rid: str | None = None) -> ReplyStream:
+        """A stream for the replies of request ``rid`` (a fresh id when None), registered before it is dispatched."""
+        stream = ReplyStream(self, rid or uuid.uuid4().hex, timeout, self.buffer)
         self.streams[stream.rid] = stream
         return stream
 

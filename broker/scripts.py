@@ -20,6 +20,7 @@ class Scripts:
 
     dispatch: AsyncScript
     heartbeat: AsyncScript
+    record: AsyncScript
     finish: AsyncScript
     cancel: AsyncScript
     emit: AsyncScript
@@ -31,6 +32,7 @@ class Scripts:
         return cls(
             dispatch=redis.register_script(source("dispatch")),
             heartbeat=redis.register_script(source("heartbeat")),
+            record=redis.register_script(source("record")),
             finish=redis.register_script(source("finish")),
             cancel=redis.register_script(source("cancel")),
             emit=redis.register_script(source("emit")),

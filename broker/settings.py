@@ -45,7 +45,14 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("REDSERVE_REDIS_URL", "REDIS_URL", "redis_url"),
-        description="Redis to meet in; unset means `redserve up` starts a private one.",
+        description="Redis to meet in (redis://, rediss://, redis+sentinel://, or redis+cluster://host:port,... "
+                    "for Redis Cluster); unset means `redserve up` starts a private one.",
+        json_schema_extra=_for("redis"),
+    )
+    batch_redis_url: str | None = Field(
+        default=None,
+        description="A plain Redis (or Sentinel) for the batch plane: arq's queue, files and OpenAI batches "
+                    "(arq has no Cluster support). Unset: redis_url, which must then not be a cluster.",
         json_schema_extra=_for("redis"),
     )
     key_prefix: str = Field(
@@ -369,13 +376,34 @@ class Settings(BaseSettings):
     )
     port: int = Field(default=8000, ge=0, le=65535, json_schema_extra=_for("gateway"))
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "batch_redis_url")
     @classmethod
     def _redis_url(cls, url: str | None) -> str | None:
-        from broker.connection import sentinel_target  # a bad Sentinel URL is a settings error, said at once
+        from broker.connection import cluster_client, is_cluster_url, sentinel_target  # a bad URL is said at once
 
-        if url:
+        if url and is_cluster_url(url):
+            cluster_client(url)  # parses only: it connects on first use
+        elif url:
             sentinel_target(url)
+        return url
+
+    def batch_url(self, redis_url: str) -> str | None:
+        """Where the batch plane lives: ``batch_redis_url``, else ``redis_url`` unless that is a cluster (None:
+        there is no batch plane, and the batch API says so)."""
+        from broker.connection import is_cluster_url
+
+        if self.batch_redis_url:
+            if is_cluster_url(self.batch_redis_url):
+                raise ValueError("batch_redis_url must be a plain Redis or Sentinel URL: arq has no Cluster support")
+            return self.batch_redis_url
+        return None if is_cluster_url(redis_url) else redis_url
+
+    def required_batch_url(self, redis_url: str) -> str:
+        """``batch_url``, for the processes that cannot work without it (a batch runner, ``redserve batch``)."""
+        url = self.batch_url(redis_url)
+        if url is None:
+            raise MissingRedisURL("redis_url is a Redis Cluster, which arq (the batch queue) does not support: "
+                                  "set --batch-redis-url (or REDSERVE_BATCH_REDIS_URL) to a plain Redis")
         return url
 
     def resolved_redis_url(self) -> str:

@@ -76,7 +76,7 @@ class Runner:
         http = await stack.enter_async_context(httpx.AsyncClient(
             transport=httpx.ASGITransport(as_owner, raise_app_exceptions=False), base_url="http://batch-runner",
             timeout=None))
-        batches = await stack.enter_async_context(BatchClient(redis_url, settings))
+        batches = await stack.enter_async_context(BatchClient(settings.required_batch_url(redis_url), settings))
         return cls(settings, http, batches, stack)
 
     async def close(self) -> None:
@@ -232,7 +232,10 @@ async def serve(redis_url: str, settings: Settings, *, handle_signals: bool = Tr
     log.info("batch runner: queue %s, %d jobs at once, batch share %.2f, lease %gs",
              Keys(settings.key_prefix).batch_queue(), settings.batch_concurrency, settings.batch_share,
              settings.batch_lease)
-    await batch.serve(redis_url, settings, Runner.create, handle_signals=handle_signals)
+    async def runner(_batch_url: str, settings: Settings) -> Runner:  # serves through redis_url, queue elsewhere
+        return await Runner.create(redis_url, settings)
+
+    await batch.serve(settings.required_batch_url(redis_url), settings, runner, handle_signals=handle_signals)
 
 
 def __getattr__(name: str) -> Any:
@@ -240,5 +243,10 @@ def __getattr__(name: str) -> Any:
     (REDIS_URL, REDSERVE_*), so importing this module reads nothing."""
     if name == "WorkerSettings":
         settings = Settings()
-        return type("WorkerSettings", (), worker_options(settings.resolved_redis_url(), settings, Runner.create))
+        redis_url = settings.resolved_redis_url()
+
+        async def runner(_batch_url: str, settings: Settings) -> Runner:
+            return await Runner.create(redis_url, settings)
+
+        return type("WorkerSettings", (), worker_options(settings.required_batch_url(redis_url), settings, runner))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

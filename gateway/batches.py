@@ -20,6 +20,7 @@ from starlette.responses import Response
 
 from broker.batch import BatchClient
 from broker.batch_store import COMPLETION_WINDOW
+from broker.errors import ServeError
 from gateway.errors import APIError
 from gateway.schemas import RequestBody
 from gateway.security import tenant_of
@@ -27,9 +28,14 @@ from gateway.security import tenant_of
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    async with BatchClient(app.state.redis_url, app.state.settings) as client:
+    app.state.uploads = asyncio.Semaphore(app.state.settings.max_concurrent_uploads)
+    url = app.state.settings.batch_url(app.state.redis_url)
+    if url is None:  # redis_url is a cluster and no batch_redis_url was given: the batch API says so
+        app.state.batches = None
+        yield
+        return
+    async with BatchClient(url, app.state.settings) as client:
         app.state.batches = client
-        app.state.uploads = asyncio.Semaphore(app.state.settings.max_concurrent_uploads)
         yield
 
 
@@ -44,7 +50,11 @@ class CreateBatch(RequestBody):
 
 
 def _client(request: Request) -> BatchClient:
-    return request.app.state.batches
+    client: BatchClient | None = request.app.state.batches
+    if client is None:
+        raise ServeError("The batch API needs a plain Redis beside the cluster: this gateway was started without "
+                         "batch_redis_url.", status=503, code="batch_unavailable")
+    return client
 
 
 @router.post("/v1/files")

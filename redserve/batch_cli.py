@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 async def _submit(args: argparse.Namespace, settings: Settings) -> int:
     with open(args.file, "rb") as f:
         content, endpoint = prepare(f.read(), args.model, args.endpoint)
-    async with BatchClient(settings.resolved_redis_url(), settings) as client:
+    async with BatchClient(settings.required_batch_url(settings.resolved_redis_url()), settings) as client:
         uploaded = await client.create_file(content, filename=os.path.basename(args.file))
         batch = await client.create_batch(input_file_id=uploaded["id"], endpoint=endpoint)
         print(f"{batch['id']}: {endpoint}; Ctrl-C stops watching, the batch goes on "
@@ -101,20 +101,20 @@ async def _submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
-    async with BatchClient(settings.resolved_redis_url(), settings) as client:
+    async with BatchClient(settings.required_batch_url(settings.resolved_redis_url()), settings) as client:
         batch = await client.batch(args.batch_id)
     print(json.dumps(batch, indent=2) if args.json else summary(batch))
     return 0
 
 
 async def _cancel(args: argparse.Namespace, settings: Settings) -> int:
-    async with BatchClient(settings.resolved_redis_url(), settings) as client:
+    async with BatchClient(settings.required_batch_url(settings.resolved_redis_url()), settings) as client:
         print(summary(await client.cancel_batch(args.batch_id)))
     return 0
 
 
 async def _results(args: argparse.Namespace, settings: Settings) -> int:
-    async with BatchClient(settings.resolved_redis_url(), settings) as client:
+    async with BatchClient(settings.required_batch_url(settings.resolved_redis_url()), settings) as client:
         batch = await client.batch(args.batch_id)
         if batch["status"] not in TERMINAL:
             print(f"{summary(batch)}: not finished yet", file=sys.stderr)

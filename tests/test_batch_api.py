@@ -103,7 +103,7 @@ async def test_batch_jobs_leave_room_for_interactive_requests(stack, settings, r
     async def watch() -> None:  # batch jobs on the worker's stream (running + waiting), sampled throughout
         nonlocal peak
         while True:
-            entries = await raw.xrange(keys.worker_jobs("w"))
+            entries = await raw.xrange(keys.jobs("echo", "w"))
             peak = max(peak, sum(fields[b"reply_to"] != interactive for _, fields in entries))
             await asyncio.sleep(0.005)
 

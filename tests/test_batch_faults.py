@@ -79,7 +79,7 @@ async def test_model_worker_killed_mid_batch_loses_nothing(stack, settings, redi
     batch_id = await submit(batches, 300)
     async with running_runner(settings):
         await wait_for(lambda: _at_least(batches, batch_id, 60), timeout=30, interval=0.01)
-        assert await redis.xlen(keys.worker_jobs("doomed")) > 0  # it holds batch jobs as it dies
+        assert await redis.xlen(keys.jobs("echo", "doomed")) > 0  # it holds batch jobs as it dies
         doomed.send_signal(signal.SIGKILL)
         batch = await wait_batch(batches, batch_id, timeout=40)
     await every_custom_id_once(batches, batch, 300)

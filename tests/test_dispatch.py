@@ -27,8 +27,8 @@ async def register(redis, keys, wid: str, *, speed: float = 1.0, ttl: float = 30
     return rec
 
 
-async def queued(redis, keys, wid: str) -> int:
-    return await redis.xlen(keys.worker_jobs(wid))
+async def queued(redis, keys, wid: str, model: str = "m") -> int:
+    return await redis.xlen(keys.jobs(model, wid))
 
 
 async def test_shortest_queue_spreads_200_concurrent_dispatches_evenly(redis, keys):
@@ -116,21 +116,28 @@ async def test_unknown_model_no_worker_and_busy(redis, keys):
 
 
 async def test_a_multi_model_worker_keeps_one_queue_per_model_and_one_limit(redis, keys):
-    """A worker of several models: each model's sorted set counts that model's jobs (dispatch, finish and the
-    heartbeat's recount agree), while max_queue holds the worker's whole queue, whose slots serve them all."""
+    """A worker of several models: each model's sorted set counts that model's jobs (its own stream's length:
+    dispatch, finish and the heartbeat's recount agree), while max_queue holds the worker's whole queue, whose
+    slots serve them all: each model's own count plus the others' as the worker last counted them (on a
+    cluster the models' keys live in different slots, so no one step sees them all)."""
     rec = await register(redis, keys, "both", models=("a", "b"), max_queue=3)
     registry, d = Registry(redis, keys), Dispatcher(redis, keys)
     placed = [await d.dispatch(job("a", i)) for i in range(2)]
     await d.dispatch(job("b", 9))
     scores = {m: await redis.zscore(keys.model_workers(m), "both") for m in ("a", "b")}
-    assert scores == {"a": 2, "b": 1} and await redis.hget(keys.worker("both"), "queue") == "3"
-    with pytest.raises(Busy):  # b has one job, but the worker's three slots are all taken
-        await d.dispatch(job("b", 10))
+    assert scores == {"a": 2, "b": 1}
     assert await registry.heartbeat(rec, 30.0) == 3  # the recount agrees with what dispatch kept
     assert {m: await redis.zscore(keys.model_workers(m), "both") for m in ("a", "b")} == scores
+    assert await redis.hget(keys.worker("both"), "queue") == "3"
+    assert await redis.hget(keys.seat("b", "both"), "others") == "2"
+    with pytest.raises(Busy):  # b has one job, but the worker's three slots are all taken
+        await d.dispatch(job("b", 10))
     assert await registry.finish(rec, placed[0].entry_id, "a") == 2
     assert await redis.zscore(keys.model_workers("a"), "both") == 1
     assert await redis.zscore(keys.model_workers("b"), "both") == 1
+    with pytest.raises(Busy):  # b's seat sees a's queue as the last heartbeat counted it
+        await d.dispatch(job("b", 11))
+    await registry.heartbeat(rec, 30.0)
     await d.dispatch(job("b", 11))  # a slot is free again, for either model
 
 
@@ -138,7 +145,7 @@ async def test_stream_entry_is_readable_with_plain_fields(redis, redis_url, keys
     await register(redis, keys, "w")
     await Dispatcher(redis, keys).dispatch(job(i=7))
     raw = aioredis.Redis.from_url(redis_url)
-    [(entry_id, fields)] = await raw.xrange(keys.worker_jobs("w"))
+    [(entry_id, fields)] = await raw.xrange(keys.jobs("m", "w"))
     await raw.aclose()
     assert fields[b"request_id"] == b"r7" and fields[b"model"] == b"m" and fields[b"reply_to"] == b"nowhere"
     assert fields[b"kind"] == b"chat"

@@ -10,20 +10,32 @@ from pathlib import Path
 
 import pytest
 
-from broker.keys import Keys
+from broker.keys import Keys, model_tag, request_tag
 
 DOC = Path(__file__).parent.parent / "docs" / "redis.md"
+
+
+def untagged(key: str, tag: str) -> str:
+    """The key as docs/redis.md spells it, its hash tag written ``{<tag>}``."""
+    assert f"{{{tag}}}" in key
+    return key.replace(f"{{{tag}}}", "{<tag>}")
 
 
 def test_every_key_builder_is_documented():
     doc = DOC.read_text()
     k = Keys()
     samples = {
-        "worker": k.worker("<id>"), "worker_jobs": k.worker_jobs("<id>"), "worker_control": k.worker_control("<id>"),
-        "workers": k.workers(), "model_workers": k.model_workers("<model>"), "models": k.models(),
-        "replies": k.replies("<gateway-id>"), "request": k.request("<request-id>"),
+        "worker": k.worker("<id>"), "worker_control": k.worker_control("<id>"),
+        "workers": k.workers(), "models": k.models(),
+        "model_workers": untagged(k.model_workers("<model>"), model_tag("<model>")),
+        "seat": untagged(k.seat("<model>", "<id>"), model_tag("<model>")),
+        "jobs": untagged(k.jobs("<model>", "<id>"), model_tag("<model>")),
+        "model_seen": untagged(k.model_seen("<model>"), model_tag("<model>")),
+        "replies": k.replies("<gateway-id>"),
+        "request": untagged(k.request("<request-id>"), request_tag("<request-id>")),
         "dead_letters": k.dead_letters(), "reclaim_lock": k.reclaim_lock("<id>"), "votes": k.votes(),
-        "replay": k.replay("<request-id>"), "rate": k.rate("<tenant-id>", "<minute>", "requests"),
+        "replay": untagged(k.replay("<request-id>"), request_tag("<request-id>")),
+        "rate": k.rate("<tenant-id>", "<minute>", "requests"),
         "batch_queue": k.batch_queue(), "batch_runner_health": k.batch_runner_health(),
         "batch_job_result": k.batch_job_result("<job-id>"), "batch": k.batch("<batch-id>"),
         "batch_results": k.batch_results("<batch-id>"), "batches": k.batches(), "file": k.file("<file-id>"),
@@ -32,7 +44,8 @@ def test_every_key_builder_is_documented():
         "arena_votes": k.arena_votes(), "leaderboard": k.leaderboard(),
         "leaderboard_lock": k.leaderboard_lock(), "feedback": k.feedback(), "conversations": k.conversations(),
     }
-    public = {n for n in dir(Keys) if not n.startswith("_") and callable(getattr(Keys, n)) and not n.endswith("_parts")}
+    public = {n for n in dir(Keys) if not n.startswith("_") and callable(getattr(Keys, n))
+              and not n.endswith("_prefix")}
     assert public == samples.keys(), "a new key builder needs a row in docs/redis.md and here"
     for name, pattern in samples.items():
         assert f"`{pattern}`" in doc, f"{name}: {pattern} is missing from docs/redis.md"
@@ -65,11 +78,13 @@ async def test_documented_commands_show_the_live_stack(stack, redis_url):
                                        capture_output=True, text=True, errors="replace", timeout=10)
         assert proc.returncode == 0 and "ERR" not in proc.stdout, (cmd, proc.stdout, proc.stderr)
         outputs[cmd.split()[0] + " " + cmd.split()[1]] = proc.stdout
-    assert "echo-doc" in outputs["SMEMBERS redserve:workers"]
+    k = Keys()
+    assert "echo-doc" in outputs["HGETALL redserve:workers"]
     assert "draining" not in outputs["HGETALL redserve:worker:echo-doc"]
-    zrange = outputs["ZRANGE redserve:model:echo:workers"].split()
+    zrange = outputs[f"ZRANGE {k.model_workers('echo')}"].split()
     assert zrange == ["echo-doc", "2"]  # two jobs: one running, one waiting
-    assert outputs["XLEN redserve:worker:echo-doc:jobs"].strip() == "2"
-    assert "echo-doc" in outputs["XPENDING redserve:worker:echo-doc:jobs"]  # the running one, held by the worker
+    assert "ready" in outputs[f"HGETALL {k.seat('echo', 'echo-doc')}"]
+    assert outputs[f"XLEN {k.jobs('echo', 'echo-doc')}"].strip() == "2"
+    assert "echo-doc" in outputs[f"XPENDING {k.jobs('echo', 'echo-doc')}"]  # the running one, held by the worker
     assert "redserve:replies:" in outputs["PUBSUB CHANNELS"]
     await asyncio.gather(*running)

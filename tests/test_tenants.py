@@ -16,6 +16,7 @@ from batchkit import lines, running_runner
 from faults.faultkit import stream_chat
 from support import sse_events
 
+from broker.keys import Keys
 from broker.tenants import tenant_id
 
 KEY_A, KEY_B, ADMIN = "sk-tenant-a", "sk-tenant-b", "sk-operator"
@@ -105,16 +106,16 @@ async def test_owner_and_admin_may_cancel(stack, redis):
         rid = None
         while rid is None:
             await asyncio.sleep(0.05)
-            ids = [k async for k in redis.scan_iter("redserve:request:*")]
+            ids = [k async for k in redis.scan_iter("redserve:{*}:request:*")]
             if ids:
                 rid = ids[0].rsplit(":", 1)[1]
-        assert await redis.hget(f"redserve:request:{rid}", "owner") == tenant_id(KEY_A.encode())
+        assert await redis.hget(Keys().request(rid), "owner") == tenant_id(KEY_A.encode())
         async with httpx.AsyncClient(base_url=gw.url) as http:
             r = await http.post(f"/v1/requests/chatcmpl-{rid}/cancel", headers={"Authorization": f"Bearer {canceller}"})
         assert r.status_code == 200, r.text
         res = await task
         assert res.error is not None and res.error["code"] == "cancelled"
-        await redis.delete(f"redserve:request:{rid}")
+        await redis.delete(Keys().request(rid))
 
 
 async def test_without_keys_everything_is_shared_as_before(stack, settings):

@@ -54,7 +54,7 @@ async def test_sigterm_drains_without_failing_a_request(stack, redis, keys):
         return "".join([c.choices[0].delta.content or "" async for c in s if c.choices])
 
     tasks = [asyncio.create_task(stream_one(i)) for i in range(8)]  # 4 running, 4 waiting in the stream
-    await wait_for(lambda: redis.xlen(keys.worker_jobs("drained")), timeout=5)
+    await wait_for(lambda: redis.xlen(keys.jobs("echo", "drained")), timeout=5)
     await asyncio.sleep(0.1)
     await stack.worker(worker_id="fresh")  # somewhere for new traffic to go
     drained.send_signal(signal.SIGTERM)
@@ -67,7 +67,7 @@ async def test_sigterm_drains_without_failing_a_request(stack, redis, keys):
     assert await asyncio.to_thread(drained.wait, 15) == 0
     assert not await redis.exists(keys.worker("drained"))
     assert await redis.zscore(keys.model_workers("echo"), "drained") is None
-    assert "drained" not in await redis.smembers(keys.workers())
+    assert "drained" not in await redis.hkeys(keys.workers())
 
 
 async def redis_status_is(redis, key: str, status: str) -> bool:
@@ -99,7 +99,7 @@ async def test_client_disconnect_cancels_the_job_on_the_worker(stack, redis, key
     await wait_for(lambda: not w.tasks, timeout=3)
     assert time.monotonic() - hung_up < 1.0  # well before the 20 s the reply would have taken
     assert await redis.zscore(keys.model_workers("echo"), "w") == 0
-    assert await redis.xlen(keys.worker_jobs("w")) == 0
+    assert await redis.xlen(keys.jobs("echo", "w")) == 0
     assert w.record.tokens_out < 10
 
 
@@ -122,11 +122,11 @@ async def test_job_cancelled_while_queued_never_runs(stack, redis, keys):
     first = asyncio.create_task(chat(client, "runs first"))  # takes 0.8 s, holds the only slot
     await wait_for(lambda: w.tasks, timeout=3)
     second = asyncio.create_task(chat(client, "never runs"))
-    await wait_for(lambda: redis.xlen(keys.worker_jobs("one-slot")), timeout=3)
-    await wait_for(lambda: eq(redis.xlen(keys.worker_jobs("one-slot")), 2), timeout=3)
+    await wait_for(lambda: redis.xlen(keys.jobs("echo", "one-slot")), timeout=3)
+    await wait_for(lambda: eq(redis.xlen(keys.jobs("echo", "one-slot")), 2), timeout=3)
     second.cancel()  # the client gives up while its job waits behind the first
     assert await first == "".join(echo_tokens("runs first", 8))
-    await wait_for(lambda: eq(redis.xlen(keys.worker_jobs("one-slot")), 0), timeout=3)
+    await wait_for(lambda: eq(redis.xlen(keys.jobs("echo", "one-slot")), 0), timeout=3)
     assert w.record.tokens_out == 8  # only the first job generated anything
     assert w.record.jobs_done == 2  # the second was read, recognised as cancelled and retired
 

@@ -124,6 +124,9 @@ class BaseModelWorker(abc.ABC):
         self._draining = asyncio.Event()
         self._registered = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        #: Jobs read while every slot was taken (a worker of several models reads each one's stream apart):
+        #: they start, in order, as slots free.
+        self._held: list[Job] = []
         #: Request ids cancelled before the job was read, with when (monotonic).
         self._cancelled: dict[str, float] = {}
         self.metrics_port: int | None = None
@@ -252,17 +255,18 @@ class BaseModelWorker(abc.ABC):
         for entry_id, model in list(self._unretired.items()):
             self.record.queue = await self.registry.finish(self.record, entry_id, model)
             del self._unretired[entry_id]
-        running = {t.entry_id for t in self.jobs.values()}
+        running = {t.entry_id for t in self.jobs.values()} | {t.entry_id for t in self._held}
         idle_ms = int(self.settings.heartbeat_interval * 2000)
-        for entry_id, fields in await self._ghosts(idle_ms, running):
-            if fields is None:  # acked meanwhile, or deleted
-                continue
-            job = Job.from_fields(entry_id, fields)
-            if job.request_id in self._ended or job.request_id in self.tasks:
-                self.record.queue = await self.registry.finish(self.record, entry_id, job.model)
-            else:
-                log.info("job %s found pending with no task after Redis came back: running it", job.request_id)
-                self._start(job)
+        for model in self.record.models:
+            for entry_id, fields in await self._ghosts(model, idle_ms, running):
+                if fields is None:  # acked meanwhile, or deleted
+                    continue
+                job = Job.from_fields(entry_id, fields)
+                if job.request_id in self._ended or job.request_id in self.tasks:
+                    self.record.queue = await self.registry.finish(self.record, entry_id, job.model)
+                else:
+                    log.info("job %s found pending with no task after Redis came back: running it", job.request_id)
+                    self._start(job)
 
     async def _control_loop(self) -> None:
         assert self._raw is not None
@@ -291,38 +295,60 @@ class BaseModelWorker(abc.ABC):
                     _forget_older_than(self._cancelled, self.settings.reply_timeout * 2)
 
     async def _read_loop(self) -> None:
-        """Read jobs while there are free slots; when draining, stop once the stream is empty."""
+        """Read jobs, one reader per model (each model's stream lives in its own slot on a cluster); when
+        draining, go on running what is queued and stop once every stream is empty (or at ``drain_timeout``)."""
         assert self._raw is not None
-        stream = self.keys.worker_jobs(self.id)
-        deadline: float | None = None
-        while True:
-            if self._draining.is_set():
-                if deadline is None:
-                    deadline = time.monotonic() + self.settings.drain_timeout
-                    self.record.status = "draining"
-                    await self.registry.heartbeat(self.record, self.settings.worker_ttl)
-                if (not self.tasks and await self._raw.xlen(stream) == 0) or time.monotonic() > deadline:
-                    break
-            free = self.settings.max_concurrency - len(self.tasks)
-            if free <= 0:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-                continue
-            try:
-                entries = await self._raw.xreadgroup(WORKER_GROUP, self.id, {stream: ">"}, count=free, block=250)
-            except (ResponseError, RedisConnectionError, OSError) as exc:
-                # NOGROUP after Redis lost our stream: the next heartbeat recreates it.
-                log.warning("reading jobs failed: %s", exc)
-                await asyncio.sleep(0.5)
-                continue
-            for _, batch in entries or []:
-                for eid, fields in batch:
-                    self._start(Job.from_fields(eid.decode(), fields))
+        readers = [asyncio.create_task(self._read_stream(m), name=f"read-{m}") for m in self.record.models]
+        try:
+            await self._draining.wait()
+            deadline = time.monotonic() + self.settings.drain_timeout
+            self.record.status = "draining"
+            await self.registry.heartbeat(self.record, self.settings.worker_ttl)
+            while time.monotonic() < deadline and (self.tasks or self._held or await self._queued_anywhere()):
+                await asyncio.sleep(0.1)
+        finally:
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
         if self.tasks:
             log.warning("drain timeout: cancelling %d jobs", len(self.tasks))
             for task in self.tasks.values():
                 task.cancel()
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+    async def _queued_anywhere(self) -> bool:
+        """Whether any of this worker's streams still holds a job."""
+        assert self._raw is not None
+        lengths = await asyncio.gather(*(self._raw.xlen(self.keys.jobs(m, self.id)) for m in self.record.models))
+        return any(lengths)
+
+    async def _read_stream(self, model: str) -> None:
+        """Read ``model``'s jobs while slots are free. A worker of one model reads as many as are free at once;
+        with several, each reader takes one at a time, and a job read while another reader filled the last
+        slot waits here, already ours, for the next (so ``max_concurrency`` always holds)."""
+        assert self._raw is not None
+        stream = self.keys.jobs(model, self.id)
+        while True:
+            free = self.settings.max_concurrency - len(self.tasks) - len(self._held)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            try:
+                entries = await self._raw.xreadgroup(WORKER_GROUP, self.id, {stream: ">"}, block=250,
+                                                     count=free if len(self.record.models) == 1 else 1)
+            except (ResponseError, RedisConnectionError, OSError) as exc:
+                # NOGROUP after Redis lost our stream: the next heartbeat recreates it.
+                log.warning("reading jobs of %s failed: %s", model, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for _, batch in entries or []:
+                for eid, fields in batch:
+                    job = Job.from_fields(eid.decode(), fields)
+                    if len(self.tasks) < self.settings.max_concurrency:
+                        self._start(job)
+                    else:
+                        self._held.append(job)
 
     def _start(self, job: Job) -> None:
         task = asyncio.create_task(self._run_job(job), name=f"job-{job.request_id}")
@@ -333,6 +359,8 @@ class BaseModelWorker(abc.ABC):
     def _job_done(self, request_id: str) -> None:
         self.tasks.pop(request_id, None)
         self.jobs.pop(request_id, None)
+        if self._held:
+            self._start(self._held.pop(0))
         self._slot_freed.set()
 
     def _in_background(self, work: Any) -> None:
@@ -358,17 +386,22 @@ class BaseModelWorker(abc.ABC):
             log.info("resend of %s failed: %s", rid, exc)
 
     async def _queued(self, rid: str) -> bool:
-        """Whether ``rid`` still waits in this worker's stream."""
+        """Whether ``rid`` still waits in one of this worker's streams."""
         assert self._raw is not None
-        for _, fields in await self._raw.xrange(self.keys.worker_jobs(self.id)):
-            if Job.request_id_of(fields) == rid:
-                return True
+        if any(job.request_id == rid for job in self._held):
+            return True
+        for model in self.record.models:
+            for _, fields in await self._raw.xrange(self.keys.jobs(model, self.id)):
+                if Job.request_id_of(fields) == rid:
+                    return True
         return False
 
-    async def _ghosts(self, idle_ms: int, running: set[str]) -> list[tuple[str, dict[bytes, bytes] | None]]:
-        """Entries delivered to this worker, unacknowledged for ``idle_ms``, that no task of ours runs."""
+    async def _ghosts(self, model: str, idle_ms: int,
+                      running: set[str]) -> list[tuple[str, dict[bytes, bytes] | None]]:
+        """Entries of ``model`` delivered to this worker, unacknowledged for ``idle_ms``, that no task of ours
+        runs (nor holds for a slot)."""
         assert self._raw is not None
-        stream = self.keys.worker_jobs(self.id)
+        stream = self.keys.jobs(model, self.id)
         try:
             rows = await self._raw.xpending_range(stream, WORKER_GROUP, min="-", max="+", count=1000,
                                                   consumername=self.id, idle=idle_ms)

@@ -3,10 +3,11 @@
 Every job hands its reply messages here and awaits how many gateways got
 them. While one batch is on the wire the next one gathers; when it goes, the
 messages bound for one gateway travel as *one* PUBLISH (a bundle, see
-``broker.protocol.bundle``) and a resumable job's messages as one EVALSHA
-each (the replay log needs an entry per message), all in one pipeline: one
-write and one round trip per batch however many streams are open, and never
-more than one Redis command per message.
+``broker.protocol.bundle``; SPUBLISH on a cluster, see ``broker.pubsub``) and a
+resumable job's messages are also appended to its replay log (one EVALSHA
+each: the log needs an entry per message; it lives in the request's slot, the
+channel in the gateway's), all in one pipeline: one write and one round trip
+per batch however many streams are open.
 
 Nothing waits on a timer: a lone message goes out at once, so batching adds
 no latency when the worker is idle and grows by itself under load.
@@ -33,6 +34,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.protocol import bundle
+from broker.pubsub import publish_command
 
 log = logging.getLogger(__name__)
 #: Failures that mean "Redis is not there now", as opposed to a refused command.
@@ -52,22 +54,23 @@ class ReplayLog:
     ttl_ms: int
     max_entries: int = 100_000
 
-    def args(self, channel: str, data: bytes) -> list[Any]:
-        return [channel, data, self.ttl_ms, self.max_entries]
+    def args(self, data: bytes) -> list[Any]:
+        return [data, self.ttl_ms, self.max_entries]
 
 
 @dataclass(slots=True)
 class _Batch:
     #: channel -> messages for it, and the publishers waiting on each.
     plain: dict[str, tuple[list[bytes], list[asyncio.Future[int]]]] = field(default_factory=dict)
-    logged: list[tuple[ReplayLog, str, bytes, asyncio.Future[int]]] = field(default_factory=list)
+    #: Messages also kept in a replay log (each is in ``plain`` too), with the publisher waiting on it.
+    logged: list[tuple[ReplayLog, bytes, asyncio.Future[int]]] = field(default_factory=list)
 
     def futures(self) -> list[asyncio.Future[int]]:
-        return [f for _, fs in self.plain.values() for f in fs] + [entry[3] for entry in self.logged]
+        return [f for _, fs in self.plain.values() for f in fs]
 
     @property
     def size(self) -> int:
-        return sum(len(m) for ms, _ in self.plain.values() for m in ms) + sum(len(e[2]) for e in self.logged)
+        return sum(len(m) for ms, _ in self.plain.values() for m in ms)
 
 
 class Outbox:
@@ -85,17 +88,20 @@ class Outbox:
 
     async def publish(self, channel: str, data: bytes) -> int:
         """Publish one message; returns how many gateways received it."""
+        return await self._enqueued(self._add(channel, data))
+
+    async def emit(self, log: ReplayLog, channel: str, data: bytes) -> int:
+        """Publish one message and append it to the job's replay log, in the same batch."""
+        waiter = self._add(channel, data)
+        self._next.logged.append((log, data, waiter))
+        return await self._enqueued(waiter)
+
+    def _add(self, channel: str, data: bytes) -> asyncio.Future[int]:
         waiter = self._future()
         messages, waiters = self._next.plain.setdefault(channel, ([], []))
         messages.append(data)
         waiters.append(waiter)
-        return await self._enqueued(waiter)
-
-    async def emit(self, log: ReplayLog, channel: str, data: bytes) -> int:
-        """Publish one message and append it to the job's replay log, in one command."""
-        waiter = self._future()
-        self._next.logged.append((log, channel, data, waiter))
-        return await self._enqueued(waiter)
+        return waiter
 
     async def run(self) -> None:
         """Ship batches until cancelled; whoever is still waiting then hears the outbox closed."""
@@ -133,10 +139,8 @@ class Outbox:
                 messages, futures = waiting.plain.pop(channel)
                 over -= sum(map(len, messages))
                 _fail(futures, OutboxOverflow(f"more than {self.max_bytes} bytes of replies waited for Redis"))
-            while waiting.logged and over > 0:
-                entry = waiting.logged.pop(0)
-                over -= len(entry[2])
-                _fail([entry[3]], OutboxOverflow(f"more than {self.max_bytes} bytes of replies waited for Redis"))
+                shed = set(futures)
+                waiting.logged = [entry for entry in waiting.logged if entry[2] not in shed]
 
     def _future(self) -> asyncio.Future[int]:
         return asyncio.get_running_loop().create_future()
@@ -149,11 +153,13 @@ class Outbox:
     async def _ship(self, batch: _Batch) -> bool:
         """Send a batch in one pipeline and settle its waiters; False (nothing settled) if Redis was unreachable."""
         pipe = self.redis.pipeline(transaction=False)
+        publish = publish_command(pipe)
+        for log, data, _ in batch.logged:  # the log first: a resumer never misses what a gateway heard
+            # EVALSHA by hand: redis-py's pipelined scripts cost a SCRIPT EXISTS per batch (and a cluster
+            # pipeline refuses its evalsha method).
+            pipe.execute_command("EVALSHA", log.emit.sha, 1, log.key, *log.args(data))
         for channel, (messages, _) in batch.plain.items():
-            pipe.publish(channel, messages[0] if len(messages) == 1 else bundle(messages))
-        for log, channel, data, _ in batch.logged:
-            # EVALSHA by hand: redis-py's pipelined scripts cost a SCRIPT EXISTS per batch.
-            pipe.evalsha(log.emit.sha, 1, log.key, *log.args(channel, data))
+            pipe.execute_command(publish, channel, messages[0] if len(messages) == 1 else bundle(messages))
         self.commands += len(batch.plain) + len(batch.logged)
         try:
             results: list[Any] = await pipe.execute(raise_on_error=False)
@@ -162,11 +168,13 @@ class Outbox:
         except Exception as exc:  # a refused pipeline: every message of the batch failed alike
             _fail(batch.futures(), exc)
             return True
-        for i, (log, channel, data, _) in enumerate(batch.logged, start=len(batch.plain)):
-            if isinstance(results[i], NoScriptError):  # Redis restarted since: EVAL loads it again
-                results[i] = await _settle(log.emit(keys=[log.key], args=log.args(channel, data)))
-        waiters = [fs for _, fs in batch.plain.values()] + [[entry[3]] for entry in batch.logged]
-        for futures, result in zip(waiters, results):
+        for (log, data, waiter), result in zip(batch.logged, results):
+            if isinstance(result, NoScriptError):  # Redis restarted since: EVAL loads it again
+                result = await _settle(log.emit(keys=[log.key], args=log.args(data)))
+            if isinstance(result, Exception) and not waiter.done():  # its message is not resumable: say so
+                waiter.set_exception(result)
+        waiters = [fs for _, fs in batch.plain.values()]
+        for futures, result in zip(waiters, results[len(batch.logged):]):
             for f in futures:
                 if f.done():  # its job was cancelled meanwhile
                     continue
@@ -177,7 +185,7 @@ class Outbox:
         return True
 
 
-async def _settle(call: Awaitable[int]) -> int | Exception:
+async def _settle(call: Awaitable[Any]) -> Any:
     try:
         return await call
     except Exception as exc:

@@ -1,8 +1,8 @@
--- Publish one reply message and append it to the request's replay log, in one command.
+-- Append one reply message to a request's replay log (its publishing travels in the gateway's bundle).
 --
 -- KEYS[1] the request's replay log (stream)
--- ARGV    reply channel, message, replay TTL (ms), cap on entries
--- Returns how many gateways received the message (0: nobody listens).
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'r', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return redis.call('PUBLISH', ARGV[1], ARGV[2])
+-- ARGV    message, replay TTL (ms), cap on entries
+-- Returns the entry id.
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'r', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return id

@@ -1,20 +1,13 @@
--- Retire one job from a worker's stream and report the new queue length.
+-- Retire one job from a worker's stream of one model and report what is left.
 --
--- KEYS[1] the worker's job stream   KEYS[2] worker record
--- KEYS[3] the sorted set of the finished job's model
--- ARGV    consumer group, entry id, worker id, number of models the worker serves
+-- KEYS[1] the worker's job stream of the model   KEYS[2] the model's load set
+-- ARGV    consumer group, entry id, worker id
 --
--- The record's ``queue`` becomes the stream's length (all the worker's
--- jobs); the model's score drops by one, never below 0 (a worker of one
--- model: the stream's length). The heartbeat recounts both exactly.
-local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-local gone = redis.call('XDEL', KEYS[1], ARGV[2])
+-- Finished jobs are deleted, so the stream's length is exactly the worker's
+-- queue of this model (running + waiting), and that becomes its score. Both
+-- keys carry the model's hash tag (one slot on Redis Cluster).
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
 local queue = redis.call('XLEN', KEYS[1])
-if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[2], 'queue', queue) end
-if tonumber(ARGV[4]) <= 1 then
-  redis.call('ZADD', KEYS[3], 'XX', queue, ARGV[3])
-elseif gone == 1 then
-  local own = redis.call('ZSCORE', KEYS[3], ARGV[3])
-  if own then redis.call('ZADD', KEYS[3], 'XX', math.max(0, tonumber(own) - 1), ARGV[3]) end
-end
+redis.call('ZADD', KEYS[2], 'XX', queue, ARGV[3])
 return queue

@@ -1,52 +1,24 @@
--- Register or refresh one worker, idempotently (also after a Redis restart).
+-- Register or refresh one worker's seat among a model's workers, idempotently (also after a Redis restart).
 --
--- KEYS[1] worker record (hash)   KEYS[2] set of worker ids
--- KEYS[3] known-models zset      KEYS[4] the worker's job stream
--- ARGV    ttl_ms, now_ms, worker_id, consumer group, model key prefix,
---         model key suffix, number of models, models..., then record
---         fields as name/value pairs.
+-- KEYS[1] the worker's seat for the model (hash)   KEYS[2] the model's load set
+-- KEYS[3] the worker's job stream of the model      KEYS[4] the model's ``seen`` string
+-- ARGV    ttl_ms, now_ms, worker id, consumer group, seen TTL (ms), then the
+--         seat's fields as name/value pairs (status, speed, max_queue,
+--         max_concurrency, others)
 --
--- Finished jobs are deleted from the stream, so what is left is exactly the
--- jobs running or waiting: the record's ``queue`` is the stream's length,
--- and each model's sorted set gets that model's share of it (the entries
--- whose ``model`` field names it; the whole length when the worker serves
--- one model). This recount corrects any drift of the scores dispatch and
--- finish keep between heartbeats; for a worker of several models it reads
--- the stream, so it runs only while the stream holds at most RECOUNT_MAX
--- entries (a bounded cost per heartbeat): a longer queue keeps the scores
--- dispatch and finish maintain, and a new member starts at 0.
-local ttl, now, wid, group, mpre, msuf = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local nmodels = tonumber(ARGV[7])
-
-local ok = pcall(redis.call, 'XGROUP', 'CREATE', KEYS[4], group, '0', 'MKSTREAM')
+-- Finished jobs are deleted from the stream, so its length is exactly the
+-- worker's jobs of this model running or waiting: the score becomes that,
+-- correcting any drift. All four keys carry the model's hash tag, so a worker
+-- of several models beats once per model, each in its own slot; the worker's
+-- record (for people and readers) is written beside, by the caller.
+-- Returns the stream's length.
+local ttl, now, wid, group = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+pcall(redis.call, 'XGROUP', 'CREATE', KEYS[3], group, '0', 'MKSTREAM')
 local fields = {}
-for i = 8 + nmodels, #ARGV do fields[#fields + 1] = ARGV[i] end
-if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
-redis.call('HSET', KEYS[1], 'last_heartbeat', now)
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('SADD', KEYS[2], wid)
-
-local queue = redis.call('XLEN', KEYS[4])
-redis.call('HSET', KEYS[1], 'queue', queue)
-local RECOUNT_MAX = 256
-local recount = nmodels == 1 or queue <= RECOUNT_MAX
-local per_model = {}
-if nmodels > 1 and queue > 0 and recount then
-  for _, entry in ipairs(redis.call('XRANGE', KEYS[4], '-', '+')) do
-    local f = entry[2]
-    for j = 1, #f, 2 do
-      if f[j] == 'model' then per_model[f[j + 1]] = (per_model[f[j + 1]] or 0) + 1 break end
-    end
-  end
-end
-for i = 8, 7 + nmodels do
-  if recount then
-    local own = queue
-    if nmodels > 1 then own = per_model[ARGV[i]] or 0 end
-    redis.call('ZADD', mpre .. ARGV[i] .. msuf, own, wid)
-  else
-    redis.call('ZADD', mpre .. ARGV[i] .. msuf, 'NX', 0, wid)
-  end
-  redis.call('ZADD', KEYS[3], now, ARGV[i])
-end
+local queue = redis.call('XLEN', KEYS[3])
+redis.call('ZADD', KEYS[2], queue, wid)
+redis.call('SET', KEYS[4], now, 'PX', ARGV[5])
 return queue

@@ -22,7 +22,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from broker.connection import resolved
+from broker.connection import atomic_pipeline, resolved
 from broker.errors import ServeError
 from broker.keys import Keys
 from broker.scripts import Scripts
@@ -99,7 +99,7 @@ class ArenaStore:
 
     async def save(self, battle: Battle) -> None:
         key = self.keys.battle(battle.id)
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with atomic_pipeline(self.redis) as pipe:
             pipe.hset(key, mapping=battle.to_fields())  # type: ignore[arg-type]  # redis-py's mapping type is invariant
             pipe.pexpire(key, self.battle_ttl_ms)
             await pipe.execute()
@@ -118,7 +118,7 @@ class ArenaStore:
         fields = {f"messages_{s}": json.dumps(battle.messages[s]) for s in SIDES}
         if ended:
             fields |= {"state": "ended", "error": battle.error}
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with atomic_pipeline(self.redis) as pipe:
             pipe.hset(key, mapping=fields)  # type: ignore[arg-type]  # redis-py's mapping type is invariant
             pipe.pexpire(key, self.battle_ttl_ms)
             pipe.delete(self.keys.battle_turn(battle.id))

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from faultkit import pauses, stream_chat, tally
 from support import Stack, kill, wait_for
 
+from broker.keys import Keys
 from redserve.redis_server import RedisServer, free_port
 from workers.echo import echo_tokens
 
@@ -172,14 +173,14 @@ async def test_a_ghost_entry_is_run_or_retired(stack, redis, keys, outcome):
     gw = await stack.gateway()
     client = gw.client()
     # A job the worker never saw: delivered to its consumer by hand, as the AOF would bring it back.
-    await redis.xgroup_createconsumer(keys.worker_jobs("keeper"), "workers", "keeper")
+    await redis.xgroup_createconsumer(keys.jobs("echo", "keeper"), "workers", "keeper")
     from broker.protocol import Generate, Job, JobKind, Message
 
     ghost = Job(request_id="f" * 32, model="echo", kind=JobKind.CHAT, reply_to=keys.replies("gone-gateway"),
                 params=Generate(messages=[Message("user", "nobody")]), deadline=time.time() + 60)
-    await redis.xadd(keys.worker_jobs("keeper"), ghost.to_fields())
-    await redis.xreadgroup("workers", "keeper", {keys.worker_jobs("keeper"): ">"}, count=1)
-    await wait_for(lambda: redis.xlen(keys.worker_jobs("keeper")), timeout=2)
+    await redis.xadd(keys.jobs("echo", "keeper"), ghost.to_fields())
+    await redis.xreadgroup("workers", "keeper", {keys.jobs("echo", "keeper"): ">"}, count=1)
+    await wait_for(lambda: redis.xlen(keys.jobs("echo", "keeper")), timeout=2)
     # Retired (its gateway is gone), and the worker's count is back to the truth.
     await wait_for(lambda: _queue_is_empty(stack.settings.redis_url, "keeper"), timeout=10)
     reply = await client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "fine"}])
@@ -190,9 +191,9 @@ async def test_a_ghost_entry_is_run_or_retired(stack, redis, keys, outcome):
 
 async def _queue_is_empty(url: str, worker_id: str) -> bool:
     async with aioredis.Redis.from_url(url, decode_responses=True) as r:
-        stream = f"redserve:worker:{worker_id}:jobs"
+        stream = Keys().jobs("echo", worker_id)
         pending = await r.xpending(stream, "workers") if await r.exists(stream) else {"pending": 0}
-        score = await r.zscore("redserve:model:echo:workers", worker_id)
+        score = await r.zscore(Keys().model_workers("echo"), worker_id)
         return await r.xlen(stream) == 0 and pending["pending"] == 0 and (score or 0) == 0
 
 

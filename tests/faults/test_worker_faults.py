@@ -19,7 +19,7 @@ def reply(text: str, n: int = 8) -> str:
 
 
 async def until_queued(redis, keys, wid: str, n: int) -> None:  # noqa: ANN001
-    await wait_for(lambda: _xlen_at_least(redis, keys.worker_jobs(wid), n), timeout=10)
+    await wait_for(lambda: _xlen_at_least(redis, keys.jobs("echo", wid), n), timeout=10)
 
 
 async def _xlen_at_least(redis, key: str, n: int) -> bool:  # noqa: ANN001
@@ -49,8 +49,8 @@ async def test_worker_killed_with_queued_jobs(stack, redis, keys, outcome):
     assert janitor.moved == 5 and janitor.lost == 1
     outcome.retried = janitor.moved + janitor.lost
     assert time.monotonic() - killed < 2 + 5  # TTL 2 s + janitor sweep + the replies themselves
-    assert not await redis.exists(keys.worker_jobs("doomed"))
-    assert "doomed" not in await redis.smembers(keys.workers())
+    assert not await redis.exists(keys.jobs("echo", "doomed"))
+    assert "doomed" not in await redis.hkeys(keys.workers())
 
 
 async def test_worker_killed_mid_stream(stack, redis, keys, outcome, settings):
@@ -59,7 +59,7 @@ async def test_worker_killed_mid_stream(stack, redis, keys, outcome, settings):
     await wait_for(lambda: redis.exists(keys.worker("doomed")))
     gw = await stack.gateway()
     started = asyncio.create_task(stream_chat(gw.url, "cut short"))
-    await wait_for(lambda: _xlen_at_least(redis, keys.worker_jobs("doomed"), 1))
+    await wait_for(lambda: _xlen_at_least(redis, keys.jobs("echo", "doomed"), 1))
     waiting = asyncio.create_task(stream_chat(gw.url, "never started"))  # queued behind it: nothing sent yet
     await until_queued(redis, keys, "doomed", 2)
     await asyncio.sleep(0.5)  # a few tokens of the first reach its client
@@ -87,7 +87,7 @@ async def test_job_dead_lettered_after_max_attempts(stack, redis, redis_url, key
         if call is None:
             call = asyncio.create_task(client.chat.completions.create(
                 model="echo", messages=[{"role": "user", "content": "cursed"}]))
-        await wait_for(lambda wid=wid: _xlen_at_least(redis, keys.worker_jobs(wid), 1), timeout=15)
+        await wait_for(lambda wid=wid: _xlen_at_least(redis, keys.jobs("echo", wid), 1), timeout=15)
         await asyncio.sleep(0.3)  # running
         w.send_signal(signal.SIGKILL)
     try:
