@@ -13,11 +13,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker.connection import connect, is_cluster
+from broker.connection import UNREACHABLE, connect, is_cluster
 from broker.dispatch import Dispatcher
 from broker.errors import NoWorker, RedisUnavailable, UnknownModel, WorkerLost
 from broker.ids import new_request_id
@@ -133,7 +131,7 @@ class BrokerClient:
         while True:
             try:
                 return await call()
-            except (RedisConnectionError, RedisTimeoutError, OSError):
+            except UNREACHABLE:
                 if loop.time() + delay > end:
                     raise
             except (UnknownModel, NoWorker):
@@ -225,7 +223,7 @@ class BrokerClient:
             task.add_done_callback(self._background.discard)
 
     async def _resend(self, streams: list[ReplyStream]) -> None:
-        with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+        with contextlib.suppress(*UNREACHABLE):
             async with self._raw.pipeline(transaction=False) as pipe:
                 for s in streams:
                     pipe.execute_command(publish_command(pipe), self.keys.worker_control(s.worker_id or ""),

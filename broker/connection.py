@@ -28,9 +28,22 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.exceptions import (
+    ClusterDownError,
+    ConnectionError,
+    MasterDownError,
+    RedisClusterException,
+    TimeoutError,
+    TryAgainError,
+)
 
 T = TypeVar("T")
+
+#: Failures that mean "Redis is not there now" (wait, and try again), as opposed to a refused command. On a
+#: cluster a failover also shows as CLUSTERDOWN, TRYAGAIN, MASTERDOWN, or redis-py's RedisClusterException
+#: (no node reachable, a slot not covered yet), which is not a RedisError at all.
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    ConnectionError, TimeoutError, OSError, ClusterDownError, TryAgainError, MasterDownError, RedisClusterException)
 
 SENTINEL_SCHEME, SENTINEL_TLS_SCHEME = "redis+sentinel", "rediss+sentinel"
 CLUSTER_SCHEME, CLUSTER_TLS_SCHEME = "redis+cluster", "rediss+cluster"
@@ -122,6 +135,9 @@ def cluster_client(url: str, *, decode: bool = False, **kwargs: Any) -> RedisClu
         "decode_responses": decode,
         "retry": Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=5),
         "health_check_interval": 30,
+        # a hung node (stopped, partitioned) must not hang a slot-table refresh: fail over to the next
+        "socket_connect_timeout": 2.0,
+        "socket_timeout": 10.0,
         "username": unquote(user) or None,
         "password": unquote(password) or None,
         # a failover takes the node timeout (seconds) to be noticed: keep asking meanwhile

@@ -24,10 +24,9 @@ import logging
 from enum import StrEnum
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from broker.connection import resolved
+from broker.connection import UNREACHABLE, resolved
 from broker.dispatch import Dispatcher
 from broker.errors import Gone, ServeError
 from broker.keys import WORKER_GROUP, Keys
@@ -92,7 +91,7 @@ class Janitor:
             await asyncio.sleep(self.interval)
             try:
                 await self.sweep()
-            except (RedisConnectionError, OSError) as exc:
+            except UNREACHABLE as exc:
                 log.warning("janitor sweep failed: %s", exc)
             except Exception:
                 log.exception("janitor sweep failed")

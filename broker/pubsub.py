@@ -5,6 +5,17 @@ channel) hold one subscription for their whole life; when Redis restarts,
 fails over or the connection is cut, they subscribe again with a short
 backoff and are told so (``on_up(recovered=True)``), since whatever was
 published meanwhile reached nobody.
+
+On a single Redis (or behind Sentinels) this is classic pub/sub: SUBSCRIBE,
+PUBLISH, PUBSUB NUMSUB. On a Redis Cluster it is sharded pub/sub (Redis 7):
+SSUBSCRIBE, SPUBLISH, PUBSUB SHARDNUMSUB, so a message goes to the one shard
+that owns the channel's slot instead of being broadcast over the whole
+cluster bus. redis-py 5 (pinned below 6 by arq) has no sharded pub/sub in its
+asyncio client: ``RedisCluster`` has no ``pubsub()`` and asyncio ``PubSub``
+neither sends SSUBSCRIBE nor parses ``smessage``. So a cluster subscription is
+a plain connection to the slot's owner, read here; a failover or a slot
+migration ends it (the connection drops, or the node sends ``sunsubscribe``),
+and it is made again at the new owner after refreshing the client's slot table.
 """
 
 from __future__ import annotations
@@ -12,10 +23,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from broker.connection import is_cluster
+
+#: A sharded subscription silent this long is asked for a PING; without an answer within PING_TIMEOUT it is dead.
+IDLE_PING, PING_TIMEOUT = 15.0, 5.0
+#: The most that finding the slot's owner, connecting and subscribing there may take (a hung node must not hang it).
+SETUP_TIMEOUT = 10.0
+
+
+def publish_command(redis: object) -> str:
+    """The command that publishes on ``redis`` (a client or a pipeline): SPUBLISH on a cluster, else PUBLISH."""
+    return "SPUBLISH" if is_cluster(redis) else "PUBLISH"
+
+
+async def publish(redis: Redis, channel: str, data: bytes | str) -> int:
+    """Publish ``data`` on ``channel``; how many subscribers received it."""
+    return int(await redis.execute_command(  # type: ignore[no-untyped-call]  # redis-py: no annotations
+        publish_command(redis), channel, data))
 
 
 async def subscribe_forever(redis: Redis, channel: str, on_message: Callable[[bytes], None], *,
@@ -29,27 +61,95 @@ async def subscribe_forever(redis: Redis, channel: str, on_message: Callable[[by
     since it was last up).
     """
     delay, down = 0.05, False
+
+    def up() -> None:
+        nonlocal delay, down
+        if on_up is not None:
+            on_up(down)
+        delay, down = 0.05, False
+
+    cluster = is_cluster(redis)
+    # on a cluster a refused SSUBSCRIBE (MOVED, CLUSTERDOWN) or an unreachable cluster is a break too
+    errors = ((RedisError, RedisClusterException, OSError) if cluster
+              else (RedisConnectionError, RedisTimeoutError, OSError))
     while True:
-        pubsub = redis.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(channel)
-            if on_up is not None:
-                on_up(down)
-            delay, down = 0.05, False
-            async for msg in pubsub.listen():
-                on_message(msg["data"])
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            if cluster:
+                await _sharded(cast(RedisCluster, redis), channel, on_message, up, refresh=down)
+            else:
+                await _classic(redis, channel, on_message, up)
+        except errors as exc:
             if on_down is not None:
                 on_down(exc, not down)
             down = True
             await asyncio.sleep(delay)
             delay = min(delay * 2, max_delay)
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py's PubSub.aclose has no hints
+
+
+async def _classic(redis: Redis, channel: str, on_message: Callable[[bytes], None], up: Callable[[], None]) -> None:
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.subscribe(channel)
+        up()
+        async for msg in pubsub.listen():
+            on_message(msg["data"])
+    finally:
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py's PubSub.aclose has no hints
+
+
+async def _sharded(cluster: RedisCluster, channel: str, on_message: Callable[[bytes], None], up: Callable[[], None],
+                   *, refresh: bool) -> None:
+    """One sharded subscription at the owner of ``channel``'s slot, until it breaks (raises)."""
+    async with asyncio.timeout(SETUP_TIMEOUT):
+        await cluster.initialize()
+        if refresh:  # after a break: where the slot lives now (a replica promoted, a slot migrated)
+            await cluster.nodes_manager.initialize()
+    node = cluster.get_node_from_key(channel)
+    assert node is not None  # the primary (only a replica lookup gives None)
+    # the node's own settings (credentials, TLS, decoding, timeouts), less the health check (its PING expects
+    # +PONG, which a subscribed connection answers as a [pong, ""] push), in RESP2: pushes read as plain lists
+    conn = node.connection_class(**{**node.connection_kwargs, "health_check_interval": 0, "protocol": 2})
+    try:
+        async with asyncio.timeout(SETUP_TIMEOUT):
+            await conn.connect()  # type: ignore[no-untyped-call]  # redis-py: no annotations
+            await conn.send_command("SSUBSCRIBE", channel)
+            if _kind(await conn.read_response()) != "ssubscribe":
+                raise RedisConnectionError(f"{node.name} did not confirm SSUBSCRIBE {channel!r}")
+        up()
+        pinged = False
+        while True:
+            reply = await conn.read_response(timeout=PING_TIMEOUT if pinged else IDLE_PING)
+            if reply is None:
+                if pinged:
+                    raise RedisTimeoutError(f"no answer to PING from {node.name} within {PING_TIMEOUT}s")
+                await conn.send_command("PING", check_health=False)
+                pinged = True
+                continue
+            pinged = False
+            kind = _kind(reply)
+            if kind == "smessage":
+                on_message(reply[2])
+            elif kind == "sunsubscribe":  # the node no longer owns the slot: migrated, or the node was demoted
+                raise RedisConnectionError(f"{node.name} unsubscribed {channel!r}: it no longer serves its slot")
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.disconnect()
+
+
+def _kind(reply: Any) -> str:
+    """The type of a pub/sub push (``smessage``, ``ssubscribe``, ...): its first element, as text ("" for none)."""
+    kind = reply[0] if isinstance(reply, list) and reply else b""
+    return kind.decode() if isinstance(kind, bytes) else str(kind)
 
 
 async def listeners(redis: Redis, channel: str) -> int:
     """How many connections are subscribed to ``channel`` now (0: whoever listened is gone)."""
-    [(_, count)] = await redis.pubsub_numsub(channel)
+    if is_cluster(redis):
+        cluster = cast(RedisCluster, redis)
+        await cluster.initialize()
+        [(_, count)] = await cluster.execute_command("PUBSUB SHARDNUMSUB", channel,
+                                                     target_nodes=cluster.get_node_from_key(channel))
+    else:
+        [(_, count)] = await redis.pubsub_numsub(channel)
     return int(count)

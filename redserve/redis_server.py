@@ -102,7 +102,9 @@ class RedisCluster:
         self.masters = masters
         self.nodes = [RedisServer(port, extra_args=["--cluster-enabled", "yes",
                                                     "--cluster-node-timeout", str(node_timeout_ms),
-                                                    "--cluster-config-file", "nodes.conf"])
+                                                    "--cluster-config-file", "nodes.conf",
+                                                    # a replica takes over however long its link was down
+                                                    "--cluster-replica-validity-factor", "0"])
                       for port in cluster_ports(masters * (1 + replicas))]
         self.replicas = replicas
 
@@ -121,11 +123,15 @@ class RedisCluster:
         return self
 
     def wait_ok(self, timeout: float = 30.0) -> None:
-        """Wait until every live node reports the cluster ``ok`` with every slot covered."""
+        """Wait until every live node reports the cluster ``ok`` with every slot covered, and every replica has
+        synced with its master (until then a master's death is not failed over)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            states = [self.cli(n.port, "CLUSTER", "INFO") for n in self.nodes if n.proc is not None]
-            if all("cluster_state:ok" in s and "cluster_slots_ok:16384" in s for s in states):
+            live = [n for n in self.nodes if n.proc is not None]
+            states = [self.cli(n.port, "CLUSTER", "INFO") for n in live]
+            roles = [self.cli(n.port, "INFO", "replication") for n in live]
+            if all("cluster_state:ok" in s and "cluster_slots_ok:16384" in s for s in states) and all(
+                    "role:master" in r or "master_link_status:up" in r for r in roles):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"the cluster did not become ok within {timeout}s")

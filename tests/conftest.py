@@ -17,7 +17,7 @@ from support import Stack
 from broker.batch import BatchClient
 from broker.keys import Keys
 from broker.settings import Settings
-from redserve.redis_server import RedisServer
+from redserve.redis_server import RedisCluster, RedisServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -76,3 +76,10 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workers.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny"), context_length=4096)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A real 3-master, 3-replica Redis Cluster on loopback, started once per session (about 7 s)."""
+    with RedisCluster() as cluster:
+        yield cluster

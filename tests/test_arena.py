@@ -84,7 +84,7 @@ async def test_a_failing_side_ends_the_battle_without_naming_it(stack, redis, ke
     gw, http = await arena(stack)
     async with http:
         battle = (await http.post("/api/arena/battles")).json()["id"]
-        await redis.delete(keys.worker("w-beta-model"))  # beta's worker is gone: its side fails
+        await redis.delete(keys.seat("beta-model", "w-beta-model"))  # beta's worker is gone: its side fails
         events, raw = await turn(http, battle, "anyone there")
         assert not any(name in raw for name in MODELS), raw
         errors = [e for e in events if "error" in e and e.get("side")]

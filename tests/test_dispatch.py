@@ -11,12 +11,15 @@ import redis.asyncio as aioredis
 
 from broker.dispatch import Dispatcher
 from broker.errors import Busy, NoWorker, UnknownModel
+from broker.keys import model_tag
 from broker.protocol import Generate, Job, JobKind, Message
 from broker.registry import Registry, WorkerRecord
 
 
 def job(model: str = "m", i: int = 0) -> Job:
-    return Job(request_id=f"r{i}", model=model, kind=JobKind.CHAT, reply_to="nowhere",
+    """Job ``i`` of ``model``: its id begins with the model's tag (as the gateway's do), so its keys share the
+    dispatch's slot on a cluster."""
+    return Job(request_id=f"{model_tag(model)}{i:028x}", model=model, kind=JobKind.CHAT, reply_to="nowhere",
                params=Generate(messages=[Message("user", "hi")]))
 
 
@@ -147,7 +150,8 @@ async def test_stream_entry_is_readable_with_plain_fields(redis, redis_url, keys
     raw = aioredis.Redis.from_url(redis_url)
     [(entry_id, fields)] = await raw.xrange(keys.jobs("m", "w"))
     await raw.aclose()
-    assert fields[b"request_id"] == b"r7" and fields[b"model"] == b"m" and fields[b"reply_to"] == b"nowhere"
+    assert fields[b"request_id"] == job(i=7).request_id.encode()
+    assert fields[b"model"] == b"m" and fields[b"reply_to"] == b"nowhere"
     assert fields[b"kind"] == b"chat"
     assert Job.from_fields(entry_id.decode(), fields).params == job(i=7).params  # msgpack payload round-trips
 

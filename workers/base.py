@@ -28,11 +28,9 @@ from typing import Any, ClassVar
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker.connection import connect
+from broker.connection import UNREACHABLE, connect
 from broker.errors import ServeError
 from broker.keys import WORKER_GROUP, Keys
 from broker.protocol import (
@@ -73,6 +71,9 @@ from workers.tools import PARSERS
 from workers.tools.calls import constraint, tool_events
 
 log = logging.getLogger(__name__)
+#: What a failed read of a job stream can be: Redis away, or NOGROUP (Redis lost the stream; the next heartbeat
+#: recreates it).
+_READ_FAILURES: tuple[type[BaseException], ...] = (ResponseError, *UNREACHABLE)
 
 CANCELLED = ServeError("The request was cancelled.", status=499, code="cancelled").event()
 ORPHANED = ServeError("The worker stopped this request: no gateway heard its replies for orphan_grace seconds.",
@@ -237,7 +238,7 @@ class BaseModelWorker(abc.ABC):
             try:
                 self.record.queue = await self.registry.heartbeat(self.record, self.settings.worker_ttl)
                 await self._reconcile()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except UNREACHABLE as exc:
                 log.warning("heartbeat failed: %s", exc)
             except Exception:  # a refused command (OOM, say): the worker must go on beating
                 log.exception("heartbeat failed")
@@ -337,7 +338,7 @@ class BaseModelWorker(abc.ABC):
             try:
                 entries = await self._raw.xreadgroup(WORKER_GROUP, self.id, {stream: ">"}, block=250,
                                                      count=free if len(self.record.models) == 1 else 1)
-            except (ResponseError, RedisConnectionError, OSError) as exc:
+            except _READ_FAILURES as exc:
                 # NOGROUP after Redis lost our stream: the next heartbeat recreates it.
                 log.warning("reading jobs of %s failed: %s", model, exc)
                 await asyncio.sleep(0.5)

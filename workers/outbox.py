@@ -29,16 +29,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from broker.connection import UNREACHABLE, is_cluster
 from broker.protocol import bundle
 from broker.pubsub import publish_command
 
 log = logging.getLogger(__name__)
-#: Failures that mean "Redis is not there now", as opposed to a refused command.
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class OutboxOverflow(Exception):
@@ -164,6 +161,13 @@ class Outbox:
         try:
             results: list[Any] = await pipe.execute(raise_on_error=False)
         except UNREACHABLE:  # held: the caller ships it again once Redis answers
+            return False
+        except AttributeError:
+            # redis-py 5.3's cluster pipeline reads the client's default node after the call; when another task
+            # reset the client's topology meanwhile (a failover) that is None. Held, like an unreachable Redis
+            # (a message that did go out is sent again: gateways drop what they already have, by seq).
+            if not is_cluster(self.redis):
+                raise
             return False
         except Exception as exc:  # a refused pipeline: every message of the batch failed alike
             _fail(batch.futures(), exc)
