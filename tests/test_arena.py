@@ -224,7 +224,7 @@ async def test_moderation_refuses_a_flagged_prompt_on_every_path(stack, tmp_path
 def test_keys_of_the_arena_are_namespaced():
     k = Keys("t")
     assert {k.battle("x"), k.arena_votes(), k.leaderboard(), k.feedback(), k.conversations()} == {
-        "t:arena:battle:x", "t:arena:votes", "t:arena:leaderboard", "t:feedback", "t:conversations"}
+        "t:{arena}:battle:x", "t:{arena}:votes", "t:{arena}:leaderboard", "t:feedback", "t:conversations"}
 
 
 def test_rules_file_path_is_checked_at_startup(tmp_path: Path):

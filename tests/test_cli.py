@@ -13,6 +13,7 @@ import httpx
 from openai import OpenAI
 from support import run_redserve, shut_down, spawn_redserve, wait_for, wait_models
 
+from broker.keys import Keys
 from redserve.redis_server import free_port
 
 
@@ -128,10 +129,10 @@ async def test_inspect_says_where_a_request_is(stack, redis_url):
     raw = aioredis.Redis.from_url(redis_url)
     try:  # all three placed (the first runs, two wait), however loaded the machine is
         async def all_placed() -> bool:
-            return await raw.xlen("redserve:worker:w-inspect:jobs") == 3
+            return await raw.xlen(Keys().jobs("echo", "w-inspect")) == 3
 
         await wait_for(all_placed)
-        entries = await raw.xrange("redserve:worker:w-inspect:jobs")
+        entries = await raw.xrange(Keys().jobs("echo", "w-inspect"))
     finally:
         await raw.aclose()
     queued = [f[b"request_id"].decode() for _, f in entries if f[b"request_id"].decode() != running]
