@@ -38,3 +38,13 @@ def test_the_floor_servers_answer_like_the_gateway():
     assert [r["server"] for r in rows] == ["fastapi", "fastapi + sse-starlette", "redserve gateway"]
     # (CPU is read in 10 ms clock ticks: a run this short may read 0, so only its presence is checked)
     assert all(r["errors"] == 0 and r["requests"] == 16 and r["cpu_us_per_request"] >= 0 for r in rows)
+
+
+def test_the_capacity_slot_spread_counts_every_model_and_gateway_once():
+    from bench.capacity import master_ranges, slot_spread
+
+    assert master_ranges(3) == [(0, 5460), (5461, 10922), (10923, 16383)]  # what redis-cli --cluster create assigns
+    s = slot_spread(models=100, gateways=50, draws=50, masters=(3, 6))
+    assert [sum(r.models_per_master) for r in s.rows] == [100, 100]
+    assert [sum(r.gateways_per_master) for r in s.rows] == [50, 50]
+    assert all(1 / r.masters <= r.models_max_share <= 1 for r in s.rows) and s.max_models_in_one_slot >= 1
