@@ -139,18 +139,21 @@ class Registry:
                 keys=[k.seat(model, record.id), k.model_workers(model), k.jobs(model, record.id), k.model_seen(model)],
                 args=[ttl_ms, now, record.id, WORKER_GROUP, SEEN_MS, *(x for kv in fields.items() for x in kv)]))
 
-        counts = await asyncio.gather(*(beat(m, record.queues) for m in record.models))
-        if len(record.models) > 1 and dict(zip(record.models, counts)) != record.queues:  # ``others`` was stale
-            counted = dict(zip(record.models, counts))
-            counts = await asyncio.gather(*(beat(m, counted) for m in record.models))
-        record.queues = dict(zip(record.models, counts))
-        record.queue = sum(counts)
+        # registered first: a seat (and so a job) never exists that the janitor could not find
+        await resolved(self.redis.hset(k.workers(), record.id, ",".join(record.models)))
+        beats = await asyncio.gather(*(beat(m, record.queues) for m in record.models), return_exceptions=True)
+        counted = {m: n for m, n in zip(record.models, beats) if isinstance(n, int)}
+        if len(counted) == len(record.models) > 1 and counted != record.queues:  # ``others`` was stale
+            beats = await asyncio.gather(*(beat(m, counted) for m in record.models), return_exceptions=True)
+        record.queues |= {m: n for m, n in zip(record.models, beats) if isinstance(n, int)}
+        record.queue = sum(record.queues.values())
+        # the record is written even if one model's slot was unreachable: the worker is alive
         fields = {**record.to_fields(), "queue": str(record.queue), "last_heartbeat": str(now)}
         await self.scripts.record(keys=[k.worker(record.id)], args=[ttl_ms, *(x for kv in fields.items() for x in kv)])
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(k.workers(), record.id, ",".join(record.models))
-            pipe.zadd(k.models(), dict.fromkeys(record.models, now))
-            await pipe.execute()
+        await resolved(self.redis.zadd(k.models(), dict.fromkeys(record.models, now)))
+        for failed in beats:
+            if isinstance(failed, BaseException):
+                raise failed
         return record.queue
 
     async def finish(self, record: WorkerRecord, entry_id: str, model: str) -> int:

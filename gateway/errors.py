@@ -8,10 +8,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
+from broker.connection import UNREACHABLE
 from broker.errors import ServeError
 from gateway.schemas import BadInput
 
@@ -44,9 +45,9 @@ class BodyTooLarge(HTTPException):
         return ServeError(str(self.detail), status=413, code="body_too_large", headers={"Connection": "close"})
 
 
-def redis_error(exc: RedisError) -> ServeError:
+def redis_error(exc: Exception) -> ServeError:
     """What a client hears when Redis fails under a request: 503 and when to retry, for an outage or a full Redis."""
-    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):  # down, loading, refusing us
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError, *UNREACHABLE)):  # down, failing over
         return APIError(503, "Redis is unreachable; try again shortly.", code="redis_unavailable",
                         headers={"Retry-After": "1"})
     if isinstance(exc, OutOfMemoryError):  # maxmemory with noeviction: writes refused, nothing evicted
@@ -66,7 +67,8 @@ def install(app: FastAPI) -> None:
         return response(exc)
 
     @app.exception_handler(RedisError)
-    async def _redis(_: Request, exc: RedisError) -> JSONResponse:
+    @app.exception_handler(RedisClusterException)  # redis-py's cluster client: not a RedisError
+    async def _redis(_: Request, exc: Exception) -> JSONResponse:
         return response(redis_error(exc))
 
     @app.exception_handler(BodyTooLarge)

@@ -121,7 +121,7 @@ class BaseModelWorker(abc.ABC):
         self.publishers: dict[str, ReplyPublisher] = {}
         self._ended: dict[str, float] = {}
         #: Jobs that ended but could not be retired (Redis was away), entry id -> model: retired once it is back.
-        self._unretired: dict[str, str] = {}
+        self._unretired: dict[tuple[str, str], None] = {}
         self._draining = asyncio.Event()
         self._registered = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -253,9 +253,9 @@ class BaseModelWorker(abc.ABC):
         died) is run again if it is still wanted, else retired: its queue slot
         is never lost.
         """
-        for entry_id, model in list(self._unretired.items()):
+        for model, entry_id in list(self._unretired):
             self.record.queue = await self.registry.finish(self.record, entry_id, model)
-            del self._unretired[entry_id]
+            del self._unretired[(model, entry_id)]
         running = {t.entry_id for t in self.jobs.values()} | {t.entry_id for t in self._held}
         idle_ms = int(self.settings.heartbeat_interval * 2000)
         for model in self.record.models:
@@ -301,7 +301,12 @@ class BaseModelWorker(abc.ABC):
         assert self._raw is not None
         readers = [asyncio.create_task(self._read_stream(m), name=f"read-{m}") for m in self.record.models]
         try:
-            await self._draining.wait()
+            draining = asyncio.create_task(self._draining.wait())
+            await asyncio.wait([draining, *readers], return_when=asyncio.FIRST_COMPLETED)
+            for reader in readers:  # a reader only ends by failing: the worker must not go on deaf to a model
+                if reader.done():
+                    draining.cancel()
+                    reader.result()
             deadline = time.monotonic() + self.settings.drain_timeout
             self.record.status = "draining"
             await self.registry.heartbeat(self.record, self.settings.worker_ttl)
@@ -311,6 +316,7 @@ class BaseModelWorker(abc.ABC):
             for reader in readers:
                 reader.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
+        self._held.clear()  # never started: left to the drain timeout, as jobs still in the stream are
         if self.tasks:
             log.warning("drain timeout: cancelling %d jobs", len(self.tasks))
             for task in self.tasks.values():
@@ -460,7 +466,7 @@ class BaseModelWorker(abc.ABC):
                 self.record.queue = await self.registry.finish(self.record, job.entry_id, job.model)
             except Exception as exc:  # Redis away: retired by the first heartbeat that reaches it
                 log.info("job %s ended while Redis was unreachable (%s); retired later", job.request_id, exc)
-                self._unretired[job.entry_id] = job.model
+                self._unretired[(job.model, job.entry_id)] = None
 
     async def _events(self, job: Job) -> AsyncIterator[Event]:
         """The engine's events, with errors turned into a terminal error event."""

@@ -172,6 +172,16 @@ class Outbox:
         except Exception as exc:  # a refused pipeline: every message of the batch failed alike
             _fail(batch.futures(), exc)
             return True
+        if any(isinstance(r, UNREACHABLE) for r in results):
+            # a cluster pipeline hands back a node's failure (CLUSTERDOWN during a failover, a dropped node) as
+            # that command's result: hold the batch like an unreachable Redis (what did go out is sent again;
+            # gateways drop what they already have, by seq)
+            return False
+        await self._settle_waiters(batch, results)
+        return True
+
+    async def _settle_waiters(self, batch: _Batch, results: list[Any]) -> None:
+        """Each publisher hears its message's outcome: how many gateways got it, or why it failed."""
         for (log, data, waiter), result in zip(batch.logged, results):
             if isinstance(result, NoScriptError):  # Redis restarted since: EVAL loads it again
                 result = await _settle(log.emit(keys=[log.key], args=log.args(data)))
@@ -186,7 +196,6 @@ class Outbox:
                     f.set_exception(result)
                 else:
                     f.set_result(result)
-        return True
 
 
 async def _settle(call: Awaitable[Any]) -> Any:
