@@ -140,3 +140,28 @@ async def test_a_master_killed_under_load_fails_over_and_loses_nothing(stack, re
     victim.proc = None
     victim.start()  # rejoins as a replica of the promoted node
     await asyncio.to_thread(redis_cluster.wait_ok, 30)
+
+
+async def test_the_batch_api_on_a_cluster_needs_a_plain_redis_beside_it(stack, redis_server):
+    """arq has no Cluster support: without batch_redis_url a gateway on a cluster answers the batch API with a
+    clear 503; with one (a plain Redis), files and batches live there while requests are served by the cluster."""
+    import httpx
+
+    await stack.worker()
+    bare = await stack.gateway()
+    async with httpx.AsyncClient(base_url=bare.url) as http:
+        r = await http.get("/v1/batches")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "batch_unavailable", r.text
+        assert (await http.post("/v1/chat/completions", json={
+            "model": "echo", "messages": [{"role": "user", "content": "hi"}]})).status_code == 200
+    paired = await stack.gateway(batch_redis_url=redis_server.url)
+    async with httpx.AsyncClient(base_url=paired.url) as http:
+        up = await http.post("/v1/files", data={"purpose": "batch"},
+                             files={"file": ("in.jsonl", b'{"custom_id": "a", "method": "POST", "url": '
+                                                         b'"/v1/chat/completions", "body": {"model": "echo", '
+                                                         b'"messages": [{"role": "user", "content": "x"}]}}\n')})
+        assert up.status_code == 200, up.text
+        assert (await http.get(f"/v1/files/{up.json()['id']}")).status_code == 200
+    plain = aioredis.Redis.from_url(redis_server.url)
+    assert await plain.exists(Keys().file(up.json()["id"]))  # the file is on the plain Redis
+    await plain.aclose()
