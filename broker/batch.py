@@ -27,11 +27,9 @@ from arq.constants import abort_jobs_ss, in_progress_key_prefix
 from arq.jobs import Job as ArqJob
 from arq.jobs import JobStatus
 from arq.worker import Retry, Worker, func
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.batch_store import BatchStore, Request, line_problem
-from broker.connection import connection_pool
+from broker.connection import UNREACHABLE, connection_pool
 from broker.errors import ServeError
 from broker.keys import Keys
 from broker.protocol import BatchTask, FinishBatch, RunLine, RunRequest, StartBatch, batch_task, pack, unpack
@@ -378,7 +376,7 @@ async def serve(redis_url: str, settings: Settings, make_handler: HandlerFactory
                 if not handle_signals:
                     raise
                 return
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except UNREACHABLE as exc:
                 log.warning("batch runner lost Redis (%s); starting again in %.2fs", exc, delay)
             finally:
                 try:

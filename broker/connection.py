@@ -24,7 +24,7 @@ from typing import Any, TypeVar, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
@@ -69,24 +69,42 @@ def sentinel_target(url: str) -> SentinelTarget | None:
     if parts.scheme not in (SENTINEL_SCHEME, SENTINEL_TLS_SCHEME):
         return None
     form = "redis+sentinel://[user:password@]host:port[,host:port...]/<master name>[/<db>]"
-    auth, _, hosts = parts.netloc.rpartition("@")
-    user, _, password = auth.partition(":")
-    sentinels = []
-    for host in hosts.split(","):
-        name, colon, port = host.rpartition(":")
-        if not colon or name.endswith(":") or (host.startswith("[") and not name.endswith("]")):
-            name, port = host, ""  # no port given (an IPv6 address has colons of its own)
-        if port and not port.isdigit():
-            raise ValueError(f"{url!r}: bad Sentinel port {port!r}; the form is {form}")
-        sentinels.append((name.strip("[]"), int(port or 26379)))
+    user, password, sentinels = _credentials_and_hosts(url, form, default_port=26379)
     path = [p for p in parts.path.split("/") if p]
     if not path or (len(path) > 1 and not path[1].isdigit()):
         raise ValueError(f"{url!r}: the form is {form}")
     query = parse_qs(parts.query)
     extra = {"password": query["sentinel_password"][0]} if "sentinel_password" in query else {}
-    return SentinelTarget(sentinels, path[0], int(path[1]) if len(path) > 1 else 0, unquote(user) or None,
-                          unquote(password) or None, {"socket_timeout": 1.0, "socket_connect_timeout": 1.0, **extra},
+    return SentinelTarget(sentinels, path[0], int(path[1]) if len(path) > 1 else 0, user, password,
+                          {"socket_timeout": 1.0, "socket_connect_timeout": 1.0, **extra},
                           tls=parts.scheme == SENTINEL_TLS_SCHEME)
+
+
+def _credentials_and_hosts(url: str, form: str, *,
+                           default_port: int | None) -> tuple[str | None, str | None, list[tuple[str, int]]]:
+    """The user, password and ``host:port`` list of a multi-host URL (Sentinel, Cluster); a host without a port
+    takes ``default_port`` (None: the port is required)."""
+    auth, _, hosts = urlsplit(url).netloc.rpartition("@")
+    user, _, password = auth.partition(":")
+    found = []
+    for host in hosts.split(","):
+        name, colon, port = host.rpartition(":")
+        if not colon or name.endswith(":") or (host.startswith("[") and not name.endswith("]")):
+            name, port = host, ""  # no port given (an IPv6 address has colons of its own)
+        if (port and not port.isdigit()) or (not port and default_port is None):
+            raise ValueError(f"{url!r}: bad port {port!r}; the form is {form}")
+        found.append((name.strip("[]"), int(port or default_port or 0)))
+    return unquote(user) or None, unquote(password) or None, found
+
+
+def _client_options(decode: bool) -> dict[str, Any]:
+    """What every redserve client has: decoding or not, and a short retry of a dropped connection (about 1 s
+    over its five tries) before the caller's own patience takes over."""
+    return {
+        "decode_responses": decode,
+        "retry": Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=5),
+        "health_check_interval": 30,
+    }
 
 
 def connection_pool(url: str, *, decode: bool = False, **kwargs: Any) -> ConnectionPool:
@@ -94,13 +112,7 @@ def connection_pool(url: str, *, decode: bool = False, **kwargs: Any) -> Connect
     connection with a short backoff (about 1 s over its five tries): the callers that must outlast a longer
     outage (the outbox, the reply router, dispatch) wait on their own terms, and a Redis that is back, or a
     new master, is used at once."""
-    options: dict[str, Any] = {
-        "decode_responses": decode,
-        "retry": Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=5),
-        "retry_on_error": [ConnectionError, TimeoutError],
-        "health_check_interval": 30,
-        **kwargs,
-    }
+    options: dict[str, Any] = {**_client_options(decode), "retry_on_error": [ConnectionError, TimeoutError], **kwargs}
     if is_cluster_url(url):
         raise ValueError(f"{url!r} is a Redis Cluster, and this part of redserve needs one Redis (the batch "
                          "queue, arq, has no Cluster support): give it a plain redis:// URL (--batch-redis-url)")
@@ -122,29 +134,21 @@ def is_cluster_url(url: str) -> bool:
 def cluster_client(url: str, *, decode: bool = False, **kwargs: Any) -> RedisCluster:
     """A Redis Cluster client for a ``redis+cluster://`` URL: the nodes it names are where it starts, the
     cluster tells it the rest."""
-    parts = urlsplit(url)
-    auth, _, hosts = parts.netloc.rpartition("@")
-    user, _, password = auth.partition(":")
-    nodes = []
-    for host in hosts.split(","):
-        name, colon, port = host.rpartition(":")
-        if not colon or not port.isdigit():
-            raise ValueError(f"{url!r}: the form is redis+cluster://[user:password@]host:port[,host:port...]")
-        nodes.append(ClusterNode(name.strip("[]"), int(port)))
+    user, password, hosts = _credentials_and_hosts(
+        url, "redis+cluster://[user:password@]host:port[,host:port...]", default_port=None)
     options: dict[str, Any] = {
-        "decode_responses": decode,
-        "retry": Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=5),
-        "health_check_interval": 30,
+        **_client_options(decode),
         # a hung node (stopped, partitioned) must not hang a slot-table refresh: fail over to the next
         "socket_connect_timeout": 2.0,
         "socket_timeout": 10.0,
-        "username": unquote(user) or None,
-        "password": unquote(password) or None,
+        "username": user,
+        "password": password,
         # a failover takes the node timeout (seconds) to be noticed: keep asking meanwhile
         "cluster_error_retry_attempts": 8,
-        **({"ssl": True} if parts.scheme == CLUSTER_TLS_SCHEME else {}),
+        **({"ssl": True} if urlsplit(url).scheme == CLUSTER_TLS_SCHEME else {}),
         **kwargs,
     }
+    nodes = [ClusterNode(host, port) for host, port in hosts]
     cluster: RedisCluster = RedisCluster(startup_nodes=nodes, **options)
     return cluster
 
@@ -168,8 +172,6 @@ def atomic_pipeline(redis: Redis) -> Any:
 
 def is_cluster(redis: object) -> bool:
     """Whether ``redis`` (a client, or a pipeline of one) talks to a Redis Cluster."""
-    from redis.asyncio.cluster import ClusterPipeline
-
     return isinstance(redis, RedisCluster | ClusterPipeline)
 
 

@@ -31,7 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker.connection import is_cluster
+from broker.connection import UNREACHABLE, is_cluster
 
 #: A sharded subscription silent this long is asked for a PING; without an answer within PING_TIMEOUT it is dead.
 IDLE_PING, PING_TIMEOUT = 15.0, 5.0
@@ -71,7 +71,7 @@ async def subscribe_forever(redis: Redis, channel: str, on_message: Callable[[by
     cluster = is_cluster(redis)
     # on a cluster a refused SSUBSCRIBE (MOVED, CLUSTERDOWN) or an unreachable cluster is a break too
     errors = ((RedisError, RedisClusterException, OSError) if cluster
-              else (RedisConnectionError, RedisTimeoutError, OSError))
+              else UNREACHABLE)
     while True:
         try:
             if cluster:

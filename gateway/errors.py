@@ -7,9 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisClusterException, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
 from broker.connection import UNREACHABLE
@@ -47,7 +45,7 @@ class BodyTooLarge(HTTPException):
 
 def redis_error(exc: Exception) -> ServeError:
     """What a client hears when Redis fails under a request: 503 and when to retry, for an outage or a full Redis."""
-    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError, *UNREACHABLE)):  # down, failing over
+    if isinstance(exc, UNREACHABLE):  # down, loading, refusing us, failing over
         return APIError(503, "Redis is unreachable; try again shortly.", code="redis_unavailable",
                         headers={"Retry-After": "1"})
     if isinstance(exc, OutOfMemoryError):  # maxmemory with noeviction: writes refused, nothing evicted

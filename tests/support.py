@@ -22,6 +22,16 @@ from workers.base import BaseModelWorker
 from workers.echo import EchoWorker
 
 
+async def serving(server: Any) -> tuple[asyncio.Task[None], int]:
+    """Start a uvicorn ``server`` (bound to port 0) in this loop; its task and the port it got, once it listens."""
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    return task, server.servers[0].sockets[0].getsockname()[1]
+
+
 async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):  # noqa: ANN001, ANN201
     """Poll an async or sync predicate until it returns something truthy."""
     loop = asyncio.get_running_loop()
@@ -127,12 +137,7 @@ class Stack:
     async def gateway(self, **overrides: object) -> Gateway:
         s = self.settings.model_copy(update={"port": 0, **overrides})
         server = gateway_server(s.redis_url, s, log_level="warning")
-        task = asyncio.create_task(server.serve())
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
+        task, port = await serving(server)
         gw = Gateway(f"http://127.0.0.1:{port}", server, task)
         self.gateways.append(gw)
         return gw

@@ -19,6 +19,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from support import serving
 
 from broker.errors import ServeError
 from gateway.moderation import Moderator, Verdict, parse_rules, refusal, texts_of
@@ -77,12 +78,7 @@ async def upstream() -> AsyncIterator[Upstream]:
     config = uvicorn.Config(_app(seen), host="127.0.0.1", port=0, log_level="warning", lifespan="off",
                             timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    task, port = await serving(server)
     yield Upstream(f"http://127.0.0.1:{port}", seen)
     server.should_exit = True
     await task

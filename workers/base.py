@@ -120,8 +120,8 @@ class BaseModelWorker(abc.ABC):
         #: ended): a gateway that missed messages asks for them again by request id.
         self.publishers: dict[str, ReplyPublisher] = {}
         self._ended: dict[str, float] = {}
-        #: Jobs that ended but could not be retired (Redis was away), entry id -> model: retired once it is back.
-        self._unretired: dict[tuple[str, str], None] = {}
+        #: Jobs that ended but could not be retired (Redis was away), as (model, entry id): retired once it is back.
+        self._unretired: set[tuple[str, str]] = set()
         self._draining = asyncio.Event()
         self._registered = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -255,7 +255,7 @@ class BaseModelWorker(abc.ABC):
         """
         for model, entry_id in list(self._unretired):
             self.record.queue = await self.registry.finish(self.record, entry_id, model)
-            del self._unretired[(model, entry_id)]
+            self._unretired.discard((model, entry_id))
         running = {t.entry_id for t in self.jobs.values()} | {t.entry_id for t in self._held}
         idle_ms = int(self.settings.heartbeat_interval * 2000)
         for model in self.record.models:
@@ -466,7 +466,7 @@ class BaseModelWorker(abc.ABC):
                 self.record.queue = await self.registry.finish(self.record, job.entry_id, job.model)
             except Exception as exc:  # Redis away: retired by the first heartbeat that reaches it
                 log.info("job %s ended while Redis was unreachable (%s); retired later", job.request_id, exc)
-                self._unretired[(job.model, job.entry_id)] = None
+                self._unretired.add((job.model, job.entry_id))
 
     async def _events(self, job: Job) -> AsyncIterator[Event]:
         """The engine's events, with errors turned into a terminal error event."""
