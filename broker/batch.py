@@ -27,6 +27,7 @@ from arq.constants import abort_jobs_ss, in_progress_key_prefix
 from arq.jobs import Job as ArqJob
 from arq.jobs import JobStatus
 from arq.worker import Retry, Worker, func
+from redis.exceptions import WatchError
 
 from broker.batch_store import BatchStore, Request, line_problem
 from broker.connection import UNREACHABLE, connection_pool
@@ -37,6 +38,9 @@ from broker.settings import Settings
 from broker.tenants import ANONYMOUS, Tenant
 
 log = logging.getLogger(__name__)
+#: What ends arq's worker when Redis goes away. WatchError too: redis-py turns a connection lost under arq's
+#: WATCH (its job claim) into one, and arq lets it out of its poll loop.
+_REDIS_LOST: tuple[type[BaseException], ...] = (*UNREACHABLE, WatchError)
 
 #: The one arq function a runner registers; a job's first argument names its task.
 FUNCTION = "redserve.batch"
@@ -376,7 +380,7 @@ async def serve(redis_url: str, settings: Settings, make_handler: HandlerFactory
                 if not handle_signals:
                     raise
                 return
-            except UNREACHABLE as exc:
+            except _REDIS_LOST as exc:
                 log.warning("batch runner lost Redis (%s); starting again in %.2fs", exc, delay)
             finally:
                 try:
