@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from redis.exceptions import ResponseError
 
-from broker.connection import UNREACHABLE, connect, is_cluster
+from broker.connection import UNREACHABLE, connect, execute, is_cluster
 from broker.dispatch import Dispatcher
 from broker.errors import NoWorker, RedisUnavailable, UnknownModel, WorkerLost
 from broker.ids import new_request_id
@@ -228,7 +228,7 @@ class BrokerClient:
                 for s in streams:
                     pipe.execute_command(publish_command(pipe), self.keys.worker_control(s.worker_id or ""),
                                          pack(Resend(s.rid, s.next_seq, s.attempt, self.router.channel)))
-                await pipe.execute()
+                await execute(pipe)
 
     def _shed(self, stream: ReplyStream) -> None:
         task = asyncio.create_task(self.release(stream))

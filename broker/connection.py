@@ -163,6 +163,19 @@ def connect(url: str, *, decode: bool = True, **kwargs: Any) -> Redis:
     return Redis.from_pool(connection_pool(url, decode=decode, **kwargs))
 
 
+async def execute(pipe: Any, *, raise_on_error: bool = True) -> list[Any]:
+    """Run a pipeline. redis-py 5.3's cluster pipeline reads the client's default node after the call, and a
+    task that reset the client's topology meanwhile (a failover) left it None: that AttributeError is said as
+    what it is, a connection lost to the cluster, so every caller's "Redis is away" handling takes it."""
+    try:
+        results: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
+    except AttributeError as exc:
+        if not is_cluster(pipe):
+            raise
+        raise ConnectionError("the cluster's topology was reset under this pipeline (a failover)") from exc
+    return results
+
+
 def atomic_pipeline(redis: Redis) -> Any:
     """A pipeline whose commands (keys of one slot) apply together: MULTI/EXEC on one Redis. redis-py 5's
     asyncio cluster client has no MULTI, so on a cluster they go in order in one pipeline (a client that dies

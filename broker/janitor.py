@@ -26,7 +26,7 @@ from enum import StrEnum
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from broker.connection import UNREACHABLE, resolved
+from broker.connection import UNREACHABLE, execute, resolved
 from broker.dispatch import Dispatcher
 from broker.errors import Gone, ServeError
 from broker.keys import WORKER_GROUP, Keys
@@ -106,7 +106,7 @@ class Janitor:
         async with self.redis.pipeline(transaction=False) as pipe:
             for wid in ids:
                 pipe.exists(self.keys.worker(wid))
-            alive = await pipe.execute()
+            alive = await execute(pipe)
         reclaimed = []
         missing = {wid for wid, is_alive in zip(ids, alive) if not is_alive}
         dead, self._suspects = confirm_dead(missing, self._suspects)
@@ -123,7 +123,7 @@ class Janitor:
             async with self.redis.pipeline(transaction=False) as pipe:  # one slot per model on a cluster
                 pipe.delete(self.keys.jobs(model, worker_id))
                 pipe.zrem(self.keys.model_workers(model), worker_id)
-                await pipe.execute()
+                await execute(pipe)
         await resolved(self.redis.hdel(self.keys.workers(), worker_id))
         log.info("reclaimed the jobs of dead worker %s", worker_id)
 

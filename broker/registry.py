@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from broker import __version__
-from broker.connection import resolved
+from broker.connection import execute, resolved
 from broker.keys import WORKER_GROUP, Keys
 from broker.scripts import Scripts
 
@@ -177,7 +177,7 @@ class Registry:
                 pipe.delete(k.jobs(m, record.id))
             pipe.delete(k.worker(record.id))
             pipe.hdel(k.workers(), record.id)
-            await pipe.execute()
+            await execute(pipe)
 
     # --- readers' side -----------------------------------------------------
     async def live_workers(self) -> list[WorkerRecord]:
@@ -193,7 +193,7 @@ class Registry:
         async with self.redis.pipeline(transaction=False) as pipe:
             for wid in ids:
                 pipe.hgetall(self.keys.worker(wid))
-            records = await pipe.execute()
+            records = await execute(pipe)
         return [WorkerRecord.from_fields(rec) for rec in records if rec]
 
 

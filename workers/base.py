@@ -30,7 +30,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from broker.connection import UNREACHABLE, connect
+from broker.connection import UNREACHABLE, connect, execute
 from broker.errors import ServeError
 from broker.keys import WORKER_GROUP, Keys
 from broker.protocol import (
@@ -421,7 +421,7 @@ class BaseModelWorker(abc.ABC):
         async with self._raw.pipeline(transaction=False) as pipe:
             for entry_id in ids:
                 pipe.xrange(stream, entry_id, entry_id)
-            found = await pipe.execute()
+            found = await execute(pipe)
         return [(i, rows[0][1] if rows else None) for i, rows in zip(ids, found)]
 
     # --- one job ---------------------------------------------------------------

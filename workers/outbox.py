@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from broker.connection import UNREACHABLE, is_cluster
+from broker.connection import UNREACHABLE, execute
 from broker.protocol import bundle
 from broker.pubsub import publish_command
 
@@ -159,15 +159,8 @@ class Outbox:
             pipe.execute_command(publish, channel, messages[0] if len(messages) == 1 else bundle(messages))
         self.commands += len(batch.plain) + len(batch.logged)
         try:
-            results: list[Any] = await pipe.execute(raise_on_error=False)
+            results = await execute(pipe, raise_on_error=False)
         except UNREACHABLE:  # held: the caller ships it again once Redis answers
-            return False
-        except AttributeError:
-            # redis-py 5.3's cluster pipeline reads the client's default node after the call; when another task
-            # reset the client's topology meanwhile (a failover) that is None. Held, like an unreachable Redis
-            # (a message that did go out is sent again: gateways drop what they already have, by seq).
-            if not is_cluster(self.redis):
-                raise
             return False
         except Exception as exc:  # a refused pipeline: every message of the batch failed alike
             _fail(batch.futures(), exc)

@@ -22,7 +22,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from broker.connection import atomic_pipeline, resolved
+from broker.connection import atomic_pipeline, execute, resolved
 from broker.errors import ServeError
 from broker.keys import Keys
 from broker.scripts import Scripts
@@ -102,7 +102,7 @@ class ArenaStore:
         async with atomic_pipeline(self.redis) as pipe:
             pipe.hset(key, mapping=battle.to_fields())  # type: ignore[arg-type]  # redis-py's mapping type is invariant
             pipe.pexpire(key, self.battle_ttl_ms)
-            await pipe.execute()
+            await execute(pipe)
 
     async def begin_turn(self, battle_id: str) -> None:
         """Hold the battle for one turn (a 409 if a turn is under way): until ``end_turn``, no other turn and no
@@ -122,7 +122,7 @@ class ArenaStore:
             pipe.hset(key, mapping=fields)  # type: ignore[arg-type]  # redis-py's mapping type is invariant
             pipe.pexpire(key, self.battle_ttl_ms)
             pipe.delete(self.keys.battle_turn(battle.id))
-            await pipe.execute()
+            await execute(pipe)
 
     async def flag(self, battle_id: str) -> None:
         """Moderation refused a prompt of this battle: it stays, but its vote will not count."""
