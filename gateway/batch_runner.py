@@ -232,10 +232,17 @@ async def serve(redis_url: str, settings: Settings, *, handle_signals: bool = Tr
     log.info("batch runner: queue %s, %d jobs at once, batch share %.2f, lease %gs",
              Keys(settings.key_prefix).batch_queue(), settings.batch_concurrency, settings.batch_share,
              settings.batch_lease)
-    async def runner(_batch_url: str, settings: Settings) -> Runner:  # serves through redis_url, queue elsewhere
+    await batch.serve(settings.required_batch_url(redis_url), settings, _runners(redis_url),
+                      handle_signals=handle_signals)
+
+
+def _runners(redis_url: str) -> Callable[[str, Settings], Awaitable[Runner]]:
+    """The handler factory arq's worker calls with the batch plane's URL: each runner serves through
+    ``redis_url`` (the serving Redis, perhaps a cluster) while its queue lives on the batch plane."""
+    async def runner(_batch_url: str, settings: Settings) -> Runner:
         return await Runner.create(redis_url, settings)
 
-    await batch.serve(settings.required_batch_url(redis_url), settings, runner, handle_signals=handle_signals)
+    return runner
 
 
 def __getattr__(name: str) -> Any:
@@ -244,9 +251,6 @@ def __getattr__(name: str) -> Any:
     if name == "WorkerSettings":
         settings = Settings()
         redis_url = settings.resolved_redis_url()
-
-        async def runner(_batch_url: str, settings: Settings) -> Runner:
-            return await Runner.create(redis_url, settings)
-
-        return type("WorkerSettings", (), worker_options(settings.required_batch_url(redis_url), settings, runner))
+        return type("WorkerSettings", (), worker_options(settings.required_batch_url(redis_url), settings,
+                                                         _runners(redis_url)))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
