@@ -176,6 +176,13 @@ async def execute(pipe: Any, *, raise_on_error: bool = True) -> list[Any]:
     return results
 
 
+async def refresh_slots(redis: Redis | RedisCluster) -> None:
+    """Read a cluster's slot table again (nothing on one Redis). redis-py refreshes it when a command raises,
+    but not for a failure a pipeline hands back as a result, nor for a subscription it does not know of."""
+    if is_cluster(redis):
+        await cast(RedisCluster, redis).nodes_manager.initialize()
+
+
 def atomic_pipeline(redis: Redis) -> Any:
     """A pipeline whose commands (keys of one slot) apply together: MULTI/EXEC on one Redis. redis-py 5's
     asyncio cluster client has no MULTI, so on a cluster they go in order in one pipeline (a client that dies

@@ -31,7 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker.connection import UNREACHABLE, is_cluster
+from broker.connection import UNREACHABLE, is_cluster, refresh_slots
 
 #: A sharded subscription silent this long is asked for a PING; without an answer within PING_TIMEOUT it is dead.
 IDLE_PING, PING_TIMEOUT = 15.0, 5.0
@@ -104,7 +104,7 @@ async def _sharded(cluster: RedisCluster, channel: str, on_message: Callable[[by
     async with asyncio.timeout(SETUP_TIMEOUT):
         await cluster.initialize()
         if refresh:  # after a break: where the slot lives now (a replica promoted, a slot migrated)
-            await cluster.nodes_manager.initialize()
+            await refresh_slots(cluster)
     node = cluster.get_node_from_key(channel)
     assert node is not None  # the primary (only a replica lookup gives None)
     # the node's own settings (credentials, TLS, decoding, timeouts), less the health check (its PING expects

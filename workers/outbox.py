@@ -22,6 +22,7 @@ generating through a Redis restart. What waits is bounded in bytes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from broker.connection import UNREACHABLE, execute
+from broker.connection import UNREACHABLE, execute, refresh_slots
 from broker.protocol import bundle
 from broker.pubsub import publish_command
 
@@ -168,7 +169,10 @@ class Outbox:
         if any(isinstance(r, UNREACHABLE) for r in results):
             # a cluster pipeline hands back a node's failure (CLUSTERDOWN during a failover, a dropped node) as
             # that command's result: hold the batch like an unreachable Redis (what did go out is sent again;
-            # gateways drop what they already have, by seq)
+            # gateways drop what they already have, by seq), and read where the slots live now, which redis-py
+            # does not do for a failure it returns (without it, the batch goes to the dead node again and again)
+            with contextlib.suppress(*UNREACHABLE):
+                await refresh_slots(self.redis)
             return False
         await self._settle_waiters(batch, results)
         return True
