@@ -21,6 +21,7 @@ from broker.errors import NoWorker, RedisUnavailable, UnknownModel, WorkerLost
 from broker.ids import new_request_id
 from broker.janitor import Janitor
 from broker.keys import Keys
+from broker.lane import Lane, run_script
 from broker.protocol import Cancel, Job, JobKind, Params, Reply, Resend, StreamMeta, as_str, pack
 from broker.pubsub import publish, publish_command
 from broker.registry import Registry, WorkerRecord
@@ -46,11 +47,12 @@ class BrokerClient:
             raise ValueError("replica_acks (WAIT) needs one Redis or Sentinel: a cluster's dispatch and WAIT would "
                              "run on different connections; set replica_acks 0 with a redis+cluster:// URL")
         self.scripts = Scripts.register(self._raw)
+        self.lane = Lane.of(self._raw)
         self.registry = Registry(self._text, self.keys, Scripts.register(self._text))
         self.dispatcher = Dispatcher(self._raw, self.keys, settings.dispatch_method, self.scripts,
                                      replica_acks=settings.replica_acks,
                                      replica_ack_timeout=settings.replica_ack_timeout,
-                                     batch_share=settings.batch_share if batch else 0.0)
+                                     batch_share=settings.batch_share if batch else 0.0, lane=self.lane)
         self.router = ReplyRouter(self._raw, self.keys, gateway_id, buffer=settings.stream_buffer,
                                   on_shed=self._shed, on_gap=self._ask_resend)
         self.janitor = Janitor(self._raw, self.keys, self.dispatcher, interval=settings.worker_ttl / 2) if janitor \
@@ -70,6 +72,8 @@ class BrokerClient:
         await self.router.stop()
         for task in list(self._background):
             task.cancel()
+        if self.lane is not None:
+            await self.lane.close()
         await self._text.aclose()
         await self._raw.aclose()
 
@@ -167,8 +171,8 @@ class BrokerClient:
         if not well_formed("request", request_id):
             return None
         try:
-            found = await self.scripts.cancel(keys=[self.keys.request(request_id)],
-                                              args=["" if tenant.admin else tenant.id])
+            found = await run_script(self.lane, self.scripts.cancel, [self.keys.request(request_id)],
+                                     ["" if tenant.admin else tenant.id])
         except ResponseError as exc:
             if "WRONGTYPE" not in str(exc):
                 raise
@@ -176,7 +180,7 @@ class BrokerClient:
         if not found:
             return None
         wid = as_str(found)
-        await publish(self._raw, self.keys.worker_control(wid), pack(Cancel(request_id)))
+        await publish(self._raw, self.keys.worker_control(wid), pack(Cancel(request_id)), lane=self.lane)
         return wid
 
     async def ping(self) -> None:
@@ -198,7 +202,7 @@ class BrokerClient:
     async def charge(self, key: str, limit: int, amount: int, window_ms: int) -> bool:
         """Add ``amount`` to a rate counter unless it is at ``limit`` already; whether it was charged. Limit 0
         settles (charges, never refuses, and creates no counter). The counter lives ``window_ms``."""
-        return bool(await self.scripts.ratelimit(keys=[key], args=[limit, amount, window_ms]))
+        return bool(await run_script(self.lane, self.scripts.ratelimit, [key], [limit, amount, window_ms]))
 
     async def add_vote(self, fields: dict[str, str], max_entries: int) -> str:
         """Append a vote to the votes stream (trimmed to ``max_entries``); its entry id."""

@@ -18,6 +18,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from broker.errors import Busy, Gone, NoRoom, NoWorker, UnknownModel
 from broker.keys import Keys
+from broker.lane import Lane, run_script
 from broker.protocol import Job, as_str
 from broker.scripts import Scripts
 from broker.settings import DispatchMethod
@@ -44,11 +45,14 @@ class Dispatcher:
         replica_acks: int = 0,
         replica_ack_timeout: float = 0.5,
         batch_share: float = 0.0,
+        lane: Lane | None = None,
     ) -> None:
         """``replica_acks``: replicas that must hold each dispatched job (WAIT) before ``dispatch`` returns, so
         a failover right after cannot lose it; at most ``replica_ack_timeout`` is spent waiting.
+        ``lane``: the pipelined connection dispatches go out on (``broker.lane``; None: redis-py's pool).
         ``batch_share`` > 0 makes this a batch dispatcher: jobs go only into batch room (NoRoom otherwise)."""
         self.batch_share = batch_share
+        self.lane = lane
         self.redis = redis
         self.replica_acks = replica_acks
         self.replica_ack_ms = int(replica_ack_timeout * 1000)
@@ -102,7 +106,7 @@ class Dispatcher:
         """The dispatch script; with ``replica_acks``, followed by WAIT on the same connection (a pipeline), so
         the wait covers this very write. A failed WAIT (a failover under way) does not fail the dispatch."""
         if not self.replica_acks:
-            placed: list[Any] = await self.scripts.dispatch(keys=keys, args=args)
+            placed: list[Any] = await run_script(self.lane, self.scripts.dispatch, keys, args)
             return placed
         script = self.scripts.dispatch
         for _ in range(2):

@@ -1,0 +1,159 @@
+"""One pipelined connection for the commands every request sends (dispatch, cancel): the hot lane.
+
+redis-py takes a connection from its pool for each command, encodes each
+argument in Python and waits for the reply before the connection is free
+again, so a gateway starting 256 streams at once pays 256 writes, 256 reads
+and a dispatch's 30 arguments encoded one by one, per request. The lane holds
+one connection of the same pool (so the same URL, credentials, TLS and
+Sentinel discovery), packs a command with hiredis in one call, and sends every
+command issued in one turn of the event loop as one write; Redis answers in
+order, so one reader task hands each reply to its caller. At one request at a
+time that is exactly one command per write, with no added wait.
+
+A lost connection fails every command waiting on it with ``ConnectionError``
+(the callers' own patience, as with redis-py, decides whether to try again)
+and the next command connects afresh. Redis Cluster routes each command by
+its slot, so a cluster client has no lane (``Lane.of`` gives None) and its
+callers use redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from typing import Any
+
+import hiredis
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+
+from broker.connection import UNREACHABLE, is_cluster
+
+
+class Lane:
+    def __init__(self, redis: Redis) -> None:
+        """``redis``: the (non-cluster) client whose pool makes the lane's connection."""
+        self.redis = redis
+        self._conn: AbstractConnection | None = None
+        self._connecting: asyncio.Future[AbstractConnection] | None = None
+        self._outgoing: list[bytes] = []
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._reader: asyncio.Task[None] | None = None
+        self._flush_scheduled = False
+
+    @classmethod
+    def of(cls, redis: Redis) -> Lane | None:
+        """A lane over ``redis``'s pool; None on a cluster (commands go where their slot lives)."""
+        return None if is_cluster(redis) else cls(redis)
+
+    async def execute(self, *args: Any) -> Any:
+        """Send one command (with whatever else is sent this loop turn) and wait for its reply.
+
+        Raises the reply's ``ResponseError``, or ``ConnectionError`` when the connection was lost with the
+        command on it (it may or may not have run).
+        """
+        if self._conn is None and await self._connect() is not self._conn:
+            raise ConnectionError("lost the lane to Redis as it connected")
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Any] = loop.create_future()
+        self._outgoing.append(hiredis.pack_command(args))
+        self._waiting.append(reply)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return await reply
+
+    async def evalsha(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+        """Run a registered script, loading it once if this Redis does not know it (restarted, failed over)."""
+        try:
+            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.execute("SCRIPT", "LOAD", script.script)
+            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader
+        if self._conn is not None:
+            self._lost(ConnectionError("the lane was closed"))
+
+    async def _connect(self) -> AbstractConnection:
+        """The lane's connection, made once however many callers ask at the same time."""
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+        return await asyncio.shield(self._connecting)
+
+    async def _open(self) -> AbstractConnection:
+        try:
+            pool = self.redis.connection_pool
+            conn = pool.connection_class(**{**pool.connection_kwargs, "health_check_interval": 0})
+            await conn.connect()  # type: ignore[no-untyped-call]  # redis-py: no annotations
+            self._conn = conn
+            self._reader = asyncio.ensure_future(self._read(conn))
+            return conn
+        finally:
+            self._connecting = None
+
+    def _flush(self) -> None:
+        """Write what this loop turn queued. (``_lost`` empties the queue with the connection, so whatever is
+        queued now was queued on the current one.)"""
+        self._flush_scheduled = False
+        data, self._outgoing = self._outgoing, []
+        writer = self._conn._writer if self._conn is not None else None  # redis-py keeps its stream private
+        if not data or writer is None:
+            return
+        try:
+            writer.writelines(data)  # the transport buffers what the socket does not take at once
+        except UNREACHABLE as exc:
+            self._lost(ConnectionError(f"lost the lane to Redis: {exc}"))
+
+    async def _read(self, conn: AbstractConnection) -> None:
+        """Hand each reply, in order, to the command that waits for it."""
+        waiting = self._waiting
+        while True:
+            try:
+                value: Any = await conn.read_response(disconnect_on_error=False)
+            except ResponseError as exc:
+                value = exc
+            except BaseException as exc:
+                self._lost(exc if isinstance(exc, ConnectionError) else ConnectionError(f"lost the lane: {exc!r}"))
+                return
+            if not waiting:  # nothing asked for it: the stream is out of step, start over
+                self._lost(ConnectionError("an unexpected reply on the lane"))
+                return
+            reply = waiting.popleft()
+            if reply.done():  # its caller stopped waiting (cancelled)
+                continue
+            if isinstance(value, ResponseError):
+                reply.set_exception(value)
+            else:
+                reply.set_result(value)
+
+    def _lost(self, exc: BaseException) -> None:
+        """Fail every command on the connection and drop it; the next command connects again."""
+        conn, self._conn = self._conn, None
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()
+        self._reader = None
+        waiting, self._waiting = self._waiting, deque()
+        self._outgoing = []
+        for reply in waiting:
+            if not reply.done():
+                reply.set_exception(exc)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                transport = conn._writer.transport if conn._writer is not None else None
+                if transport is not None:
+                    transport.abort()
+
+
+async def run_script(lane: Lane | None, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+    """``script`` on the lane when there is one, else through redis-py (a cluster, or no lane wanted)."""
+    if lane is not None:
+        return await lane.evalsha(script, keys, args)
+    return await script(keys=keys, args=args)
