@@ -27,11 +27,13 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.connection import UNREACHABLE, is_cluster, refresh_slots
+from broker.lane import Lane
 
 #: A sharded subscription silent this long is asked for a PING; without an answer within PING_TIMEOUT it is dead.
 IDLE_PING, PING_TIMEOUT = 15.0, 5.0
@@ -44,8 +46,10 @@ def publish_command(redis: object) -> str:
     return "SPUBLISH" if is_cluster(redis) else "PUBLISH"
 
 
-async def publish(redis: Redis, channel: str, data: bytes | str) -> int:
-    """Publish ``data`` on ``channel``; how many subscribers received it."""
+async def publish(redis: Redis, channel: str, data: bytes | str, *, lane: Lane | None = None) -> int:
+    """Publish ``data`` on ``channel`` (on ``lane`` when given); how many subscribers received it."""
+    if lane is not None:
+        return int(await lane.execute("PUBLISH", channel, data))
     return int(await redis.execute_command(  # type: ignore[no-untyped-call]  # redis-py: no annotations
         publish_command(redis), channel, data))
 
@@ -87,15 +91,10 @@ async def subscribe_forever(redis: Redis, channel: str, on_message: Callable[[by
 
 
 async def _classic(redis: Redis, channel: str, on_message: Callable[[bytes], None], up: Callable[[], None]) -> None:
-    pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    try:
-        await pubsub.subscribe(channel)
-        up()
-        async for msg in pubsub.listen():
-            on_message(msg["data"])
-    finally:
-        with contextlib.suppress(Exception):
-            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py's PubSub.aclose has no hints
+    """One subscription on a single Redis (or the master behind Sentinels), until it breaks (raises)."""
+    pool = redis.connection_pool
+    await _listen(pool.connection_class(**{**pool.connection_kwargs, "health_check_interval": 0}),
+                  "SUBSCRIBE", channel, on_message, up, where="Redis")
 
 
 async def _sharded(cluster: RedisCluster, channel: str, on_message: Callable[[bytes], None], up: Callable[[], None],
@@ -107,31 +106,45 @@ async def _sharded(cluster: RedisCluster, channel: str, on_message: Callable[[by
             await refresh_slots(cluster)
     node = cluster.get_node_from_key(channel)
     assert node is not None  # the primary (only a replica lookup gives None)
-    # the node's own settings (credentials, TLS, decoding, timeouts), less the health check (its PING expects
-    # +PONG, which a subscribed connection answers as a [pong, ""] push), in RESP2: pushes read as plain lists
-    conn = node.connection_class(**{**node.connection_kwargs, "health_check_interval": 0, "protocol": 2})
+    # in RESP2: pushes read as plain lists
+    await _listen(node.connection_class(**{**node.connection_kwargs, "health_check_interval": 0, "protocol": 2}),
+                  "SSUBSCRIBE", channel, on_message, up, where=node.name)
+
+
+async def _listen(conn: AbstractConnection, command: str, channel: str, on_message: Callable[[bytes], None],
+                  up: Callable[[], None], *, where: str) -> None:
+    """Subscribe ``conn`` (``SUBSCRIBE`` or ``SSUBSCRIBE``) and hand on each message until it breaks.
+
+    A connection of its own, read here rather than through redis-py's ``PubSub``: a gateway's reply channel
+    carries every token of every stream, and a message costs one parsed reply and one call this way. Its
+    settings are the client's (credentials, TLS, decoding, the Sentinel's master), less redis-py's health check
+    (its PING expects +PONG, which a subscribed connection answers as a [pong, ""] push): a connection silent
+    for IDLE_PING is asked for a PING here instead.
+    """
+    prefix = "s" if command == "SSUBSCRIBE" else ""
+    confirmed, message, unsubscribed = (f"{prefix}{k}" for k in ("subscribe", "message", "unsubscribe"))
+    message_kinds = (message, message.encode())
     try:
         async with asyncio.timeout(SETUP_TIMEOUT):
             await conn.connect()  # type: ignore[no-untyped-call]  # redis-py: no annotations
-            await conn.send_command("SSUBSCRIBE", channel)
-            if _kind(await conn.read_response()) != "ssubscribe":
-                raise RedisConnectionError(f"{node.name} did not confirm SSUBSCRIBE {channel!r}")
+            await conn.send_command(command, channel)
+            if _kind(await conn.read_response()) != confirmed:
+                raise RedisConnectionError(f"{where} did not confirm {command} {channel!r}")
         up()
         pinged = False
         while True:
             reply = await conn.read_response(timeout=PING_TIMEOUT if pinged else IDLE_PING)
             if reply is None:
                 if pinged:
-                    raise RedisTimeoutError(f"no answer to PING from {node.name} within {PING_TIMEOUT}s")
+                    raise RedisTimeoutError(f"no answer to PING from {where} within {PING_TIMEOUT}s")
                 await conn.send_command("PING", check_health=False)
                 pinged = True
                 continue
             pinged = False
-            kind = _kind(reply)
-            if kind == "smessage":
+            if reply[0] in message_kinds:
                 on_message(reply[2])
-            elif kind == "sunsubscribe":  # the node no longer owns the slot: migrated, or the node was demoted
-                raise RedisConnectionError(f"{node.name} unsubscribed {channel!r}: it no longer serves its slot")
+            elif _kind(reply) == unsubscribed:  # a cluster node no longer owns the slot (migrated, or demoted)
+                raise RedisConnectionError(f"{where} unsubscribed {channel!r}: it no longer serves its slot")
     finally:
         with contextlib.suppress(Exception):
             await conn.disconnect()
