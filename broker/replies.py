@@ -82,6 +82,11 @@ class ReplyStream:
         self.asked_at = 0.0
 
     @property
+    def arrived(self) -> bool:
+        """Whether a message is waiting to be read (``next_events`` would most likely not wait)."""
+        return not self.queue.empty()
+
+    @property
     def attempt(self) -> int:
         return self.job.attempt if self.job else 0
 

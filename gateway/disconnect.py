@@ -9,7 +9,6 @@ gateway cancel the job at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -23,20 +22,30 @@ class ClientGone(Exception):
 
 
 async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
-    """Await ``awaitable``; if the client disconnects first, cancel it and raise ClientGone."""
-    work = asyncio.ensure_future(awaitable)
-    watch = asyncio.ensure_future(_disconnected(request))
+    """Await ``awaitable``; if the client disconnects first, cancel it and raise ClientGone.
+
+    The wait runs in the caller's task and one watcher cancels it: this is on every request's path, and a
+    second task for the work (with ``asyncio.wait`` over both) cost more than all the rest of the wait.
+    """
+    waiting = asyncio.current_task()
+    assert waiting is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _disconnected(request)
+        gone = True
+        waiting.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if work in done:
-            return work.result()
-        raise ClientGone
+        return await awaitable
+    except asyncio.CancelledError:
+        if gone and waiting.uncancel() == 0:  # our cancel, and nobody else's: the client left
+            raise ClientGone from None
+        raise
     finally:
-        for task in (work, watch):
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        watcher.cancel()
 
 
 async def _disconnected(request: Request) -> None:

@@ -28,7 +28,7 @@ from gateway.moderation import texts_of
 from gateway.render import Shape
 from gateway.schemas import SamplingRequest
 from gateway.security import RateLimiter, Reservation, tenant_of
-from gateway.sse import StreamFormat, encode, failure, opening, render
+from gateway.sse import SSE, StreamFormat, encode, failure, opening, render
 
 
 async def generate(
@@ -71,7 +71,7 @@ async def generate(
         else:
             if first and isinstance(first[0], Failure):
                 raise ServeError.from_event(first[0])
-            metrics.ttft.labels(body.model).observe(since(started))
+            metrics.child(metrics.ttft, body.model).observe(since(started))
     except ClientGone:
         await _release(broker, stream)
         await limiter.settle(held, 0)
@@ -84,7 +84,7 @@ async def generate(
     account = _usage_hook(request, body.model, held,
                           (log, transcript, shape.id) if log is not None and transcript is not None else None)
     if body.stream:
-        events = _sse(broker, stream, first, fmt, body.resumable, account, metrics.itl.labels(body.model),
+        events = _sse(broker, stream, first, fmt, body.resumable, account, metrics.child(metrics.itl, body.model),
                       transcript)
         return EventSourceResponse(events, ping=15, send_timeout=broker.settings.send_timeout,
                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -138,7 +138,8 @@ def _usage_hook(request: Request, model: str, held: Reservation | None,
     failed after its first token) keeps its whole reservation as its charge.
     """
     limiter: RateLimiter = request.app.state.limiter
-    tokens = request.app.state.metrics.tokens.labels(model)
+    metrics: GatewayMetrics = request.app.state.metrics
+    tokens = metrics.child(metrics.tokens, model)
 
     async def account(usage: Usage) -> None:
         tokens.inc(usage.completion_tokens)
@@ -202,9 +203,11 @@ async def _collect(stream: ReplyStream, first: Events, shape: Shape, prefix: str
 
 async def _sse(broker: BrokerClient, stream: ReplyStream, first: Events, fmt: StreamFormat,
                resumable: bool, account: Accountant, itl: Any, transcript: Transcript | None) -> AsyncIterator[bytes]:
+    """The stream's SSE writes. Messages that arrived while the last write was going out are rendered into the
+    next one: a client (or a gateway) that falls behind catches up in fewer, larger writes, and an idle one
+    gets each message at once. The opening chunks go out with the first message's events."""
+    pending: list[SSE] = opening(fmt)
     try:
-        if head := opening(fmt):
-            yield encode(head)
         events = first
         _note(transcript, events)
         last = time.perf_counter()
@@ -215,17 +218,21 @@ async def _sse(broker: BrokerClient, stream: ReplyStream, first: Events, fmt: St
                 last = time.perf_counter()
                 sse, ended = render(fmt, events, stream.attempt, stream.last_seq)
                 stream.committed = stream.committed or any(isinstance(ev, (Delta, ToolCall)) for ev in events)
-                if sse:
-                    yield encode(sse)
+                pending += sse
                 if ended:
+                    if pending:
+                        yield encode(pending)
                     usage = next((ev.usage for ev in events if isinstance(ev, Done)), None)
                     if usage is not None:  # an error or a cancel keeps the whole reservation as its charge
                         await account(usage)
                     return
+            if pending and not stream.arrived:
+                yield encode(pending)
+                pending = []
             events = await stream.next_events()
             _note(transcript, events)
     except ServeError as exc:
-        yield encode(failure(exc.body()))
+        yield encode(pending + failure(exc.body()))
     except (asyncio.CancelledError, GeneratorExit):
         if resumable:  # the client may come back for the rest: let the job finish into its replay log
             stream.close()

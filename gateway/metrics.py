@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -35,6 +36,17 @@ class GatewayMetrics:
         self.log_misses = Counter("redserve_conversation_log_misses", "Conversation log entries that could not be "
                                   "written (the requests themselves succeeded).", registry=r)
         r.register(_BrokerCollector(broker))
+        #: Labelled children by label values: ``labels()`` takes a lock and builds a key on every call, and each
+        #: streamed request would make four such calls. Bounded as the label values are (see MetricsMiddleware).
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def child(self, metric: Counter | Histogram, *values: str) -> Any:
+        """``metric.labels(*values)``, made once."""
+        key = (str(id(metric)), *values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -92,7 +104,7 @@ class MetricsMiddleware:
             route = scope.get("route")
             name = getattr(route, "path", None) or "unmatched"
             model = scope.get("state", {}).get("model", "unknown")
-            self.metrics.requests.labels(name, model, str(status)).inc()
+            self.metrics.child(self.metrics.requests, name, model, str(status)).inc()
 
 
 def since(start: float) -> float:

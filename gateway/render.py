@@ -6,18 +6,23 @@ sits in a choice; ``Shape`` captures exactly that difference.
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.ids import response_id
-from broker.protocol import JobKind, TokenLogprob, ToolCall, TopLogprob, Usage
+import msgspec
 
-#: Compact JSON with UTF-8 text as is; one encoder for the process (``json.dumps`` with
-#: options builds a new one per call).
-dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+from broker.protocol import TokenLogprob, ToolCall, TopLogprob, Usage
+
+#: One encoder for the process (it holds no state between calls).
+_JSON = msgspec.json.Encoder()
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON with UTF-8 text as is. msgspec, not the json module: every streamed chunk is encoded here,
+    and it is about eight times faster on a chunk (the output is the same, bar non-finite floats: null)."""
+    return _JSON.encode(obj).decode()
+
 
 #: Stands in for the text while a delta chunk's template is built (``dumps`` writes it as ``"\u0000"``).
 _HOLE = "\0"
@@ -34,6 +39,7 @@ class Shape:
 
     chat: bool
     model: str
+    #: The response id: known once the request is dispatched (``broker.ids.response_id``).
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -41,9 +47,6 @@ class Shape:
     offsets: dict[int, int] = field(default_factory=dict)
     #: A plain text delta's chunk around its text, per (choice, include_usage): the hot path.
     templates: dict[tuple[int, bool], tuple[str, str]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.id = self.id or response_id(JobKind.CHAT if self.chat else JobKind.COMPLETION, uuid.uuid4().hex)
 
     def logprobs(self, index: int, lp: list[TokenLogprob] | None) -> dict[str, Any] | None:
         """Worker logprob entries in the endpoint's own shape (they differ between chat and completions)."""
