@@ -22,7 +22,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 from redis.asyncio import Redis
 
@@ -47,6 +47,14 @@ class Restarted:
 
 #: The one ``Restarted`` value (compare with ``is``).
 RESTART = Restarted()
+
+
+class Idle:
+    """What ``ReplyStream.next_events(idle=...)`` returns when no message came for that long."""
+
+
+#: The one ``Idle`` value (compare with ``is``).
+IDLE = Idle()
 
 
 class SlowClient(ServeError):
@@ -80,6 +88,8 @@ class ReplyStream:
         self.unsure = False
         #: When (loop time) this stream last asked its worker to resend.
         self.asked_at = 0.0
+        #: When (loop time) waiting for the next message ends in WorkerTimeout; None while none is awaited.
+        self._give_up: float | None = None
 
     @property
     def arrived(self) -> bool:
@@ -90,46 +100,74 @@ class ReplyStream:
     def attempt(self) -> int:
         return self.job.attempt if self.job else 0
 
-    async def next_events(self) -> list[Event] | Restarted:
+    @overload
+    async def next_events(self) -> list[Event] | Restarted: ...
+
+    @overload
+    async def next_events(self, idle: float) -> list[Event] | Restarted | Idle: ...
+
+    async def next_events(self, idle: float = 0.0) -> list[Event] | Restarted | Idle:
         """The events of the next message in sequence (waits at most ``timeout``).
 
         ``RESTART`` means the job was re-dispatched after its worker died
         before anything reached the client: drop what was collected so far,
-        the new attempt starts over.
+        the new attempt starts over. With ``idle`` > 0, ``IDLE`` comes back
+        each time ``idle`` seconds pass without a message (a streaming caller
+        sends a keep-alive then); the ``timeout`` still runs from the first
+        call that waited for this message.
         """
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + self.timeout
+        if self._give_up is None:
+            self._give_up = loop.time() + self.timeout
+        wake = loop.time() + idle if idle > 0 else self._give_up
         while True:
             if self.failed is not None:
                 raise self.failed
             try:
-                item = self.queue.get_nowait()  # under load the next message is usually here already
+                item: Reply | BaseException | Idle | None = self.queue.get_nowait()  # under load, usually there
             except asyncio.QueueEmpty:
-                # While a gap may be open, ask again every second: a request for a resend may be lost too.
-                gap = bool(self.ahead) or self.unsure
-                wait = min(GAP_RETRY, give_up - loop.time()) if gap else give_up - loop.time()
-                try:
-                    async with asyncio.timeout(max(wait, 0)):  # no task per wait, unlike wait_for on 3.11
-                        item = await self.queue.get()
-                except TimeoutError:
-                    if gap and loop.time() < give_up:
-                        self.router.gap(self)
-                        continue
-                    raise WorkerTimeout(f"No reply from the worker within {self.timeout:g} s.") from None
+                item = await self._wait(self._give_up, wake)
+            if item is None:
+                continue
+            if isinstance(item, Idle):
+                return item
             if isinstance(item, BaseException):
                 raise item
-            if item.attempt != self.attempt:  # a superseded attempt still talking
-                continue
-            if item.lost:
+            if item.lost and item.attempt == self.attempt:
+                self._give_up = None
                 return await self._worker_lost()
-            if item.seq < self.next_seq:  # duplicate delivery: already seen
-                continue
-            if item.seq > self.next_seq:  # a gap: hold it, ask for what is missing (again, if asked long ago)
-                if not self.ahead or loop.time() - self.asked_at > GAP_RETRY:
-                    self.router.gap(self)
-                self.ahead[item.seq] = item
-                continue
-            return self._take(item)
+            if self._in_order(item):
+                self._give_up = None
+                return self._take(item)
+
+    async def _wait(self, give_up: float, wake: float) -> Reply | BaseException | Idle | None:
+        """The next queued item; ``IDLE`` at ``wake``; None after asking again for a resend (while a gap may be
+        open, every second: a request for a resend may be lost too). Raises WorkerTimeout at ``give_up``."""
+        loop = asyncio.get_running_loop()
+        gap = bool(self.ahead) or self.unsure
+        try:
+            async with asyncio.timeout_at(min(give_up, wake, loop.time() + GAP_RETRY) if gap else min(give_up, wake)):
+                return await self.queue.get()  # no task per wait, unlike wait_for on 3.11
+        except TimeoutError:
+            now = loop.time()
+            if now >= give_up:
+                raise WorkerTimeout(f"No reply from the worker within {self.timeout:g} s.") from None
+            if now >= wake:
+                return IDLE
+            self.router.gap(self)
+            return None
+
+    def _in_order(self, item: Reply) -> bool:
+        """Whether ``item`` is the next message; one of a superseded attempt, a duplicate or one that came early
+        (held until the gap before it is filled, which it asks for) is not."""
+        if item.attempt != self.attempt or item.seq < self.next_seq:  # a superseded attempt; a duplicate
+            return False
+        if item.seq > self.next_seq:  # a gap: hold it, ask for what is missing (again, if asked long ago)
+            if not self.ahead or asyncio.get_running_loop().time() - self.asked_at > GAP_RETRY:
+                self.router.gap(self)
+            self.ahead[item.seq] = item
+            return False
+        return True
 
     def _take(self, item: Reply) -> list[Event]:
         self.unsure = False

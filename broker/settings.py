@@ -217,6 +217,10 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="Seconds one SSE write may wait on a client before it is dropped.",
         json_schema_extra=_for("gateway"),
     )
+    keepalive: float = Field(
+        default=15.0, gt=0, description="Seconds a stream may be silent before it is sent an SSE comment (for "
+        "proxies that cut idle connections).", json_schema_extra=_for("gateway"),
+    )
     # --- security and limits (gateway) -----------------------------------------
     api_keys: list[str] = Field(
         default_factory=list, description="Accepted API keys; none = no authentication.",

@@ -18,7 +18,7 @@ from broker.client import BrokerClient
 from broker.errors import ServeError, UnknownModel, WorkerTimeout
 from broker.ids import response_id
 from broker.protocol import ChoiceEnd, Delta, Done, Event, Failure, JobKind, Params, TokenLogprob, ToolCall, Usage
-from broker.replies import ReplyStream, Restarted
+from broker.replies import Idle, ReplyStream, Restarted
 from broker.settings import Settings
 from gateway import limits
 from gateway.conversations import ConversationLog, Transcript
@@ -28,7 +28,7 @@ from gateway.moderation import texts_of
 from gateway.render import Shape
 from gateway.schemas import SamplingRequest
 from gateway.security import RateLimiter, Reservation, tenant_of
-from gateway.sse import SSE, StreamFormat, encode, failure, opening, render
+from gateway.sse import PING, SSE, StreamFormat, encode, failure, opening, render
 
 
 async def generate(
@@ -86,7 +86,8 @@ async def generate(
     if body.stream:
         events = _sse(broker, stream, first, fmt, body.resumable, account, metrics.child(metrics.itl, body.model),
                       transcript)
-        return EventSourceResponse(events, ping=15, send_timeout=broker.settings.send_timeout,
+        # ping=0: _sse sends the keep-alive itself when the stream is idle, which spares every stream a task
+        return EventSourceResponse(events, ping=0, send_timeout=broker.settings.send_timeout,
                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         whole = await unless_disconnected(request, _collect(stream, first, fmt.shape, prefix, transcript))
@@ -205,32 +206,31 @@ async def _sse(broker: BrokerClient, stream: ReplyStream, first: Events, fmt: St
                resumable: bool, account: Accountant, itl: Any, transcript: Transcript | None) -> AsyncIterator[bytes]:
     """The stream's SSE writes. Messages that arrived while the last write was going out are rendered into the
     next one: a client (or a gateway) that falls behind catches up in fewer, larger writes, and an idle one
-    gets each message at once. The opening chunks go out with the first message's events."""
+    gets each message at once. The opening chunks go out with the first message's events; a stream silent for
+    ``keepalive`` seconds is sent a comment."""
     pending: list[SSE] = opening(fmt)
     try:
         events = first
-        _note(transcript, events)
         last = time.perf_counter()
         while True:
+            _note(transcript, events)
             if not isinstance(events, Restarted):
-                if stream.last_seq > 0:
-                    itl.observe(since(last))
-                last = time.perf_counter()
+                last = _observe(itl, stream, last)
                 sse, ended = render(fmt, events, stream.attempt, stream.last_seq)
                 stream.committed = stream.committed or any(isinstance(ev, (Delta, ToolCall)) for ev in events)
                 pending += sse
                 if ended:
-                    if pending:
-                        yield encode(pending)
-                    usage = next((ev.usage for ev in events if isinstance(ev, Done)), None)
-                    if usage is not None:  # an error or a cancel keeps the whole reservation as its charge
-                        await account(usage)
+                    yield encode(pending)
+                    await _settle(events, account)
                     return
             if pending and not stream.arrived:
                 yield encode(pending)
                 pending = []
-            events = await stream.next_events()
-            _note(transcript, events)
+            got = await stream.next_events(broker.settings.keepalive)
+            while isinstance(got, Idle):
+                yield PING
+                got = await stream.next_events(broker.settings.keepalive)
+            events = got
     except ServeError as exc:
         yield encode(pending + failure(exc.body()))
     except (asyncio.CancelledError, GeneratorExit):
@@ -240,6 +240,21 @@ async def _sse(broker: BrokerClient, stream: ReplyStream, first: Events, fmt: St
     finally:
         if stream.open:
             await _release(broker, stream)
+
+
+def _observe(itl: Any, stream: ReplyStream, last: float) -> float:
+    """Record the time since the stream's last message (none for its first); now, for the next one."""
+    now = time.perf_counter()
+    if stream.last_seq > 0:
+        itl.observe(now - last)
+    return now
+
+
+async def _settle(events: Sequence[Event], account: Accountant) -> None:
+    """Account a finished stream's usage; an error or a cancel keeps the whole reservation as its charge."""
+    usage = next((ev.usage for ev in events if isinstance(ev, Done)), None)
+    if usage is not None:
+        await account(usage)
 
 
 def _note(transcript: Transcript | None, events: Events) -> None:

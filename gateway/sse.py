@@ -46,6 +46,12 @@ class SSE(NamedTuple):
     id: str | None = None
 
 
+#: A keep-alive: an SSE comment line, which clients ignore. With no blank line after it: a blank line dispatches
+#: an event, and the openai client, which keeps the last event id as the spec says, then parses an event with an
+#: id and no data as JSON, and fails. The next event's own blank line ends it.
+PING = b": ping\r\n"
+
+
 def encode(events: list[SSE]) -> bytes:
     """Events in SSE wire form (what sse-starlette writes for a ``ServerSentEvent``), as one write."""
     return "".join(f"data: {e.data}\r\n\r\n" if e.id is None else f"id: {e.id}\r\ndata: {e.data}\r\n\r\n"

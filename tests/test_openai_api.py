@@ -119,3 +119,22 @@ async def test_tokenize_on_the_echo_engine_counts_words(stack):
                             "token_strs": None}
         r = await http.post("/v1/tokenize", json={"model": "nope", "prompt": PROMPT})
         assert r.status_code == 404
+
+
+async def test_a_silent_stream_is_sent_keepalive_comments_and_still_completes(stack):
+    """Between tokens 0.5 s apart a stream with keepalive 0.2 s gets SSE comments, which the official client
+    ignores (a comment line with no blank line after it: a blank one would make the openai client, which keeps
+    the last event id, parse an empty event as JSON); the reply is whole."""
+    import httpx
+
+    await stack.worker(echo_delay=0.5, echo_tokens=3)
+    gw = await stack.gateway(keepalive=0.2)
+    body = {"model": "echo", "messages": [{"role": "user", "content": PROMPT}], "stream": True}
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http, \
+            http.stream("POST", "/v1/chat/completions", json=body) as r:
+        lines = [line async for line in r.aiter_lines()]
+    assert sum(line == ": ping" for line in lines) >= 3  # ~1 s of silence in all
+    assert lines[-2] == "data: [DONE]"
+    stream = await gw.client().chat.completions.create(model="echo", stream=True,
+                                                       messages=[{"role": "user", "content": PROMPT}])
+    assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == expected(3)

@@ -147,3 +147,24 @@ def test_coalescing_merges_runs_of_one_choice_and_keeps_order():
     assert out[0] == Delta(0, "ab", 2, [lp1, lp2])
     assert [type(ev) for ev in out] == [Delta, Delta, Delta, ChoiceEnd, Done]
     assert [ev.text for ev in out[:3] if isinstance(ev, Delta)] == ["ab", "x", "c"]
+
+
+async def test_idle_returns_while_waiting_but_the_reply_timeout_runs_from_the_first_wait(router):
+    s = router.open(0.5)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    idles = 0
+    with pytest.raises(WorkerTimeout):
+        while True:
+            assert await s.next_events(0.1) is replies.IDLE  # nothing arrives: a keep-alive is due each 0.1 s
+            idles += 1
+    assert 3 <= idles <= 5 and 0.45 < loop.time() - start < 0.9  # not reset by each IDLE
+
+
+async def test_a_message_after_idle_waits_is_returned_and_restarts_the_timeout(router):
+    s = router.open(0.5)
+    assert await s.next_events(0.1) is replies.IDLE
+    feed(router, s, 0, Delta(0, "a"))
+    assert text(await s.next_events(0.1)) == "a"
+    await asyncio.sleep(0.3)  # the next message's 0.5 s start from this wait, not the first one
+    assert await s.next_events(0.25) is replies.IDLE
