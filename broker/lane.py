@@ -5,10 +5,11 @@ argument in Python and waits for the reply before the connection is free
 again, so a gateway starting 256 streams at once pays 256 writes, 256 reads
 and a dispatch's 30 arguments encoded one by one, per request. The lane holds
 one connection of the same pool (so the same URL, credentials, TLS and
-Sentinel discovery), packs a command with hiredis in one call, and sends every
-command issued in one turn of the event loop as one write; Redis answers in
-order, so one reader task hands each reply to its caller. At one request at a
-time that is exactly one command per write, with no added wait.
+Sentinel discovery) and packs a command with hiredis in one call. The first
+command of an event-loop turn is written at once; those issued after it in the
+same turn go out together as one write when the turn ends. Redis answers in
+order, so one reader task hands each reply to its caller. A lone command (one
+request at a time, one cancel) waits for nothing; a burst costs two writes.
 
 A lost connection fails every command waiting on it with ``ConnectionError``
 (the callers' own patience, as with redis-py, decides whether to try again)
@@ -59,11 +60,13 @@ class Lane:
             raise ConnectionError("lost the lane to Redis as it connected")
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Any] = loop.create_future()
-        self._outgoing.append(hiredis.pack_command(args))
         self._waiting.append(reply)
-        if not self._flush_scheduled:
+        if self._flush_scheduled:  # the turn's first command went out: the rest go together at its end
+            self._outgoing.append(hiredis.pack_command(args))
+        else:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
+            self._write([hiredis.pack_command(args)])  # a lone command waits for no turn to end
         return await reply
 
     async def evalsha(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
@@ -104,8 +107,12 @@ class Lane:
         queued now was queued on the current one.)"""
         self._flush_scheduled = False
         data, self._outgoing = self._outgoing, []
+        if data:
+            self._write(data)
+
+    def _write(self, data: list[bytes]) -> None:
         writer = self._conn._writer if self._conn is not None else None  # redis-py keeps its stream private
-        if not data or writer is None:
+        if writer is None:
             return
         try:
             writer.writelines(data)  # the transport buffers what the socket does not take at once

@@ -37,6 +37,8 @@ from broker.lane import Lane
 
 #: A sharded subscription silent this long is asked for a PING; without an answer within PING_TIMEOUT it is dead.
 IDLE_PING, PING_TIMEOUT = 15.0, 5.0
+#: Bytes of messages a subscription hands on in one go before it gives the event loop a turn.
+YIELD_AFTER = 64 * 1024
 #: The most that finding the slot's owner, connecting and subscribing there may take (a hung node must not hang it).
 SETUP_TIMEOUT = 10.0
 
@@ -131,8 +133,13 @@ async def _listen(conn: AbstractConnection, command: str, channel: str, on_messa
             if _kind(await conn.read_response()) != confirmed:
                 raise RedisConnectionError(f"{where} did not confirm {command} {channel!r}")
         up()
-        pinged = False
+        pinged, handed = False, 0
         while True:
+            if handed > YIELD_AFTER:
+                # Buffered messages are read without suspending: after a burst, let the loop run what else is
+                # ready (client disconnects, replies on the lane) before the next one.
+                await asyncio.sleep(0)
+                handed = 0
             reply = await conn.read_response(timeout=PING_TIMEOUT if pinged else IDLE_PING)
             if reply is None:
                 if pinged:
@@ -143,6 +150,7 @@ async def _listen(conn: AbstractConnection, command: str, channel: str, on_messa
             pinged = False
             if reply[0] in message_kinds:
                 on_message(reply[2])
+                handed += len(reply[2])
             elif _kind(reply) == unsubscribed:  # a cluster node no longer owns the slot (migrated, or demoted)
                 raise RedisConnectionError(f"{where} unsubscribed {channel!r}: it no longer serves its slot")
     finally:

@@ -84,11 +84,8 @@ async def generate(
     account = _usage_hook(request, body.model, held,
                           (log, transcript, shape.id) if log is not None and transcript is not None else None)
     if body.stream:
-        events = _sse(broker, stream, first, fmt, body.resumable, account, metrics.child(metrics.itl, body.model),
-                      transcript)
-        # ping=0: _sse sends the keep-alive itself when the stream is idle, which spares every stream a task
-        return EventSourceResponse(events, ping=0, send_timeout=broker.settings.send_timeout,
-                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _streamed(broker, stream, body.resumable, _sse(
+            broker, stream, first, fmt, body.resumable, account, metrics.child(metrics.itl, body.model), transcript))
     try:
         whole = await unless_disconnected(request, _collect(stream, first, fmt.shape, prefix, transcript))
         await account(whole.usage)
@@ -97,6 +94,24 @@ async def generate(
         return Response(status_code=499)
     finally:
         await _release(broker, stream)
+
+
+def _streamed(broker: BrokerClient, stream: ReplyStream, resumable: bool, events: AsyncIterator[bytes]) -> Response:
+    """The SSE response that sends ``events``."""
+
+    async def gone(_: object) -> None:
+        # Let go of the stream the moment the client leaves: until it stops taking replies, anyio cannot deliver
+        # the cancel to _sse (a task whose awaited queue keeps being fed is passed over, turn after turn), and
+        # under load the worker went on for hundreds of ms for nobody.
+        if resumable:  # it may come back for the rest: the job finishes into its replay log
+            stream.close()
+        else:
+            await _release(broker, stream)
+
+    # ping=0: _sse sends the keep-alive itself when the stream is idle, which spares every stream a task
+    return EventSourceResponse(events, ping=0, send_timeout=broker.settings.send_timeout,
+                               client_close_handler_callable=gone,
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def reserve_tokens(request: Request, body: SamplingRequest) -> Reservation | None:
