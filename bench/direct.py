@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from workers.echo import echo_tokens
@@ -54,7 +54,11 @@ def app(delay: float) -> Starlette:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    return Starlette(routes=[Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"])])
+    async def health(_: Request) -> Response:  # vllm-router probes a worker's /health before it starts routing
+        return Response()
+
+    return Starlette(routes=[Route("/v1/models", models), Route("/health", health),
+                             Route("/v1/chat/completions", chat, methods=["POST"])])
 
 
 @contextlib.contextmanager

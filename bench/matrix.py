@@ -1,4 +1,4 @@
-"""Run the benchmark matrix for redserve, the direct server and FastChat; write bench/RESULTS.md and bench/results.png.
+"""Benchmark redserve, the direct server, vllm-router and FastChat; write bench/RESULTS.md and bench/results.png.
 
     python -m bench.matrix            # T=64; delay 0 and 20 ms; C = 1, 16, 64, 256; 1 and 2 workers
     python -m bench.matrix --quick    # C = 1, 64; delay 0 only
@@ -6,16 +6,18 @@
     python -m bench.matrix --render   # rewrite RESULTS.md and the plot from bench/results.json
 
 Each system runs as separate processes (bench.redserve_stack.redserve,
-bench.direct.serve, bench.fastchat_stack.fastchat; FastChat is installed into
+bench.direct.serve, bench.vllm_router_stack.vllm_router, bench.fastchat_stack.fastchat;
+vllm-router and FastChat are installed into bench/.venv-vllm-router/ and
 bench/.venv-fastchat/ on first use). The direct server has no workers: it runs
-once per delay and is the reference for both worker counts. Each run sends
+once per delay and is the reference for both worker counts; so does
+vllm-router, which relays to one direct server. Each run sends
 max(rounds x C, min requests) requests after a small warm-up; every reply is
 checked (complete, echo text, T tokens). The machine is shared and noisy:
 compare the ratios, not the absolute numbers.
 
 For redserve each run also counts Redis commands (INFO commandstats on its
 private Redis) and the workers' reply messages (their /metrics). A last run
-opens --streams concurrent streams through one gateway (2 workers, 20 ms) and
+opens --streams concurrent streams through one gateway (2 workers, --scale-delay between tokens) and
 records errors and the gateway's peak RSS; bench.floor then measures a
 gateway's CPU per request against FastAPI and sse-starlette alone. RESULTS.md opens with the targets
 of the performance issue, each with its measured value.
@@ -33,12 +35,14 @@ import sys
 import time
 from pathlib import Path
 
-from bench import direct, fastchat_stack, floor, redserve_stack
+from bench import direct, fastchat_stack, floor, redserve_stack, vllm_router_stack
 from bench.loadgen import run
 
 BENCH = Path(__file__).resolve().parent
 #: redserve-2gw: the same stack with two gateway processes on its one port (--gateway-processes 2).
-SYSTEMS = ("redserve", "redserve-2gw", "direct", "fastchat")
+SYSTEMS = ("redserve", "redserve-2gw", "direct", "vllm-router", "fastchat")
+#: systems without workers of their own: one run per delay, the reference for every worker count
+SINGLE = ("direct", "vllm-router")
 GATEWAYS = {"redserve": 1, "redserve-2gw": 2}
 FIELDS = ["tokens_per_s", "chunks_per_s", "ttft_p50_ms", "ttft_p99_ms", "latency_p50_ms", "latency_p99_ms", "errors",
           "server_cpu_s", "reply_cmds_per_msg", "redis_cmds_per_token"]
@@ -49,6 +53,8 @@ def stack(system: str, workers: int, delay: float, max_tokens: int) -> contextli
         return redserve_stack.redserve(workers, delay, max_tokens, gateways=GATEWAYS[system])
     if system == "direct":
         return direct.serve(delay)
+    if system == "vllm-router":
+        return vllm_router_stack.vllm_router(delay)
     return fastchat_stack.fastchat(workers, delay)
 
 
@@ -57,7 +63,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
     for delay_ms in a.delays:
         delay = delay_ms / 1000
         for system in a.systems:
-            for workers in ([1] if system == "direct" else a.workers):
+            for workers in ([1] if system in SINGLE else a.workers):
                 t0 = time.perf_counter()
                 with stack(system, workers, delay, a.max_tokens) as st:
                     kw = {"check_echo": True, "count_chunks": system == "fastchat"}
@@ -81,12 +87,13 @@ def measure(a: argparse.Namespace) -> list[dict]:
 
 
 def scale(a: argparse.Namespace) -> dict:
-    """``a.streams`` concurrent streams (delay 20 ms) through one gateway: errors and the gateway's peak RSS."""
-    workers, delay = 2, 0.02
-    with redserve_stack.redserve(workers, delay, a.max_tokens) as st:
+    """``a.streams`` concurrent streams (``a.scale_delay`` between tokens) through one gateway process: errors, TTFT
+    and the gateway's peak RSS. Two echo workers, each taking every stream (nothing waits in a queue)."""
+    workers, delay = 2, a.scale_delay
+    with redserve_stack.redserve(workers, delay, a.max_tokens, extra={"max_concurrency": a.streams}) as st:
         asyncio.run(run(st.url, st.model, 4, 8, a.max_tokens))
         res = asyncio.run(run(st.url, st.model, a.streams, a.streams, a.max_tokens, check_echo=True))
-        out = {"streams": a.streams, "workers": workers, "delay_ms": delay * 1000,
+        out = {"streams": a.streams, "workers": workers, "delay_ms": delay * 1000, "max_tokens": a.max_tokens,
                **{k: round(v, 2) for k, v in res.summary().items()},
                "gateway_peak_rss_mb": round(st.gateway_peak_rss_mb(), 1)}
     if res.errors:
@@ -108,7 +115,7 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def _get(rows: list[dict], system: str, workers: int, delay: float, c: int) -> dict | None:
-    if system == "direct":
+    if system in SINGLE:
         workers = 1
     return next((r for r in rows if (r["system"], r["workers"], r["delay_ms"], r["concurrency"])
                  == (system, workers, delay, c)), None)
@@ -134,15 +141,18 @@ def targets(rows: list[dict], scaled: dict | None) -> list[str]:
                      r["ttft_p50_ms"] <= 5)
             if r := _get(rows, system, w, 20.0, 256):
                 share = r["tokens_per_s"] / (256 * 50)
-                d = _get(rows, "direct", w, 20.0, 256)
-                direct_share = f"; direct: {d['tokens_per_s'] / (256 * 50):.0%}" if d else ""
+                others = "".join(f"; {s}: {o['tokens_per_s'] / (256 * 50):.0%}" for s in SINGLE
+                                 if (o := _get(rows, s, w, 20.0, 256)))
                 line(f"{name}, delay 20 ms, C = 256, {w} worker(s): at least 80% of the ideal 256 x 50 tok/s",
-                     f"{r['tokens_per_s']:,.0f} tok/s = {share:.0%}{direct_share}", share >= 0.8)
+                     f"{r['tokens_per_s']:,.0f} tok/s = {share:.0%}{others}", share >= 0.8)
     if scaled:
-        ok = scaled["errors"] == 0 and scaled["requests"] == scaled["streams"] and scaled["gateway_peak_rss_mb"] < 250
-        line(f"{scaled['streams']:,} concurrent streams (delay 20 ms) through one gateway: no errors, RSS under 250 MB",
+        ok = scaled["errors"] == 0 and scaled["requests"] == scaled["streams"] and scaled["gateway_peak_rss_mb"] <= 400
+        tokens = scaled.get("max_tokens", 64)
+        line(f"{scaled['streams']:,} concurrent streams (delay {scaled['delay_ms']:g} ms, {tokens} tokens) through "
+             "one gateway process: 0 errors, RSS at most 400 MB, TTFT p99 stated",
              f"{scaled['errors']} errors, {scaled['requests']:,} complete, gateway peak RSS "
-             f"{scaled['gateway_peak_rss_mb']:.0f} MB, TTFT p50 {scaled['ttft_p50_ms']:,.0f} ms", ok)
+             f"{scaled['gateway_peak_rss_mb']:.0f} MB, TTFT p50 {scaled['ttft_p50_ms']:,.0f} ms, "
+             f"p99 {scaled['ttft_p99_ms']:,.0f} ms", ok)
     per_msg = [v for r in redserve if (v := r.get("reply_cmds_per_msg")) is not None and v == v]  # not nan
     if per_msg:
         line("at most one Redis command per streamed message (PUBLISH or EVALSHA per worker reply message)",
@@ -178,7 +188,7 @@ def per_request(floors: list[dict], rows: list[dict]) -> list[str]:
 def render_md(rows: list[dict], meta: dict, scaled: dict | None = None, floors: list[dict] | None = None) -> str:
     delays = sorted({r["delay_ms"] for r in rows})
     conc = sorted({r["concurrency"] for r in rows})
-    workers = sorted({r["workers"] for r in rows if r["system"] != "direct"}) or [1]
+    workers = sorted({r["workers"] for r in rows if r["system"] not in SINGLE}) or [1]
     out = ["# Benchmark results", "",
            "Generated by `python -m bench.matrix` "
            f"({' '.join(meta.get('argv', [])) or 'defaults'}) on {meta.get('date', '?')}, "
@@ -189,13 +199,16 @@ def render_md(rows: list[dict], meta: dict, scaled: dict | None = None, floors: 
            "`--gateway-processes 2`: two gateway processes accepting on the one port), **direct** "
            "(one SSE server generating the "
            "tokens itself, no relay: the practical upper bound; it has no workers, so its one run is the "
-           "reference for both worker counts), **FastChat 0.2.36** (controller + openai_api_server + "
+           "reference for both worker counts), **vllm-router 0.1.17** (vLLM's Rust router, `--policy round_robin`, "
+           "relaying to one direct server: no workers either, so it too runs once per delay), "
+           "**FastChat 0.2.36** (controller + openai_api_server + "
            "synthetic `BaseModelWorker` subclasses, worker concurrency limit 4096). tok/s = completion tokens "
            "delivered per wall second (redserve may pack several tokens into one SSE chunk; FastChat sends "
            "no streamed usage, so its tokens are its content chunks). Because redserve coalesces tokens into "
            "fewer SSE chunks under load while the direct server sends one chunk per token, redserve can exceed "
            "'direct' in tok/s at delay 0; the SSE chunks/s column shows the difference. Server CPU s = "
-           "user+system CPU of all serving processes during the run. Reply cmds/msg = Redis commands that "
+           "user+system CPU of all serving processes during the run (vllm-router: the router process and the "
+           "direct server behind it). Reply cmds/msg = Redis commands that "
            "carried the workers' reply messages (one PUBLISH per gateway per outbox batch) per message; "
            "Redis cmds/token = every command Redis served during the run (INFO commandstats, those inside "
            "Lua scripts included) per completion token.", "",
@@ -205,25 +218,27 @@ def render_md(rows: list[dict], meta: dict, scaled: dict | None = None, floors: 
            "## Ratios", "",
            "| delay ms | workers | C | tok/s redserve/FastChat | tok/s redserve/direct | "
            "TTFT p50 FastChat/redserve | TTFT p50 redserve ms | tok/s redserve-2gw/direct | "
-           "TTFT p50 redserve-2gw ms |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "TTFT p50 redserve-2gw ms | tok/s redserve/vllm-router |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for d in delays:
         for w in workers:
             for c in conc:
-                r, r2, f, x = (_get(rows, s, w, d, c) for s in ("redserve", "redserve-2gw", "fastchat", "direct"))
+                r, r2, f, x, v = (_get(rows, s, w, d, c)
+                                  for s in ("redserve", "redserve-2gw", "fastchat", "direct", "vllm-router"))
                 out.append(f"| {d:g} | {w} | {c} | {ratio(r and r['tokens_per_s'], f and f['tokens_per_s'])} | "
                            f"{ratio(r and r['tokens_per_s'], x and x['tokens_per_s'])} | "
                            f"{ratio(f and f['ttft_p50_ms'], r and r['ttft_p50_ms'])} | "
                            f"{fmt(r['ttft_p50_ms']) if r else '–'} | "
                            f"{ratio(r2 and r2['tokens_per_s'], x and x['tokens_per_s'])} | "
-                           f"{fmt(r2['ttft_p50_ms']) if r2 else '–'} |")
+                           f"{fmt(r2['ttft_p50_ms']) if r2 else '–'} | "
+                           f"{ratio(r['tokens_per_s'] if r else None, v['tokens_per_s'] if v else None)} |")
     out += ["", "## All runs", "",
             "| system | delay ms | workers | C | requests | tok/s | SSE chunks/s | TTFT p50 ms | TTFT p99 ms | "
             "latency p50 ms | latency p99 ms | errors | server CPU s | reply cmds/msg | Redis cmds/token |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     order = {s: i for i, s in enumerate(SYSTEMS)}
     for r in sorted(rows, key=lambda r: (r["delay_ms"], order[r["system"]], r["workers"], r["concurrency"])):
-        out.append(f"| {r['system']} | {r['delay_ms']:g} | {r['workers'] if r['system'] != 'direct' else '–'} | "
+        out.append(f"| {r['system']} | {r['delay_ms']:g} | {r['workers'] if r['system'] not in SINGLE else '–'} | "
                    f"{r['concurrency']} | {r['requests'] + r['errors']} | "
                    + " | ".join(str(r[k]) if k == "errors" else fmt(r.get(k)) for k in FIELDS) + " |")
     errs = [r for r in rows if r.get("first_error")]
@@ -242,14 +257,15 @@ def render_png(rows: list[dict], path: Path) -> None:
 
     delays = sorted({r["delay_ms"] for r in rows})
     fig, axes = plt.subplots(len(delays), 2, figsize=(11, 4.2 * len(delays)), squeeze=False)
-    colors = {"redserve": "tab:red", "redserve-2gw": "tab:orange", "direct": "tab:green", "fastchat": "tab:blue"}
+    colors = {"redserve": "tab:red", "redserve-2gw": "tab:orange", "direct": "tab:green", "vllm-router": "tab:purple",
+              "fastchat": "tab:blue"}
     for i, d in enumerate(delays):
         series = sorted({(r["system"], r["workers"]) for r in rows if r["delay_ms"] == d},
                         key=lambda s: (SYSTEMS.index(s[0]), s[1]))
         for system, w in series:
             pts = sorted((r["concurrency"], r["tokens_per_s"], r["ttft_p50_ms"]) for r in rows
                          if (r["system"], r["workers"], r["delay_ms"]) == (system, w, d))
-            label = system if system == "direct" else f"{system} ({w} worker{'s' if w > 1 else ''})"
+            label = system if system in SINGLE else f"{system} ({w} worker{'s' if w > 1 else ''})"
             style = dict(color=colors[system], marker="o", linestyle="-" if w == 1 else "--", label=label)
             axes[i][0].plot([p[0] for p in pts], [p[1] for p in pts], **style)
             axes[i][1].plot([p[0] for p in pts], [p[2] for p in pts], **style)
@@ -262,7 +278,7 @@ def render_png(rows: list[dict], path: Path) -> None:
             ax.set_title(f"{title}, inter-token delay {d:g} ms")
             ax.grid(True, which="both", alpha=0.3)
         axes[i][0].legend(fontsize=8)
-    fig.suptitle("redserve (1 and 2 gateway processes) vs direct vs FastChat 0.2.36 "
+    fig.suptitle("redserve (1 and 2 gateway processes) vs direct vs vllm-router 0.1.17 vs FastChat 0.2.36\n"
                  "(echo engine, T=64; ratios matter, not absolutes)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -279,8 +295,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4, help="requests per run = max(rounds x C, min requests)")
     p.add_argument("--min-requests", type=int, default=256, help="at delay 0")
     p.add_argument("--min-requests-delayed", type=int, default=16, help="at a non-zero delay")
-    p.add_argument("--streams", type=int, default=1000,
+    p.add_argument("--streams", type=int, default=5000,
                    help="the scale run: this many concurrent streams through one gateway (0: skip)")
+    p.add_argument("--scale-delay", type=float, default=1.0, help="the scale run: seconds between tokens")
     p.add_argument("--json", type=Path, default=BENCH / "results.json")
     p.add_argument("--md", type=Path, default=BENCH / "RESULTS.md")
     p.add_argument("--png", type=Path, default=BENCH / "results.png")
@@ -295,6 +312,8 @@ def main() -> None:
     else:
         if "fastchat" in a.systems:
             fastchat_stack.ensure_venv()
+        if "vllm-router" in a.systems:
+            vllm_router_stack.ensure_venv()
         t0 = time.perf_counter()
         rows = measure(a)
         scaled = scale(a) if a.streams and "redserve" in a.systems and not a.quick else None

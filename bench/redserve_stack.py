@@ -177,8 +177,8 @@ def redserve(workers: int = 1, delay: float = 0.0, max_tokens: int = 64, engine:
             replica = more.enter_context(RedisServer(extra_args=["--replicaof", "127.0.0.1", str(redis.port)]))
             wait_ready_redis(replica.port)
         port = free_port()
-        s = Settings(redis_url=redis.url, port=port, echo_tokens=max_tokens, echo_delay=delay,
-                     max_concurrency=1024, gateway_processes=gateways, **(extra or {}))
+        s = Settings(**{"redis_url": redis.url, "port": port, "echo_tokens": max_tokens, "echo_delay": delay,
+                        "max_concurrency": 1024, "gateway_processes": gateways, **(extra or {})})
         env = os.environ | s.to_env()
         py = [sys.executable, "-m", "redserve"]
         model = "echo" if engine == "echo" else "tiny"
