@@ -58,7 +58,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.redserve_stack import Stack, redserve, tree_cpu_seconds
 from broker.keys import Keys
@@ -203,15 +202,8 @@ def drop(streams: list[Opened]) -> None:
 
 def worker_counters(st: Stack) -> dict[str, float]:
     """Summed over the workers: tokens generated, jobs finished, jobs running."""
-    names = {"redserve_worker_generated_tokens_total": "generated", "redserve_worker_jobs_total": "jobs",
-             "redserve_worker_running_jobs": "running"}
-    out = dict.fromkeys(names.values(), 0.0)
-    for url in st.worker_metrics:
-        for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
-            for sample in family.samples:
-                if sample.name in names:
-                    out[names[sample.name]] += sample.value
-    return out
+    return st.worker_sums({"redserve_worker_generated_tokens_total": "generated",
+                           "redserve_worker_jobs_total": "jobs", "redserve_worker_running_jobs": "running"})
 
 
 _RUNNING = re.compile(rb"^redserve_worker_running_jobs\{[^}]*\} (\S+)$", re.MULTILINE)

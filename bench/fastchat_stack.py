@@ -16,9 +16,7 @@ the text is the echo engine's.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -29,8 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.loadgen import run
-from bench.redserve_stack import Stack, stop, wait_ready
+from bench.redserve_stack import Stack, print_runs, stop, wait_ready
 from redserve.redis_server import free_port
 
 BENCH = Path(__file__).resolve().parent
@@ -97,17 +94,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     a = p.parse_args()
     with fastchat(a.workers, a.delay) as st:
-        for c in a.concurrency:
-            before = st.cpu()
-            res = asyncio.run(run(st.url, st.model, c, max(a.requests, c), a.max_tokens,
-                                  check_echo=True, count_chunks=True))
-            cpu = st.cpu() - before
-            print(json.dumps({"system": "fastchat", "workers": a.workers, "delay_ms": a.delay * 1000,
-                              "concurrency": c, **{k: round(v, 2) for k, v in res.summary().items()},
-                              "server_cpu_s": round(cpu, 2)}), flush=True)
-            for e in res.errors[:3]:
-                print("  error:", e)
-
+        print_runs(st, {"system": "fastchat", "workers": a.workers, "delay_ms": a.delay * 1000}, a.concurrency,
+                   a.requests, a.max_tokens, check_echo=True, count_chunks=True)
 
 if __name__ == "__main__":
     main()

@@ -96,10 +96,13 @@ class Stack:
             return {}
         with SyncRedis.from_url(self.redis_url) as r:
             stats = r.info("commandstats")
-        out = {"redis_cmds": sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info"),
-               "reply_msgs": 0.0, "reply_cmds": 0.0}
-        names = {"redserve_worker_reply_messages_total": "reply_msgs",
-                 "redserve_worker_reply_commands_total": "reply_cmds"}
+        return {"redis_cmds": sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info"),
+                **self.worker_sums({"redserve_worker_reply_messages_total": "reply_msgs",
+                                    "redserve_worker_reply_commands_total": "reply_cmds"})}
+
+    def worker_sums(self, names: dict[str, str]) -> dict[str, float]:
+        """Samples of the workers' /metrics summed over the workers: metric sample name -> the key it gets."""
+        out = dict.fromkeys(names.values(), 0.0)
         for url in self.worker_metrics:
             for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
                 for sample in family.samples:
@@ -197,6 +200,19 @@ def redserve(workers: int = 1, delay: float = 0.0, max_tokens: int = 64, engine:
                         procs[-1].pid, redis.url, [f"http://127.0.0.1:{mp}/metrics" for mp in metrics_ports])
         finally:
             stop(procs)
+
+
+def print_runs(st: Stack, label: dict[str, object], concurrency: list[int], requests: int, max_tokens: int,
+               **run_options: bool) -> None:
+    """One JSON line per concurrency (the load generator's figures and the servers' CPU): the by-hand mode of the
+    bench's stack modules."""
+    for c in concurrency:
+        before = st.cpu()
+        res = asyncio.run(run(st.url, st.model, c, max(requests, c), max_tokens, **run_options))
+        print(json.dumps({**label, "concurrency": c, **{k: round(v, 2) for k, v in res.summary().items()},
+                          "server_cpu_s": round(st.cpu() - before, 2)}), flush=True)
+        for e in res.errors[:3]:
+            print("  error:", e)
 
 
 def main() -> None:

@@ -36,17 +36,14 @@ from ``usage`` as for redserve (no ``count_chunks``).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import json
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from bench import direct
-from bench.loadgen import run
-from bench.redserve_stack import Stack, stop, wait_ready
+from bench.redserve_stack import Stack, print_runs, stop, wait_ready
 from redserve.redis_server import free_port
 
 BENCH = Path(__file__).resolve().parent
@@ -95,16 +92,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     a = p.parse_args()
     with vllm_router(a.delay, a.policy) as st:
-        for c in a.concurrency:
-            before = st.cpu()
-            res = asyncio.run(run(st.url, st.model, c, max(a.requests, c), a.max_tokens, check_echo=True))
-            cpu = st.cpu() - before
-            print(json.dumps({"system": "vllm-router", "policy": a.policy, "delay_ms": a.delay * 1000,
-                              "concurrency": c, **{k: round(v, 2) for k, v in res.summary().items()},
-                              "server_cpu_s": round(cpu, 2)}), flush=True)
-            for e in res.errors[:3]:
-                print("  error:", e)
-
+        print_runs(st, {"system": "vllm-router", "policy": a.policy, "delay_ms": a.delay * 1000}, a.concurrency,
+                   a.requests, a.max_tokens, check_echo=True)
 
 if __name__ == "__main__":
     main()
