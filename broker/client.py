@@ -187,6 +187,7 @@ class BrokerClient:
         return as_str(found) if found else None
 
     async def _tell_cancel(self, worker_id: str, request_id: str) -> None:
+        """Publish a Cancel on the worker's control channel (it stops the job, or skips it when read)."""
         await publish(self._raw, self.keys.worker_control(worker_id), pack(Cancel(request_id)), lane=self.lane)
 
     async def ping(self) -> None:
@@ -226,13 +227,19 @@ class BrokerClient:
         stream.close()
         if stream.finished:
             return
-        with contextlib.suppress(Exception):  # Redis down: the worker will notice nobody listens
-            told = stream.worker_id
-            if told:
-                await self._tell_cancel(told, stream.rid)
-            placed = await self._placement(stream.rid)
-            if placed is not None and placed != told:
-                await self._tell_cancel(placed, stream.rid)
+        for _ in range(2):  # once more after a dropped connection (redis-py's own retry did that before the lane)
+            try:
+                told = stream.worker_id
+                if told:
+                    await self._tell_cancel(told, stream.rid)
+                placed = await self._placement(stream.rid)
+                if placed is not None and placed != told:
+                    await self._tell_cancel(placed, stream.rid)
+                return
+            except UNREACHABLE:
+                continue
+            except Exception:  # noqa: BLE001  # Redis refused: the worker will notice nobody listens
+                return
 
     def _ask_resend(self, streams: list[ReplyStream]) -> None:
         """Ask the workers of ``streams`` to send again what these streams have not seen (fire and forget:

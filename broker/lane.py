@@ -29,12 +29,18 @@ import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+from redis.exceptions import BusyLoadingError, ConnectionError, NoScriptError, ResponseError
 
 from broker.connection import UNREACHABLE, is_cluster
 
+#: Seconds the oldest command may go unanswered before the connection is taken for dead (a peer gone without a
+#: reset: a partition, a NAT that forgot the mapping); every command on it then fails and the next reconnects.
+REPLY_DEADLINE = 30.0
+
 
 class Lane:
+    """One pipelined connection; ``execute`` is safe to call from any number of tasks at once."""
+
     def __init__(self, redis: Redis) -> None:
         """``redis``: the (non-cluster) client whose pool makes the lane's connection."""
         self.redis = redis
@@ -44,6 +50,7 @@ class Lane:
         self._waiting: deque[asyncio.Future[Any]] = deque()
         self._reader: asyncio.Task[None] | None = None
         self._flush_scheduled = False
+        self._watch: asyncio.TimerHandle | None = None
 
     @classmethod
     def of(cls, redis: Redis) -> Lane | None:
@@ -56,17 +63,20 @@ class Lane:
         Raises the reply's ``ResponseError``, or ``ConnectionError`` when the connection was lost with the
         command on it (it may or may not have run).
         """
+        packed = hiredis.pack_command(args)  # before anything is queued: a bad argument must not shift replies
         if self._conn is None and await self._connect() is not self._conn:
             raise ConnectionError("lost the lane to Redis as it connected")
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Any] = loop.create_future()
         self._waiting.append(reply)
+        if self._watch is None:
+            self._watch = loop.call_later(REPLY_DEADLINE, self._check, reply)
         if self._flush_scheduled:  # the turn's first command went out: the rest go together at its end
-            self._outgoing.append(hiredis.pack_command(args))
+            self._outgoing.append(packed)
         else:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-            self._write([hiredis.pack_command(args)])  # a lone command waits for no turn to end
+            self._write([packed])  # a lone command waits for no turn to end
         return await reply
 
     async def evalsha(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
@@ -78,6 +88,9 @@ class Lane:
             return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def close(self) -> None:
+        """Drop the connection; commands still waiting fail with ConnectionError."""
+        if self._connecting is not None:
+            self._connecting.cancel()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(BaseException):
@@ -92,6 +105,8 @@ class Lane:
         return await asyncio.shield(self._connecting)
 
     async def _open(self) -> AbstractConnection:
+        """Connect (through the pool's connection class: credentials, TLS, the master a Sentinel names) and start
+        the reader."""
         try:
             pool = self.redis.connection_pool
             conn = pool.connection_class(**{**pool.connection_kwargs, "health_check_interval": 0})
@@ -125,7 +140,7 @@ class Lane:
         while True:
             try:
                 value: Any = await conn.read_response(disconnect_on_error=False)
-            except ResponseError as exc:
+            except (ResponseError, BusyLoadingError) as exc:  # a reply (LOADING is one, though a ConnectionError)
                 value = exc
             except BaseException as exc:
                 self._lost(exc if isinstance(exc, ConnectionError) else ConnectionError(f"lost the lane: {exc!r}"))
@@ -136,13 +151,24 @@ class Lane:
             reply = waiting.popleft()
             if reply.done():  # its caller stopped waiting (cancelled)
                 continue
-            if isinstance(value, ResponseError):
+            if isinstance(value, ResponseError | BusyLoadingError):
                 reply.set_exception(value)
             else:
                 reply.set_result(value)
 
+    def _check(self, oldest: asyncio.Future[Any]) -> None:
+        """The reply deadline of ``oldest``: still the first unanswered command, the connection is dead."""
+        self._watch = None
+        if self._waiting and self._waiting[0] is oldest:
+            self._lost(ConnectionError(f"no reply from Redis on the lane within {REPLY_DEADLINE:g} s"))
+        elif self._waiting:
+            self._watch = asyncio.get_running_loop().call_later(REPLY_DEADLINE, self._check, self._waiting[0])
+
     def _lost(self, exc: BaseException) -> None:
         """Fail every command on the connection and drop it; the next command connects again."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         conn, self._conn = self._conn, None
         if self._reader is not None and self._reader is not asyncio.current_task():
             self._reader.cancel()
@@ -157,6 +183,7 @@ class Lane:
                 transport = conn._writer.transport if conn._writer is not None else None
                 if transport is not None:
                     transport.abort()
+            asyncio.ensure_future(conn.disconnect(nowait=True))  # redis-py's own bookkeeping of the closed socket
 
 
 async def run_script(lane: Lane | None, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:

@@ -6,9 +6,10 @@ import contextlib
 from collections.abc import AsyncIterator
 from importlib import resources
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import BaseRoute
 
 from broker import __version__
 from broker.client import BrokerClient
@@ -77,7 +78,7 @@ def create_app(redis_url: str, settings: Settings, *, batch: bool = False) -> Fa
     # The API's own routes go straight into the app's table: FastAPI 0.16x keeps an included router wrapped and
     # walks the wrapper (and its route-version bookkeeping) on every request, about 20 µs of a streamed request's
     # CPU. These routers have no prefix, dependencies or lifespan for include_router to merge.
-    app.router.routes.extend([*router.routes, *resume.router.routes])
+    app.router.routes.extend(_flat_routes(router, resume.router))
     app.include_router(console.router)
     app.include_router(batches.router)
     app.include_router(arena.router)
@@ -91,3 +92,11 @@ def body_cap(settings: Settings, path: str) -> tuple[int, str]:
     if path == "/v1/files":
         return settings.batch_max_file_bytes + UPLOAD_ENVELOPE, "batch_max_file_bytes"
     return settings.max_body_bytes, "max_body_bytes"
+
+
+def _flat_routes(*routers: APIRouter) -> list[BaseRoute]:
+    """The routes of routers that include_router would add nothing to (no prefix, dependencies or lifespan)."""
+    for r in routers:
+        if r.prefix or r.dependencies or r.tags:
+            raise ValueError(f"router {r!r} has a prefix, dependencies or tags: include it with include_router")
+    return [route for r in routers for route in r.routes]

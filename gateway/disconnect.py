@@ -46,6 +46,8 @@ async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
         raise
     finally:
         watcher.cancel()
+        if watcher.done() and not watcher.cancelled():
+            watcher.exception()  # retrieved: a receive that failed is not the caller's error
 
 
 async def _disconnected(request: Request) -> None:

@@ -102,7 +102,10 @@ def _streamed(broker: BrokerClient, stream: ReplyStream, resumable: bool, events
     async def gone(_: object) -> None:
         # Let go of the stream the moment the client leaves: until it stops taking replies, anyio cannot deliver
         # the cancel to _sse (a task whose awaited queue keeps being fed is passed over, turn after turn), and
-        # under load the worker went on for hundreds of ms for nobody.
+        # under load the worker went on for hundreds of ms for nobody. (uvicorn also says "disconnect" once a
+        # response is complete: a stream _sse released already is left alone.)
+        if not stream.open:
+            return
         if resumable:  # it may come back for the rest: the job finishes into its replay log
             stream.close()
         else:
@@ -221,8 +224,10 @@ async def _sse(broker: BrokerClient, stream: ReplyStream, first: Events, fmt: St
                resumable: bool, account: Accountant, itl: Any, transcript: Transcript | None) -> AsyncIterator[bytes]:
     """The stream's SSE writes. Messages that arrived while the last write was going out are rendered into the
     next one: a client (or a gateway) that falls behind catches up in fewer, larger writes, and an idle one
-    gets each message at once. The opening chunks go out with the first message's events; a stream silent for
-    ``keepalive`` seconds is sent a comment."""
+    gets each message at once. (What waits in the queue may be a duplicate or come early after a gap, during a
+    recovery: then what was rendered waits for the next message in order, or for the keep-alive. A slow
+    client is still shed when ``stream_buffer`` messages wait while one write is blocked on it.) The opening
+    chunks go out with the first message's events; a stream silent for ``keepalive`` seconds is sent a comment."""
     pending: list[SSE] = opening(fmt)
     try:
         events = first
@@ -243,7 +248,8 @@ async def _sse(broker: BrokerClient, stream: ReplyStream, first: Events, fmt: St
                 pending = []
             got = await stream.next_events(broker.settings.keepalive)
             while isinstance(got, Idle):
-                yield PING
+                yield encode(pending) + PING  # what was held for a message that is late goes out now
+                pending = []
                 got = await stream.next_events(broker.settings.keepalive)
             events = got
     except ServeError as exc:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.client import BrokerClient
+
+M = TypeVar("M", Counter, Histogram)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -40,10 +42,10 @@ class GatewayMetrics:
         #: streamed request would make four such calls. Bounded as the label values are (see MetricsMiddleware).
         self._children: dict[tuple[str, ...], Any] = {}
 
-    def child(self, metric: Counter | Histogram, *values: str) -> Any:
+    def child(self, metric: M, *values: str) -> M:
         """``metric.labels(*values)``, made once."""
         key = (str(id(metric)), *values)
-        found = self._children.get(key)
+        found: M | None = self._children.get(key)
         if found is None:
             found = self._children[key] = metric.labels(*values)
         return found

@@ -21,7 +21,7 @@ from broker.ids import request_id
 from broker.replay import Replay
 from gateway.errors import APIError
 from gateway.security import tenant_of
-from gateway.sse import EventId, StreamFormat, encode, failure, opening, render
+from gateway.sse import PING, EventId, StreamFormat, encode, failure, opening, render
 
 router = APIRouter()
 
@@ -37,7 +37,9 @@ async def resume_stream(response_id: str, request: Request) -> EventSourceRespon
     fmt = StreamFormat.from_meta(log.meta, response_id)
     last = EventId.parse(request.headers.get("last-event-id") or request.query_params.get("last_event_id"))
     events = _replay(broker, log, fmt, last)
-    return EventSourceResponse(events, ping=15, send_timeout=broker.settings.send_timeout,
+    # ping=0: _replay sends its own keep-alive (sse-starlette's ping ends with a blank line, which breaks the openai
+    # client on a stream whose events carry ids: see gateway.sse.PING)
+    return EventSourceResponse(events, ping=0, send_timeout=broker.settings.send_timeout,
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -47,7 +49,7 @@ async def _replay(broker: BrokerClient, log: Replay, fmt: StreamFormat, last: Ev
         yield encode(head)
     replies = log.replies
     attempt = last.attempt if last else max((r.attempt for r in replies), default=0)
-    quiet_since = time.monotonic()
+    quiet_since = pinged = time.monotonic()
     while True:
         for reply in replies:
             if reply.attempt != attempt or (last is not None and reply.seq < last.seq):
@@ -61,8 +63,11 @@ async def _replay(broker: BrokerClient, log: Replay, fmt: StreamFormat, last: Ev
                 return
         replies = await broker.follow_replay(log, block_ms=1000)
         if replies:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since > broker.settings.reply_timeout:
+            quiet_since = pinged = time.monotonic()
+        elif time.monotonic() - pinged >= broker.settings.keepalive:
+            yield PING
+            pinged = time.monotonic()
+        if not replies and time.monotonic() - quiet_since > broker.settings.reply_timeout:
             exc = WorkerTimeout(f"The stream got no new message within {broker.settings.reply_timeout:g} s.")
             yield encode(failure(exc.body()))
             return

@@ -8,6 +8,7 @@ import pytest
 from redis.exceptions import ConnectionError, ResponseError
 
 from broker.connection import connect
+from broker import lane as lane_module
 from broker.lane import Lane
 
 
@@ -59,3 +60,16 @@ async def test_a_caller_that_stops_waiting_does_not_shift_the_replies(lane, redi
     slow.cancel()
     await redis.rpush("list", "x")
     assert await asyncio.wait_for(after, 5) == b"mine"  # not the BLPOP's reply
+
+
+async def test_an_argument_it_cannot_send_fails_its_command_only(lane):
+    with pytest.raises(TypeError):
+        await lane.execute("SET", "k", None)
+    assert await asyncio.gather(lane.execute("SET", "k", "v"), lane.execute("GET", "k")) == [b"OK", b"v"]
+
+
+async def test_a_command_unanswered_past_the_deadline_drops_the_connection(lane, monkeypatch):
+    monkeypatch.setattr(lane_module, "REPLY_DEADLINE", 0.3)  # a peer gone silent: no reset, no reply
+    with pytest.raises(ConnectionError, match="no reply"):
+        await asyncio.wait_for(lane.execute("BLPOP", "never", 0), 5)
+    assert await lane.execute("PING") == b"PONG"  # a fresh connection
