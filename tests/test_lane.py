@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from redis.exceptions import ConnectionError, ResponseError
 
-from broker.connection import connect
 from broker import lane as lane_module
+from broker.connection import connect
 from broker.lane import Lane
 
 

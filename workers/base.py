@@ -82,6 +82,9 @@ OVERFLOWED = ServeError("Redis was unreachable so long that this request's waiti
                         "worker's outbox_max_bytes; it was stopped.", status=503, code="reply_lost").event()
 
 
+#: Seconds a finished job waits to be retired (finish.lua) before it frees its slot anyway.
+FINISH_WAIT = 2.0
+
 class BaseModelWorker(abc.ABC):
     #: The name ``redserve worker --engine`` knows this engine by.
     engine: ClassVar[str]
@@ -349,6 +352,10 @@ class BaseModelWorker(abc.ABC):
                 log.warning("reading jobs of %s failed: %s", model, exc)
                 await asyncio.sleep(0.5)
                 continue
+            except Exception:  # a client error mid-failover, say: a reader that died would leave its jobs unread
+                log.exception("reading jobs of %s failed unexpectedly; reading on", model)
+                await asyncio.sleep(0.5)
+                continue
             for _, batch in entries or []:
                 for eid, fields in batch:
                     job = Job.from_fields(eid.decode(), fields)
@@ -463,9 +470,13 @@ class BaseModelWorker(abc.ABC):
             self.record.jobs_done += 1
             self._ended[job.request_id] = time.monotonic()
             try:
-                self.record.queue = await self.registry.finish(self.record, job.entry_id, job.model)
+                # Bounded: the job's slot is held until this returns, and a client's own retries (a cluster
+                # refreshing its slot table through a failover) can outlast the failover itself. finish.lua is
+                # idempotent, so a job not retired in time is retired by the next heartbeat.
+                async with asyncio.timeout(FINISH_WAIT):
+                    self.record.queue = await self.registry.finish(self.record, job.entry_id, job.model)
             except Exception as exc:  # Redis away: retired by the first heartbeat that reaches it
-                log.info("job %s ended while Redis was unreachable (%s); retired later", job.request_id, exc)
+                log.info("job %s ended while Redis was unreachable (%r); retired later", job.request_id, exc)
                 self._unretired.add((job.model, job.entry_id))
 
     async def _events(self, job: Job) -> AsyncIterator[Event]:
