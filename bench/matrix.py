@@ -295,6 +295,7 @@ def render_md(rows: list[dict], meta: dict, scaled: dict | None = None, floors: 
            "## Targets", "", *targets(rows, scaled, floors, side), "",
            *(["## Per-request cost of a gateway process", "", *per_request(floors, rows), ""] if floors else []),
            *side_sections(side or {}),
+           *([(BENCH / "ANALYSIS.md").read_text().rstrip("\n"), ""] if (BENCH / "ANALYSIS.md").exists() else []),
            "## Ratios", "",
            "| delay ms | workers | C | tok/s redserve/FastChat | tok/s redserve/direct | "
            "TTFT p50 FastChat/redserve | TTFT p50 redserve ms | tok/s redserve-2gw/direct | "
