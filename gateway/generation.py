@@ -102,14 +102,8 @@ def _streamed(broker: BrokerClient, stream: ReplyStream, resumable: bool, events
     async def gone(_: object) -> None:
         # Let go of the stream the moment the client leaves: until it stops taking replies, anyio cannot deliver
         # the cancel to _sse (a task whose awaited queue keeps being fed is passed over, turn after turn), and
-        # under load the worker went on for hundreds of ms for nobody. (uvicorn also says "disconnect" once a
-        # response is complete: a stream _sse released already is left alone.)
-        if not stream.open:
-            return
-        if resumable:  # it may come back for the rest: the job finishes into its replay log
-            stream.close()
-        else:
-            await _release(broker, stream)
+        # under load the worker went on for hundreds of ms for nobody.
+        await _client_left(broker, stream, resumable)
 
     # ping=0: _sse sends the keep-alive itself when the stream is idle, which spares every stream a task
     return EventSourceResponse(events, ping=0, send_timeout=broker.settings.send_timeout,
@@ -255,12 +249,23 @@ async def _sse(broker: BrokerClient, stream: ReplyStream, first: Events, fmt: St
     except ServeError as exc:
         yield encode(pending + failure(exc.body()))
     except (asyncio.CancelledError, GeneratorExit):
-        if resumable:  # the client may come back for the rest: let the job finish into its replay log
-            stream.close()
+        await _client_left(broker, stream, resumable)
         raise
     finally:
         if stream.open:
             await _release(broker, stream)
+
+
+async def _client_left(broker: BrokerClient, stream: ReplyStream, resumable: bool) -> None:
+    """The client is gone. A resumable stream only stops listening (the client may come back for the rest: the
+    job finishes into its replay log); any other is released, which cancels its job. A stream already let go
+    (uvicorn also reports a disconnect once a response is complete) is left alone."""
+    if not stream.open:
+        return
+    if resumable:
+        stream.close()
+    else:
+        await _release(broker, stream)
 
 
 def _observe(itl: Any, stream: ReplyStream, last: float) -> float:
