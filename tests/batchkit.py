@@ -42,9 +42,10 @@ async def wait_batch(client: BatchClient, batch_id: str, timeout: float = 30.0,
         await asyncio.sleep(0.05)
 
 
-async def time_to_first_token(base_url: str, content: str = "interactive request") -> float:
+async def time_to_first_token(base_url: str, content: str = "interactive request", max_tokens: int = 2) -> float:
     """Stream one interactive chat request to its end; seconds until its first token."""
-    body = {"model": "echo", "messages": [{"role": "user", "content": content}], "stream": True}
+    body = {"model": "echo", "messages": [{"role": "user", "content": content}], "stream": True,
+            "max_tokens": max_tokens}
     start = time.perf_counter()
     first = None
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
