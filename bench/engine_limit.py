@@ -17,7 +17,7 @@ For each concurrency C, on this machine and with the same weights (``--model-pat
   with nothing around it. Run in that process's main thread, the only one there that runs torch.
 * engine alone: in a process of its own, threaded as the worker is (model loaded in the event loop's pool
   thread, then one compute thread for good), the worker's BatchEngine fed by C lanes of requests handed over
-  as the worker does (``_threadsafe_put`` into a uvloop event loop): no Redis, gateway or HTTP.
+  as the worker does (its compute thread's relay into a uvloop event loop): no Redis, gateway or HTTP.
 
 Every process is started (and loaded) first; then, for each C, ``--repeats`` rounds, each one run of every
 part in turn, so that slow drifts of the shared machine hit all parts alike. A run lasts ``--min-seconds`` at
@@ -202,7 +202,7 @@ class Timers:
     def patched(self) -> Iterator[None]:
         """The engine's classes with timers around their parts (restored on exit)."""
         import workers.hf.engine as engine_module
-        from workers.hf.engine import BatchEngine, ComputeThread
+        from workers.hf.engine import BatchEngine, ComputeThread, Relay
         from workers.hf.grammar import Masks
         from workers.hf.kv import KVBatch
         from workers.hf.text import IncrementalDecoder
@@ -210,6 +210,7 @@ class Timers:
 
         parts: list[tuple[Any, str, str]] = [
             (ComputeThread, "_arrivals", "between steps: arrivals, waiting for work"),
+            (Relay, "flush", "hand-off to the event loop"),
             (BatchEngine, "_admit", self.ADMISSION),
             (KVBatch, "add", "admission: join the KV batch (pad, cat)"),
             (KVBatch, "keep", "batch bookkeeping (keep, set_tokens)"),
@@ -258,16 +259,14 @@ class _TimedModel:
 async def engine_run(engine: Any, ids: list[int], c: int, n: int, per_lane: int,
                      timers: Timers | None = None) -> dict[str, float]:
     """C lanes of ``per_lane`` requests each through the worker's BatchEngine, relayed as the worker relays
-    (``_threadsafe_put`` into this event loop). ``timers``: with the engine's parts timed."""
+    (the compute thread's relay into this event loop). ``timers``: with the engine's parts timed."""
     from broker.protocol import Done, Generate
-    from workers.hf.worker import _threadsafe_put
 
     params = Generate(prompt=PROMPT, max_tokens=n, temperature=0.0, ignore_eos=True)
 
     async def one() -> int:
         events: asyncio.Queue[Any] = asyncio.Queue()
-        emit = _threadsafe_put(asyncio.get_running_loop(), events)
-        gen = engine.submit(ids, params, emit if timers is None else timers.timed("hand-off to the event loop", emit))
+        gen = engine.submit(ids, params, engine.thread.relay(asyncio.get_running_loop()).outlet(events))
         try:
             while True:
                 ev = await events.get()
@@ -600,7 +599,7 @@ _PARTS = [
     ("StopMatcher.", "stop strings"),
     ("choose_token (", "sampling (choose_token, _adjusted)"),
     ("BatchEngine._adjusted", "sampling (choose_token, _adjusted)"),
-    ("put (workers/hf/worker.py", "hand-off to the event loop"),
+    ("Relay.flush", "hand-off to the event loop"),
     ("KVBatch.add", "admission: join the KV batch (pad, cat)"),
     ("KVBatch.keep", "batch bookkeeping (keep, set_tokens)"),
     ("KVBatch.set_tokens", "batch bookkeeping (keep, set_tokens)"),

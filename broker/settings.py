@@ -115,6 +115,12 @@ class Settings(BaseSettings):
         default=None, ge=1, description="Cap the context below the model's own (hf and vllm engines).",
         json_schema_extra=_for("worker"),
     )
+    torch_threads: int | None = Field(
+        default=None, ge=1,
+        description="Intra-op threads of the hf engine's compute thread (default: torch's own, one per core). "
+                    "Where the gateway, Redis or other workers share the CPUs, fewer can be faster.",
+        json_schema_extra=_for("worker"),
+    )
     load_in: Literal["8bit", "4bit"] | None = Field(
         default=None, description="Quantized loading on a GPU (hf engine; needs the bitsandbytes package).",
         json_schema_extra=_for("worker"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import queue
@@ -17,7 +18,7 @@ from broker.protocol import ChoiceEnd, Delta, Done, Generate, TokenLogprob, Usag
 from workers.hf.grammar import Masks, matcher
 from workers.hf.kv import KVBatch
 from workers.hf.loading import LoadedModel
-from workers.hf.sampling import choose_token, logprob_entry, new_generator
+from workers.hf.sampling import choose_token, logprob_entry, new_generator, penalised
 from workers.hf.text import IncrementalDecoder
 from workers.params import max_tokens
 from workers.stops import StopMatcher
@@ -57,7 +58,8 @@ class _Choice:
     index: int
     decoder: IncrementalDecoder
     stops: StopMatcher
-    counts: torch.Tensor
+    #: How often each token was generated: kept only for a request whose penalties read it.
+    counts: torch.Tensor | None
     #: Where ``grammar`` allows this sequence to go next (one matcher per sequence).
     matcher: Any = None
     tokens: int = 0
@@ -67,23 +69,69 @@ class _Choice:
     finished: bool = False
 
 
+class Relay:
+    """Events from the compute thread to one event loop, gathered over a round and handed over at its end.
+
+    One ``call_soon_threadsafe`` a round rather than one an event: each
+    wakes the loop through its self-pipe, which at eight sequences cost
+    more than sampling them. Events are delivered in the order they were made.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._held: list[tuple[asyncio.Queue[Any], Any]] = []
+
+    def outlet(self, events: asyncio.Queue[Any]) -> Emit:
+        """What the compute thread calls with each event of one request (called on that thread only)."""
+        return lambda ev: self._held.append((events, ev))
+
+    def flush(self) -> None:
+        """Hand the round's events to the loop (on the compute thread, at the end of each round)."""
+        if not self._held:
+            return
+        held, self._held = self._held, []
+        try:
+            self.loop.call_soon_threadsafe(_deliver, held)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+def _deliver(held: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for events, ev in held:
+        events.put_nowait(ev)
+
+
 class ComputeThread:
     """The one thread that owns the models of a worker and runs their steps.
 
     Each round: admit (prefill) what arrived, then one step of each model
-    that has live sequences, in turn. A worker serving several models shares
-    this thread fairly, one decode step per busy model per round; a request
-    waits at most one round to join.
+    that has live sequences, in turn, then hand the round's events to their
+    loops. A worker serving several models shares this thread fairly, one
+    decode step per busy model per round; a request waits at most one round
+    to join. ``threads``: torch's intra-op threads for this thread's work
+    (None: torch's default, one per core), set on the thread itself, where
+    OpenMP keeps it.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, threads: int | None = None) -> None:
         self._inbox: queue.SimpleQueue[tuple[BatchEngine, Generation] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._engines: list[BatchEngine] = []
+        self._relays: tuple[Relay, ...] = ()
+        self._threads = threads
 
     def attach(self, engine: BatchEngine) -> None:
         """Before ``start``: one more model whose steps this thread runs."""
         self._engines.append(engine)
+
+    def relay(self, loop: asyncio.AbstractEventLoop) -> Relay:
+        """The relay to ``loop`` (made on first use; call it on that loop)."""
+        for r in self._relays:
+            if r.loop is loop:
+                return r
+        made = Relay(loop)
+        self._relays = (*self._relays, made)  # one assignment: the compute thread reads either tuple whole
+        return made
 
     def start(self) -> None:
         self._thread.start()
@@ -97,15 +145,26 @@ class ComputeThread:
         self._inbox.put((engine, gen))
 
     def _run(self) -> None:
+        if self._threads:
+            torch.set_num_threads(self._threads)
         with torch.inference_mode():
-            while True:
-                for item in self._arrivals(wait=not any(e.busy for e in self._engines)):
-                    if item is None:
-                        return
-                    engine, gen = item
-                    engine._guarded([gen], engine._admit, gen)
-                for engine in self._engines:
-                    engine._tick()
+            while self._round():
+                pass
+
+    def _round(self) -> bool:
+        """Admit what arrived, one step of each busy model, hand over the events; False once closed."""
+        try:
+            for item in self._arrivals(wait=not any(e.busy for e in self._engines)):
+                if item is None:
+                    return False
+                engine, gen = item
+                engine._guarded([gen], engine._admit, gen)
+            for engine in self._engines:
+                engine._tick()
+            return True
+        finally:
+            for relay in self._relays:
+                relay.flush()
 
     def _arrivals(self, *, wait: bool) -> list[tuple[BatchEngine, Generation] | None]:
         arrived = [self._inbox.get()] if wait else []
@@ -181,15 +240,14 @@ class BatchEngine:
         ids = torch.tensor([gen.prompt_ids], dtype=torch.long, device=self.loaded.device)
         out = self.loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, **self._prefill_kwargs,
                                 **self._adapters([gen]))
-        raw = out.logits[0, -1].float()
-        choices = [self._new_choice(gen, i, raw.numel()) for i in range(gen.params.n)]
+        raw = out.logits[:, -1].float()  # one row
+        choices = [self._new_choice(gen, i, raw.shape[-1]) for i in range(gen.params.n)]
         logits = raw
         if gen.grammar is not None:  # every choice starts in the same state: one mask for all
-            logits = raw.clone()[None]
+            logits = raw.clone()
             self._masks.apply(logits, [(0, choices[0].matcher)])
-            logits = logits[0]
         gen.running = len(choices)
-        tokens = [self._advance(c, logits, raw) for c in choices]
+        tokens = [self._advance(c, self._choose(c, logits[0]), raw, 0) for c in choices]
         live = [(c, t) for c, t in zip(choices, tokens) if not c.finished]
         if live:
             self._batch.add(cache, len(gen.prompt_ids), [t for _, t in live])
@@ -200,7 +258,7 @@ class BatchEngine:
         p = gen.params
         return _Choice(gen, index, IncrementalDecoder(self.loaded.tokenizer, skip_special=p.skip_special_tokens),
                        StopMatcher(p.stop, include=p.include_stop_str_in_output),
-                       torch.zeros(vocab, device=self.loaded.device),
+                       torch.zeros(vocab, device=self.loaded.device) if penalised(p) else None,
                        None if gen.grammar is None else matcher(gen.grammar))
 
     def _step(self) -> None:
@@ -210,7 +268,11 @@ class BatchEngine:
         raw = logits.clone() if any(self._choices[row].gen.params.logprobs is not None for row, _ in constrained) \
             else logits
         self._masks.apply(logits, constrained)
-        self._batch.set_tokens([self._advance(c, logits[row], raw[row]) for row, c in enumerate(self._choices)])
+        # Rows whose choice is the row's argmax as it stands (greedy, nothing to adjust): one argmax for them all.
+        plain = [self._plain(c) for c in self._choices]
+        best = logits.argmax(dim=-1).tolist() if any(plain) else []
+        self._batch.set_tokens([self._advance(c, best[row] if plain[row] else self._choose(c, logits[row]), raw, row)
+                                for row, c in enumerate(self._choices)])
         self._retire([i for i, c in enumerate(self._choices) if not c.finished])
 
     def _adapters(self, gens: list[Generation]) -> dict[str, Any]:
@@ -231,22 +293,35 @@ class BatchEngine:
         self.max_batch_size = max(self.max_batch_size, self.active)
 
     # --- one token of one sequence ------------------------------------------------
-    def _advance(self, c: _Choice, logits: torch.Tensor, raw: torch.Tensor) -> int:
-        """Sample ``c``'s next token from ``logits`` (masked by its grammar, if any) and emit what it makes safe to
-        show; ``raw`` (the model's own) gives its logprobs. Returns the token."""
+    def _plain(self, c: _Choice) -> bool:
+        """Whether ``c``'s next token is simply the argmax of its (grammar-masked) logits."""
         p = c.gen.params
-        token = choose_token(self._adjusted(c, logits), c.counts, p, c.gen.generator, c.gen.prompt_ids)
+        return p.temperature == 0 and c.counts is None and not p.logit_bias and not self._holds_end(c)
+
+    def _holds_end(self, c: _Choice) -> bool:
+        """Whether ``min_tokens`` still keeps ``c`` from ending (under a grammar, the grammar says where it may)."""
+        return c.tokens < c.gen.params.min_tokens and c.matcher is None
+
+    def _choose(self, c: _Choice, logits: torch.Tensor) -> int:
+        """``c``'s next token from its row of ``logits``, with the request's own parameters and RNG."""
+        return choose_token(self._adjusted(c, logits), c.counts, c.gen.params, c.gen.generator, c.gen.prompt_ids)
+
+    def _advance(self, c: _Choice, token: int, raw: torch.Tensor, row: int) -> int:
+        """Take ``token`` as ``c``'s next and emit what it makes safe to show; row ``row`` of ``raw`` (the model's
+        own logits) gives its logprobs. Returns the token."""
+        p = c.gen.params
         if c.matcher is not None and not c.matcher.accept_token(token):  # cannot happen under the mask: never
             log.error("grammar refused token %d of a constrained sequence; ending it", token)  # emit it anyway
             self._finish(c, "stop")
             return token
-        c.counts[token] += 1
+        if c.counts is not None:
+            c.counts[token] += 1
         c.tokens += 1
         c.pending += 1
         c.gen.completion_tokens += 1
         self.tokens_generated += 1
         if p.logprobs is not None:
-            c.pending_lp.append(logprob_entry(raw, token, p.logprobs, self._token_text))
+            c.pending_lp.append(logprob_entry(raw[row], token, p.logprobs, self._token_text))
         finish: str | None
         if (token in self.loaded.eos_ids and not p.ignore_eos) or token in p.stop_token_ids \
                 or (c.matcher is not None and c.matcher.is_terminated()):
@@ -275,7 +350,7 @@ class BatchEngine:
             for token, bias in p.logit_bias.items():
                 if token < logits.numel():
                     logits[token] += bias
-        if c.tokens < p.min_tokens and c.matcher is None:  # under a grammar, the grammar says where it may end
+        if self._holds_end(c):
             logits = logits.clone()
             logits[self._eos] = float("-inf")
             stops = [t for t in p.stop_token_ids if t < logits.numel()]

@@ -10,16 +10,18 @@ import torch
 from broker.protocol import Generate, TokenLogprob, TopLogprob
 
 
-def choose_token(logits: torch.Tensor, counts: torch.Tensor, p: Generate, gen: torch.Generator,
+def penalised(p: Generate) -> bool:
+    """Whether a request's penalties read the counts of what it generated so far."""
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+
+
+def choose_token(logits: torch.Tensor, counts: torch.Tensor | None, p: Generate, gen: torch.Generator,
                  prompt_ids: Sequence[int] = ()) -> int:
-    """One token from one row of logits: penalties, then greedy (temperature 0) or top-k/top-p/min-p sampling."""
-    if p.repetition_penalty != 1.0:  # vLLM's (and HF's): on every token of prompt and output so far
-        seen = counts > 0
-        seen[[t for t in prompt_ids if t < seen.numel()]] = True
-        scaled = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
-        logits = torch.where(seen, scaled, logits)
-    if p.presence_penalty or p.frequency_penalty:  # OpenAI's formula, on the counts generated so far
-        logits = logits - counts * p.frequency_penalty - (counts > 0).to(logits.dtype) * p.presence_penalty
+    """One token from one row of logits: penalties, then greedy (temperature 0) or top-k/top-p/min-p sampling.
+    ``counts`` (how often each token was generated) is needed only when ``penalised(p)``."""
+    if penalised(p):
+        assert counts is not None, "a penalised request keeps its counts"
+        logits = _penalties(logits, counts, p, prompt_ids)
     if p.temperature == 0:
         return int(logits.argmax())
     logits = logits / p.temperature
@@ -34,6 +36,17 @@ def choose_token(logits: torch.Tensor, counts: torch.Tensor, p: Generate, gen: t
     if p.min_p > 0:  # drop tokens less likely than min_p times the most likely one
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0)
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _penalties(logits: torch.Tensor, counts: torch.Tensor, p: Generate, prompt_ids: Sequence[int]) -> torch.Tensor:
+    if p.repetition_penalty != 1.0:  # vLLM's (and HF's): on every token of prompt and output so far
+        seen = counts > 0
+        seen[[t for t in prompt_ids if t < seen.numel()]] = True
+        scaled = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+        logits = torch.where(seen, scaled, logits)
+    if p.presence_penalty or p.frequency_penalty:  # OpenAI's formula, on the counts generated so far
+        logits = logits - counts * p.frequency_penalty - (counts > 0).to(logits.dtype) * p.presence_penalty
+    return logits
 
 
 def logprob_entry(logits: torch.Tensor, token: int, top: int, text: Callable[[int], str]) -> TokenLogprob:

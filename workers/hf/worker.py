@@ -14,7 +14,7 @@ from broker.settings import Settings
 from workers.base import BaseModelWorker, lora_adapters
 from workers.errors import JobError
 from workers.hf.embeddings import mean_pooled
-from workers.hf.engine import BatchEngine, ComputeThread, Emit
+from workers.hf.engine import BatchEngine, ComputeThread, Relay
 from workers.hf.grammar import Grammars
 from workers.hf.loading import LoadedModel, LoadOptions, load_model, with_adapters
 from workers.hf.sampling import prompt_logprobs
@@ -56,11 +56,13 @@ class HFWorker(BaseModelWorker):
         super().__init__(redis_url, settings, [*self.sources, *self.adapters], worker_id=worker_id)
         self.held: dict[str, Held] = {}
         self._compute: ComputeThread | None = None
+        self._relay: Relay | None = None
 
     async def setup(self) -> None:
         options = LoadOptions(self.settings.device, self.settings.dtype, self.settings.max_model_len,
                               self.settings.load_in)
-        self._compute = ComputeThread(f"hf-engine-{self.id}")
+        self._compute = ComputeThread(f"hf-engine-{self.id}", self.settings.torch_threads)
+        self._relay = self._compute.relay(asyncio.get_running_loop())
         for name, path in self.sources.items():
             loaded = await asyncio.to_thread(load_model, path, options)
             loaded = await asyncio.to_thread(with_adapters, loaded, self.adapters)
@@ -104,7 +106,8 @@ class HFWorker(BaseModelWorker):
             grammar = await asyncio.to_thread(held.grammars.compile, params.structured,
                                               "tools" if forced else "response_format")
         events: asyncio.Queue[Any] = asyncio.Queue()
-        gen = batcher.submit(ids, params, _threadsafe_put(asyncio.get_running_loop(), events), grammar,
+        assert self._relay is not None  # set up with the compute thread
+        gen = batcher.submit(ids, params, self._relay.outlet(events), grammar,
                              job.model if job.model in self.adapters else None)
         try:
             while True:
@@ -156,14 +159,3 @@ def model_sources(models: list[str], model_path: str | None) -> dict[str, Path]:
 def _token_text(tokenizer: Any) -> Callable[[int], str]:
     return lambda token: tokenizer.decode([token])
 
-
-def _threadsafe_put(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Any]) -> Emit:
-    """What the compute thread calls to hand an event to a task on ``loop``."""
-
-    def put(ev: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, ev)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
-
-    return put
