@@ -149,8 +149,25 @@ def cluster_client(url: str, *, decode: bool = False, **kwargs: Any) -> RedisClu
         **kwargs,
     }
     nodes = [ClusterNode(host, port) for host, port in hosts]
-    cluster: RedisCluster = RedisCluster(startup_nodes=nodes, **options)
-    return cluster
+    return Cluster(startup_nodes=nodes, **options)
+
+
+class Cluster(RedisCluster):
+    """redis-py's ``RedisCluster``, re-reading the topology when the node it asks for command keys is gone.
+
+    A command whose keys have no fixed position (XREADGROUP, XREAD) is routed by asking one node (the default
+    node, chosen when the slot table was read) ``COMMAND GETKEYS``. redis-py 5.3 re-reads the slot table when
+    a command's own node fails, not when that one does: after a failover of the default node's master, every
+    such command failed until something else on the client happened to fail (a worker's job reader stayed deaf
+    for half a minute). Here that failure resets the topology, so the client's retry reads it afresh.
+    """
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        try:
+            return await super()._determine_slot(command, *args)
+        except (ConnectionError, TimeoutError):
+            await self.aclose()  # as redis-py does for a data node: the next attempt re-reads the slot table
+            raise
 
 
 def connect(url: str, *, decode: bool = True, **kwargs: Any) -> Redis:

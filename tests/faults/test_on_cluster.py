@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 from faultkit import pauses, stream_chat, tally
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 from support import wait_for
 from test_dispatch import (  # noqa: F401  # collected again, here on the cluster
@@ -47,7 +48,7 @@ from test_workers import (  # noqa: F401
 
 from broker.connection import connect
 from broker.keys import Keys
-from redserve.redis_server import RedisCluster
+from redserve.redis_server import RedisCluster, free_port
 from workers.echo import echo_tokens
 
 
@@ -95,6 +96,22 @@ async def test_every_key_of_a_dispatch_is_in_one_slot(redis_cluster):
              k.jobs("some/model:7b", "w2"), k.request(rid), k.replay(rid)]
     slots = {redis_cluster.cli(redis_cluster.nodes[0].port, "CLUSTER", "KEYSLOT", n).strip() for n in names}
     assert len(slots) == 1, slots
+
+
+async def test_a_client_whose_key_lookup_node_died_reads_on(redis_url, keys):
+    """XREADGROUP's keys have no fixed position: the cluster client asks one node (the default node) COMMAND
+    GETKEYS to route it. When that node is gone (its master killed), the client re-reads the topology and reads
+    on, instead of failing every read until something else resets it (a worker's job reader stayed deaf)."""
+    client = connect(redis_url, decode=False)
+    stream = keys.jobs("echo", "reader")
+    await client.xgroup_create(stream, "g", id="0", mkstream=True)
+    await client.xadd(stream, {"f": "v"})
+    client.commands_parser.node = ClusterNode("127.0.0.1", free_port())  # type: ignore[attr-defined]  # gone
+    try:
+        [[_, [(_, fields)]]] = await client.xreadgroup("g", "c", {stream: ">"}, count=1)
+    finally:
+        await client.aclose()
+    assert fields == {b"f": b"v"}
 
 
 async def test_a_master_killed_under_load_fails_over_and_loses_nothing(stack, redis_cluster, redis, keys, outcome):
