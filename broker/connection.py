@@ -149,7 +149,8 @@ def cluster_client(url: str, *, decode: bool = False, **kwargs: Any) -> RedisClu
         **kwargs,
     }
     nodes = [ClusterNode(host, port) for host, port in hosts]
-    return Cluster(startup_nodes=nodes, **options)
+    cluster: RedisCluster = Cluster(startup_nodes=nodes, **options)
+    return cluster
 
 
 class Cluster(RedisCluster):
