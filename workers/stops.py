@@ -31,6 +31,8 @@ class StopMatcher:
         """Take the next delta; return what may be emitted and whether a stop was hit."""
         if self.stopped:
             return StopStep("", True)
+        if not self.stops:  # the common case, once per token: nothing to look for
+            return StopStep(text, False)
         buffer = self._held + text
         hit = self._first_stop(buffer)
         if hit is not None:
