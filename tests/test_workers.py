@@ -135,3 +135,21 @@ async def test_job_cancelled_while_queued_never_runs(stack, redis, keys):
 
 async def eq(awaitable, value) -> bool:
     return await awaitable == value
+
+
+async def test_a_job_read_as_soon_as_queued_skips_the_listeners_check(stack, redis):
+    """A job read while the worker's reader keeps draining its stream was queued moments ago, by a gateway alive
+    then: it starts without asking Redis whether that gateway still listens (one round trip less before the
+    first token). A job that waited behind others is still checked (test_gateway_gone_its_jobs_are_not_generated)."""
+    w = await stack.worker(worker_id="w")
+    client = (await stack.gateway()).client()
+
+    async def checks() -> int:  # PUBSUB NUMSUB (SHARDNUMSUB on a cluster) calls so far
+        stats = await redis.info("commandstats")
+        return sum(stats.get(f"cmdstat_pubsub|{c}", {}).get("calls", 0) for c in ("numsub", "shardnumsub"))
+
+    await chat(client, "the reader has read the stream empty before this one")
+    before = await checks()
+    assert [await chat(client, f"fresh {i}") for i in range(3)] == ["".join(echo_tokens(f"fresh {i}", 8))
+                                                                  for i in range(3)]
+    assert await checks() == before and w.record.jobs_done == 4
