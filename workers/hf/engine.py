@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import queue
 import threading
@@ -16,7 +15,7 @@ from transformers import DynamicCache
 
 from broker.protocol import ChoiceEnd, Delta, Done, Generate, TokenLogprob, Usage
 from workers.hf.grammar import Masks, matcher
-from workers.hf.kv import KVBatch
+from workers.hf.kv import KVBatch, cache_keyword, forward_parameters
 from workers.hf.loading import LoadedModel
 from workers.hf.sampling import choose_token, logprob_entry, new_generator, penalised
 from workers.hf.text import IncrementalDecoder
@@ -186,10 +185,10 @@ class BatchEngine:
         self.loaded = loaded
         self.thread = thread
         thread.attach(self)
-        self._batch = KVBatch(loaded.device)
+        self._cache = cache_keyword(loaded.model)
+        self._batch = KVBatch(loaded.device, self._cache)
         self._choices: list[_Choice] = []
-        forward = inspect.signature(loaded.model.forward).parameters
-        self._prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
+        self._prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(loaded.model) else {}
         #: Observability (read from the event loop): sequences running now, the most at once, tokens made.
         self.active = 0
         self.max_batch_size = 0
@@ -238,7 +237,7 @@ class BatchEngine:
             return
         cache = DynamicCache()
         ids = torch.tensor([gen.prompt_ids], dtype=torch.long, device=self.loaded.device)
-        out = self.loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, **self._prefill_kwargs,
+        out = self.loaded.model(input_ids=ids, use_cache=True, **{self._cache: cache}, **self._prefill_kwargs,
                                 **self._adapters([gen]))
         raw = out.logits[:, -1].float()  # one row
         choices = [self._new_choice(gen, i, raw.shape[-1]) for i in range(gen.params.n)]

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+
+def forward_parameters(model: Any) -> Mapping[str, inspect.Parameter]:
+    """The keywords ``model``'s forward takes (a PEFT wrapper passes its own on: those of the model it wraps)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inspect.signature(base.forward).parameters
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword ``model``'s forward takes its KV cache by: transformers 5.25 renamed ``past_key_values`` to
+    ``cache`` (the old name is deprecated, to go in 5.40)."""
+    return "cache" if "cache" in forward_parameters(model) else "past_key_values"
 
 
 class KVBatch:
@@ -19,8 +32,9 @@ class KVBatch:
     row are trimmed, so the cache stays as long as its longest live sequence.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, cache_keyword: str = "past_key_values") -> None:
         self.device = device
+        self.cache_keyword = cache_keyword
         self.clear()
 
     def clear(self) -> None:
@@ -53,7 +67,7 @@ class KVBatch:
         model (each row's LoRA adapter, say)."""
         mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
         out = model(input_ids=self.tokens[:, None], attention_mask=mask, position_ids=self.positions[:, None],
-                    past_key_values=self.cache, use_cache=True, **extra)
+                    use_cache=True, **{self.cache_keyword: self.cache}, **extra)
         self.mask, self.positions = mask, self.positions + 1
         return out.logits[:, -1].float()
 
