@@ -12,7 +12,7 @@ For each concurrency C, on this machine and with the same weights (``--model-pat
   worker and a private Redis (bench.redserve_stack), this process being the client.
 * limit: in a process of its own, the weights loaded as the worker loads them (workers.hf.loading.load_model:
   the same dtype and device; torch threads left at torch's default, as the worker leaves them), the prompt
-  prefilled as one batch of C rows, then ``max_tokens - 1`` forward passes with ``past_key_values`` over all
+  prefilled as one batch of C rows, then ``max_tokens - 1`` forward passes with the KV cache over all
   C rows, greedy argmax of the batch, the tokens read back to the host each step: the model's speed at batch C
   with nothing around it. Run in that process's main thread, the only one there that runs torch.
 * engine alone: in a process of its own, threaded as the worker is (model loaded in the event loop's pool
@@ -49,7 +49,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import inspect
 import json
 import os
 import re
@@ -60,7 +59,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -110,14 +108,15 @@ def limit_run(loaded: Any, ids: list[int], c: int, n: int, *, masked: bool = Fal
     import torch
     from transformers import DynamicCache
 
-    model = loaded.model
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames past_key_values; the worker's kwarg
+    from workers.hf.kv import cache_keyword, forward_parameters
+
+    model, by = loaded.model, cache_keyword(loaded.model)  # the keywords the worker passes, as it passes them
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}
+    with torch.inference_mode():
         batch = torch.tensor([ids] * c, dtype=torch.long, device=loaded.device)
         start = time.perf_counter()
         cache = DynamicCache()
-        out = model(input_ids=batch, past_key_values=cache, use_cache=True, **keep)
+        out = model(input_ids=batch, use_cache=True, **{by: cache}, **keep)
         tokens = out.logits[:, -1].float().argmax(-1)
         tokens.tolist()
         prefilled = time.perf_counter()
@@ -127,10 +126,10 @@ def limit_run(loaded: Any, ids: list[int], c: int, n: int, *, masked: bool = Fal
             if masked:
                 mask = torch.cat([mask, mask.new_ones(c, 1)], dim=1)
                 out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True)
+                            use_cache=True, **{by: cache})
                 positions = positions + 1
             else:
-                out = model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True)
+                out = model(input_ids=tokens[:, None], use_cache=True, **{by: cache})
             tokens = out.logits[:, -1].float().argmax(-1)
             tokens.tolist()  # a server must read each step's tokens on the host: counted
         wall = time.perf_counter() - start
