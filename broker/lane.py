@@ -51,6 +51,8 @@ class Lane:
         self._reader: asyncio.Task[None] | None = None
         self._flush_scheduled = False
         self._watch: asyncio.TimerHandle | None = None
+        #: Connections being let go in the background (held here: the loop keeps only weak references to tasks).
+        self._dropping: set[asyncio.Future[Any]] = set()
 
     @classmethod
     def of(cls, redis: Redis) -> Lane | None:
@@ -97,6 +99,7 @@ class Lane:
                 await self._reader
         if self._conn is not None:
             self._lost(ConnectionError("the lane was closed"))
+        await asyncio.gather(*self._dropping, return_exceptions=True)
 
     async def _connect(self) -> AbstractConnection:
         """The lane's connection, made once however many callers ask at the same time."""
@@ -183,7 +186,9 @@ class Lane:
                 transport = conn._writer.transport if conn._writer is not None else None
                 if transport is not None:
                     transport.abort()
-            asyncio.ensure_future(conn.disconnect(nowait=True))  # redis-py's own bookkeeping of the closed socket
+            dropping = asyncio.ensure_future(conn.disconnect(nowait=True))  # redis-py's bookkeeping of the socket
+            self._dropping.add(dropping)
+            dropping.add_done_callback(self._dropping.discard)
 
 
 async def run_script(lane: Lane | None, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
