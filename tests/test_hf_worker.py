@@ -233,6 +233,25 @@ def test_incremental_decoding_never_splits_a_character(tiny_dir):
     assert "".join(pieces) + decoder.flush() == text
 
 
+def test_incremental_decoding_goes_on_where_a_byte_fallback_run_stops_decoding():
+    """Byte-fallback tokens (Llama 2, Mistral): a stray byte after a complete character makes the whole run
+    undecodable, which tokenizers' DecodeStream refuses with an exception; the decoder goes on with its window
+    decode instead of failing the request (and every other request of the batch with it)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "\u2581ok": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    ids = [2 + 0xE6, 2 + 0x97, 2 + 0xA5, 2 + 0xE6, 1]  # "日", a stray first byte, " ok"
+    decoder = IncrementalDecoder(tokenizer)
+    pieces = [decoder.push(i) for i in ids]
+    assert pieces[2] == "日" and pieces[-1].endswith(" ok")
+    assert "".join(pieces) + decoder.flush() == "日" + tokenizer.decode(ids)[1:]
+
+
 def test_max_tokens_defaults_to_the_room_left_and_more_is_refused():
     assert fitted(Generate(prompt="x"), JobKind.COMPLETION, 10, 16).max_tokens == 6
     with pytest.raises(JobError) as err:

@@ -16,7 +16,11 @@ class IncrementalDecoder:
     microsecond a token); any other, or one whose ``decode`` cleans up spaces
     afterwards (which ``DecodeStream`` does not), decodes a short window
     (``prefix``) twice a token, which keeps each step O(1) and lets tokenizers
-    that depend on the left context (leading spaces) decode correctly.
+    that depend on the left context (leading spaces) decode correctly. The
+    window is also where a ``DecodeStream`` hands over when it refuses a
+    sequence: with byte-fallback tokens (Llama 2, Mistral), a byte that makes
+    an earlier run undecodable raises there, where the window decodes it to
+    replacement characters.
     """
 
     def __init__(self, tokenizer: Any, *, skip_special: bool = True) -> None:
@@ -26,19 +30,24 @@ class IncrementalDecoder:
         self.prefix = 0
         self.read = 0
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._backend = None if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False) \
-            else backend
-        self._stream = DecodeStream(skip_special_tokens=skip_special) if self._backend is not None else None
+        self._stream: tuple[DecodeStream, Any] | None = None
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            self._stream = DecodeStream(skip_special_tokens=skip_special), backend
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        if self._stream is None or self._backend is None:
-            return self._release(final=False)
-        text = self._stream.step(self._backend, token)
-        if text is None:  # part of a character: held back until the rest arrives (or flush)
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return text
+        if self._stream is not None:
+            stream, backend = self._stream
+            try:
+                text = stream.step(backend, token)
+            except Exception:  # tokenizers raises a bare Exception ("Invalid prefix"): the window from here on
+                self._stream = None
+            else:
+                if text is None:  # part of a character: held back until the rest arrives (or flush)
+                    return ""
+                self.prefix, self.read = self.read, len(self.ids)
+                return text
+        return self._release(final=False)
 
     def flush(self) -> str:
         """Whatever is left, even an incomplete character, once the sequence ended."""
