@@ -34,7 +34,7 @@ class Generation:
     prompt_ids: list[int]
     #: Fitted: ``max_tokens`` is set.
     params: Generate
-    #: Thread-safe: hands a protocol event (or an exception) to the request's task.
+    #: Called on the compute thread with each protocol event (or an exception) for the request's task.
     emit: Emit
     generator: torch.Generator
     #: The compiled constraint every choice's output must match (xgrammar), if any.
@@ -117,6 +117,7 @@ class ComputeThread:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._engines: list[BatchEngine] = []
         self._relays: tuple[Relay, ...] = ()
+        self._relays_lock = threading.Lock()
         self._threads = threads
 
     def attach(self, engine: BatchEngine) -> None:
@@ -125,12 +126,13 @@ class ComputeThread:
 
     def relay(self, loop: asyncio.AbstractEventLoop) -> Relay:
         """The relay to ``loop`` (made on first use; call it on that loop)."""
-        for r in self._relays:
-            if r.loop is loop:
-                return r
-        made = Relay(loop)
-        self._relays = (*self._relays, made)  # one assignment: the compute thread reads either tuple whole
-        return made
+        with self._relays_lock:
+            for r in self._relays:
+                if r.loop is loop:
+                    return r
+            made = Relay(loop)
+            self._relays = (*self._relays, made)  # one assignment: the compute thread reads either tuple whole
+            return made
 
     def start(self) -> None:
         self._thread.start()
@@ -151,19 +153,26 @@ class ComputeThread:
                 pass
 
     def _round(self) -> bool:
-        """Admit what arrived, one step of each busy model, hand over the events; False once closed."""
+        """Admit what arrived, one step of each busy model, hand over the events; False once closed. A round that
+        admitted something hands over its first tokens before the steps too, so they wait for no decode step."""
         try:
-            for item in self._arrivals(wait=not any(e.busy for e in self._engines)):
+            arrivals = self._arrivals(wait=not any(e.busy for e in self._engines))
+            for item in arrivals:
                 if item is None:
                     return False
                 engine, gen = item
                 engine._guarded([gen], engine._admit, gen)
+            if arrivals:
+                self._flush()
             for engine in self._engines:
                 engine._tick()
             return True
         finally:
-            for relay in self._relays:
-                relay.flush()
+            self._flush()
+
+    def _flush(self) -> None:
+        for relay in self._relays:
+            relay.flush()
 
     def _arrivals(self, *, wait: bool) -> list[tuple[BatchEngine, Generation] | None]:
         arrived = [self._inbox.get()] if wait else []
