@@ -86,8 +86,10 @@ OVERFLOWED = ServeError("Redis was unreachable so long that this request's waiti
 FINISH_WAIT = 2.0
 #: A job read at most this many seconds after it was queued (see ``_read_stream``) skips the check that its
 #: gateway still listens: that gateway was alive then, and one that died since is caught by its first unheard
-#: replies (``orphan_grace``). It spares a round trip to Redis on every request's way to its first token.
-FRESH = 0.5
+#: replies (``orphan_grace``). It spares a round trip to Redis on a request's way to its first token. An empty
+#: read returns after its 250 ms block plus up to a server tick (100 ms at Redis's default hz): a second covers
+#: a job that arrives at any moment of an idle worker's read.
+FRESH = 1.0
 
 class BaseModelWorker(abc.ABC):
     #: The name ``redserve worker --engine`` knows this engine by.
