@@ -10,7 +10,6 @@ from typing import Any
 
 import anyio
 from fastapi.responses import JSONResponse
-from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -29,6 +28,7 @@ from gateway.render import Shape
 from gateway.schemas import SamplingRequest
 from gateway.security import RateLimiter, Reservation, tenant_of
 from gateway.sse import PING, SSE, StreamFormat, encode, failure, opening, render
+from gateway.sse import response as sse_response
 
 
 async def generate(
@@ -105,10 +105,7 @@ def _streamed(broker: BrokerClient, stream: ReplyStream, resumable: bool, events
         # under load the worker went on for hundreds of ms for nobody.
         await _client_left(broker, stream, resumable)
 
-    # ping=0: _sse sends the keep-alive itself when the stream is idle, which spares every stream a task
-    return EventSourceResponse(events, ping=0, send_timeout=broker.settings.send_timeout,
-                               client_close_handler_callable=gone,
-                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return sse_response(events, broker.settings.send_timeout, gone)  # _sse sends the keep-alive when idle
 
 
 async def reserve_tokens(request: Request, body: SamplingRequest) -> Reservation | None:

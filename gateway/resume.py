@@ -21,7 +21,7 @@ from broker.ids import request_id
 from broker.replay import Replay
 from gateway.errors import APIError
 from gateway.security import tenant_of
-from gateway.sse import PING, EventId, StreamFormat, encode, failure, opening, render
+from gateway.sse import PING, EventId, StreamFormat, encode, failure, opening, render, response
 
 router = APIRouter()
 
@@ -37,10 +37,7 @@ async def resume_stream(response_id: str, request: Request) -> EventSourceRespon
     fmt = StreamFormat.from_meta(log.meta, response_id)
     last = EventId.parse(request.headers.get("last-event-id") or request.query_params.get("last_event_id"))
     events = _replay(broker, log, fmt, last)
-    # ping=0: _replay sends its own keep-alive (sse-starlette's ping ends with a blank line, which breaks the openai
-    # client on a stream whose events carry ids: see gateway.sse.PING)
-    return EventSourceResponse(events, ping=0, send_timeout=broker.settings.send_timeout,
-                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return response(events, broker.settings.send_timeout)  # _replay sends its own keep-alive
 
 
 async def _replay(broker: BrokerClient, log: Replay, fmt: StreamFormat, last: EventId | None

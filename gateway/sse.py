@@ -11,9 +11,11 @@ send however many chunks it renders to.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+from sse_starlette.sse import EventSourceResponse
 
 from broker.errors import ServeError
 from broker.protocol import ChoiceEnd, Delta, Done, Event, Failure, JobKind, StreamMeta, ToolCall
@@ -50,6 +52,15 @@ class SSE(NamedTuple):
 #: an event, and the openai client, which keeps the last event id as the spec says, then parses an event with an
 #: id and no data as JSON, and fails. The next event's own blank line ends it.
 PING = b": ping\r\n"
+
+
+def response(events: AsyncIterator[bytes], send_timeout: float,
+             on_close: Callable[[Any], Awaitable[None]] | None = None) -> EventSourceResponse:
+    """The SSE response of a stream that writes ``encode``'d events and its own keep-alive (``PING``): no ping
+    task of sse-starlette's (its ping ends with a blank line, see ``PING``, and costs every stream a task).
+    ``on_close``: called the moment the client disconnects."""
+    return EventSourceResponse(events, ping=0, send_timeout=send_timeout, client_close_handler_callable=on_close,
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def encode(events: list[SSE]) -> bytes:
