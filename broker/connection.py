@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
@@ -199,6 +200,15 @@ async def refresh_slots(redis: Redis | RedisCluster) -> None:
     but not for a failure a pipeline hands back as a result, nor for a subscription it does not know of."""
     if is_cluster(redis):
         await cast(RedisCluster, redis).nodes_manager.initialize()
+
+
+def own_connection(source: ConnectionPool | ClusterNode, **overrides: Any) -> AbstractConnection:
+    """A connection outside ``source``'s pool (a pool's, or a cluster node's), with its settings: credentials,
+    TLS, decoding, timeouts, the master a Sentinel names. Less redis-py's health check, whose PING expects a
+    +PONG that a subscribed or pipelined connection does not read where it looks: its owner watches it."""
+    kwargs: dict[str, Any] = {**source.connection_kwargs, "health_check_interval": 0, **overrides}
+    conn: AbstractConnection = source.connection_class(**kwargs)
+    return conn
 
 
 def atomic_pipeline(redis: Redis) -> Any:

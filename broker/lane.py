@@ -31,7 +31,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import BusyLoadingError, ConnectionError, NoScriptError, ResponseError
 
-from broker.connection import UNREACHABLE, is_cluster
+from broker.connection import UNREACHABLE, is_cluster, own_connection
 
 #: Seconds the oldest command may go unanswered before the connection is taken for dead (a peer gone without a
 #: reset: a partition, a NAT that forgot the mapping); every command on it then fails and the next reconnects.
@@ -111,8 +111,7 @@ class Lane:
         """Connect (through the pool's connection class: credentials, TLS, the master a Sentinel names) and start
         the reader."""
         try:
-            pool = self.redis.connection_pool
-            conn = pool.connection_class(**{**pool.connection_kwargs, "health_check_interval": 0})
+            conn = own_connection(self.redis.connection_pool)
             await conn.connect()  # type: ignore[no-untyped-call]  # redis-py: no annotations
             self._conn = conn
             self._reader = asyncio.ensure_future(self._read(conn))

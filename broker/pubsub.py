@@ -32,7 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker.connection import UNREACHABLE, is_cluster, refresh_slots
+from broker.connection import UNREACHABLE, is_cluster, own_connection, refresh_slots
 from broker.lane import Lane
 
 #: A sharded subscription silent this long is asked for a PING; without an answer within PING_TIMEOUT it is dead.
@@ -94,9 +94,7 @@ async def subscribe_forever(redis: Redis, channel: str, on_message: Callable[[by
 
 async def _classic(redis: Redis, channel: str, on_message: Callable[[bytes], None], up: Callable[[], None]) -> None:
     """One subscription on a single Redis (or the master behind Sentinels), until it breaks (raises)."""
-    pool = redis.connection_pool
-    await _listen(pool.connection_class(**{**pool.connection_kwargs, "health_check_interval": 0}),
-                  "SUBSCRIBE", channel, on_message, up, where="Redis")
+    await _listen(own_connection(redis.connection_pool), "SUBSCRIBE", channel, on_message, up, where="Redis")
 
 
 async def _sharded(cluster: RedisCluster, channel: str, on_message: Callable[[bytes], None], up: Callable[[], None],
@@ -109,19 +107,17 @@ async def _sharded(cluster: RedisCluster, channel: str, on_message: Callable[[by
     node = cluster.get_node_from_key(channel)
     assert node is not None  # the primary (only a replica lookup gives None)
     # in RESP2: pushes read as plain lists
-    await _listen(node.connection_class(**{**node.connection_kwargs, "health_check_interval": 0, "protocol": 2}),
-                  "SSUBSCRIBE", channel, on_message, up, where=node.name)
+    await _listen(own_connection(node, protocol=2), "SSUBSCRIBE", channel, on_message, up, where=node.name)
 
 
 async def _listen(conn: AbstractConnection, command: str, channel: str, on_message: Callable[[bytes], None],
                   up: Callable[[], None], *, where: str) -> None:
     """Subscribe ``conn`` (``SUBSCRIBE`` or ``SSUBSCRIBE``) and hand on each message until it breaks.
 
-    A connection of its own, read here rather than through redis-py's ``PubSub``: a gateway's reply channel
-    carries every token of every stream, and a message costs one parsed reply and one call this way. Its
-    settings are the client's (credentials, TLS, decoding, the Sentinel's master), less redis-py's health check
-    (its PING expects +PONG, which a subscribed connection answers as a [pong, ""] push): a connection silent
-    for IDLE_PING is asked for a PING here instead.
+    A connection of its own (``own_connection``), read here rather than through redis-py's ``PubSub``: a
+    gateway's reply channel carries every token of every stream, and a message costs one parsed reply and one
+    call this way. redis-py's health check is off (its PING expects +PONG, which a subscribed connection
+    answers as a [pong, ""] push): a connection silent for IDLE_PING is asked for a PING here instead.
     """
     prefix = "s" if command == "SSUBSCRIBE" else ""
     confirmed, message, unsubscribed = (f"{prefix}{k}" for k in ("subscribe", "message", "unsubscribe"))
