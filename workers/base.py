@@ -358,14 +358,11 @@ class BaseModelWorker(abc.ABC):
             asked = time.monotonic()
             try:
                 entries = await self._raw.xreadgroup(WORKER_GROUP, self.id, {stream: ">"}, block=250, count=count)
-            except _READ_FAILURES as exc:
-                # NOGROUP after Redis lost our stream: the next heartbeat recreates it.
-                log.warning("reading jobs of %s failed: %s", model, exc)
-                drained_at = None
-                await asyncio.sleep(0.5)
-                continue
-            except Exception:  # a client error mid-failover, say: a reader that died would leave its jobs unread
-                log.exception("reading jobs of %s failed unexpectedly; reading on", model)
+            except Exception as exc:  # a reader that died would leave its jobs unread: read on after a pause
+                if isinstance(exc, _READ_FAILURES):  # NOGROUP after Redis lost our stream: the heartbeat remakes it
+                    log.warning("reading jobs of %s failed: %s", model, exc)
+                else:  # a client error mid-failover, say
+                    log.exception("reading jobs of %s failed unexpectedly; reading on", model)
                 drained_at = None
                 await asyncio.sleep(0.5)
                 continue
