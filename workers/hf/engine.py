@@ -194,8 +194,7 @@ class BatchEngine:
         self.loaded = loaded
         self.thread = thread
         thread.attach(self)
-        self._cache = cache_keyword(loaded.model)
-        self._batch = KVBatch(loaded.device, self._cache)
+        self._batch = KVBatch(loaded.device, cache_keyword(loaded.model))
         self._choices: list[_Choice] = []
         self._prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(loaded.model) else {}
         #: Observability (read from the event loop): sequences running now, the most at once, tokens made.
@@ -246,8 +245,8 @@ class BatchEngine:
             return
         cache = DynamicCache()
         ids = torch.tensor([gen.prompt_ids], dtype=torch.long, device=self.loaded.device)
-        out = self.loaded.model(input_ids=ids, use_cache=True, **{self._cache: cache}, **self._prefill_kwargs,
-                                **self._adapters([gen]))
+        out = self.loaded.model(input_ids=ids, use_cache=True, **{self._batch.cache_keyword: cache},
+                                **self._prefill_kwargs, **self._adapters([gen]))
         raw = out.logits[:, -1].float()  # one row
         choices = [self._new_choice(gen, i, raw.shape[-1]) for i in range(gen.params.n)]
         logits = raw
