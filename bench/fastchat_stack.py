@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.redserve_stack import Stack, print_runs, stop, wait_ready
+from bench.redserve_stack import Stack, print_runs, run_arguments, stop, wait_ready
 from redserve.redis_server import free_port
 
 BENCH = Path(__file__).resolve().parent
@@ -88,10 +88,7 @@ def fastchat(workers: int = 1, delay: float = 0.0, model: str = "echo") -> Itera
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--delay", type=float, default=0.0, help="seconds between echo tokens")
-    p.add_argument("-c", "--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    p.add_argument("-n", "--requests", type=int, default=200)
-    p.add_argument("--max-tokens", type=int, default=64)
+    run_arguments(p)
     a = p.parse_args()
     with fastchat(a.workers, a.delay) as st:
         print_runs(st, {"system": "fastchat", "workers": a.workers, "delay_ms": a.delay * 1000}, a.concurrency,

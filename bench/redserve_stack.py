@@ -202,6 +202,14 @@ def redserve(workers: int = 1, delay: float = 0.0, max_tokens: int = 64, engine:
             stop(procs)
 
 
+def run_arguments(p: argparse.ArgumentParser) -> None:
+    """The load the by-hand mode of a bench stack module runs (``print_runs``): delay, concurrencies, requests."""
+    p.add_argument("--delay", type=float, default=0.0, help="seconds between echo tokens")
+    p.add_argument("-c", "--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("-n", "--requests", type=int, default=200)
+    p.add_argument("--max-tokens", type=int, default=64)
+
+
 def print_runs(st: Stack, label: dict[str, object], concurrency: list[int], requests: int, max_tokens: int,
                **run_options: bool) -> None:
     """One JSON line per concurrency (the load generator's figures and the servers' CPU): the by-hand mode of the
@@ -221,10 +229,7 @@ def main() -> None:
     p.add_argument("--gateways", type=int, default=1, help="gateway processes on the one port")
     p.add_argument("--engine", default="echo", choices=["echo", "hf"])
     p.add_argument("--model-path", default=None, help="hf: the model directory (redserve tiny-model DIR)")
-    p.add_argument("--delay", type=float, default=0.0, help="seconds between echo tokens")
-    p.add_argument("-c", "--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    p.add_argument("-n", "--requests", type=int, default=200)
-    p.add_argument("--max-tokens", type=int, default=64)
+    run_arguments(p)
     a = p.parse_args()
 
     with redserve(a.workers, a.delay, a.max_tokens, a.engine, a.model_path, a.gateways) as st:

@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench import direct
-from bench.redserve_stack import Stack, print_runs, stop, wait_ready
+from bench.redserve_stack import Stack, print_runs, run_arguments, stop, wait_ready
 from redserve.redis_server import free_port
 
 BENCH = Path(__file__).resolve().parent
@@ -85,11 +85,8 @@ def vllm_router(delay: float = 0.0, policy: str = "round_robin") -> Iterator[Sta
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--delay", type=float, default=0.0, help="seconds between echo tokens")
     p.add_argument("--policy", default="round_robin")
-    p.add_argument("-c", "--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    p.add_argument("-n", "--requests", type=int, default=200)
-    p.add_argument("--max-tokens", type=int, default=64)
+    run_arguments(p)
     a = p.parse_args()
     with vllm_router(a.delay, a.policy) as st:
         print_runs(st, {"system": "vllm-router", "policy": a.policy, "delay_ms": a.delay * 1000}, a.concurrency,
